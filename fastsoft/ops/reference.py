@@ -1,0 +1,102 @@
+"""Pure-PyTorch reference of the fused softmax-KL loss: ground truth in tests, last fallback at run time.
+
+Chunked over tokens: at most one chunk of logits ``[C, V]`` (and a few same-sized temporaries) is
+alive at a time, never the whole ``[N, V]``. Computes in fp32 (fp64 when any input is fp64, which is
+how the tests build their ground truth). The maths and the gradient are in ``kernels/softmax_kl.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher
+
+# Bytes of one [C, V] temporary; the chunk loop keeps about five of them alive.
+CHUNK_BYTES = 16 * 2**20
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _dense_rows(logp: torch.Tensor, q_logits: torch.Tensor, temperature: float):
+    """KL(q || p) per row and dL/dz, for a dense teacher given as (unnormalised) logits or log-probs."""
+    q_log = torch.log_softmax(q_logits / temperature, dim=-1)  # [C, V]
+    q = q_log.exp()
+    loss = torch.where(q > 0, q * (q_log - logp), torch.zeros_like(q)).sum(-1)
+    dz = logp.exp() - q  # sum(q) = 1
+    return loss, dz
+
+
+def _sparse_rows(z: torch.Tensor, lse: torch.Tensor, target: SparseTarget):
+    """Cross-entropy against a sparse measure w (plus the optional tail bucket) and dL/dz."""
+    ids = target.ids.long()  # [C, K]
+    w = target.probs.to(z.dtype)  # [C, K]
+    logp = z - lse[:, None]
+    logp_k = logp.gather(1, ids)  # [C, K]
+    loss = (torch.xlogy(w, w) - w * logp_k).sum(-1)
+    w_sum = w.sum(-1)
+    p = logp.exp()
+    dz = p * w_sum[:, None]
+    if target.tail is not None:
+        r = target.tail.to(z.dtype)  # [C]
+        in_topk = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, True)
+        # log P_tail = logsumexp over the ids outside the top-k, minus lse: exact, no 1 - sum cancellation.
+        log_p_tail = torch.logsumexp(z.masked_fill(in_topk, float("-inf")), dim=-1) - lse
+        has_tail = r > 0
+        loss = loss + torch.where(has_tail, torch.xlogy(r, r) - r * log_p_tail, torch.zeros_like(r))
+        ratio = torch.where(has_tail, r * torch.exp(-log_p_tail), torch.zeros_like(r))  # r / P_tail
+        dz = dz + p * (r[:, None] - ratio[:, None] * (~in_topk).to(z.dtype))
+    dz = dz.scatter_add(1, ids, -w)
+    return loss, dz
+
+
+def softmax_kl_rows(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    teacher: Teacher,
+    temperature: float,
+    token_weight: torch.Tensor | None,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row losses and per-row input gradients; the backend contract of ``fastsoft.ops.softmax_kl``.
+
+    Args:
+        hidden: ``[N, H]`` student final hidden states.
+        lm_weight: ``[V, H]`` frozen lm_head weight (no gradient for it is ever computed).
+        teacher: dense log-probs ``[N, V]``, a :class:`SparseTarget` or a :class:`HiddenTarget`.
+        temperature: student (and dense/hidden teacher) logits are divided by it.
+        token_weight: ``[N]`` or None; rows whose weight is 0 give loss 0 and gradient 0, and their
+            teacher row is never trusted (NaN there does not leak).
+        need_grad: also return ``d loss_n / d hidden_n``.
+
+    Returns:
+        ``loss [N]`` fp32 (fp64 for fp64 inputs; unweighted per-row loss) and ``grad [N, H]`` in ``hidden.dtype`` or None.
+    """
+    n, _ = hidden.shape
+    cd = _compute_dtype(hidden, lm_weight)
+    loss_out = torch.zeros(n, dtype=cd, device=hidden.device)
+    grad_out = torch.zeros_like(hidden) if need_grad else None
+    if n == 0:
+        return loss_out, grad_out
+    weight = lm_weight.to(cd)
+    vocab = weight.shape[0]
+    chunk = max(1, CHUNK_BYTES // (vocab * torch.finfo(cd).bits // 8))
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        z = (hidden[rows].to(cd) @ weight.T) / temperature  # [C, V]
+        lse = torch.logsumexp(z, dim=-1)
+        if isinstance(teacher, SparseTarget):
+            loss, dz = _sparse_rows(z, lse, teacher[rows])
+        elif isinstance(teacher, HiddenTarget):
+            loss, dz = _dense_rows(z - lse[:, None], teacher.hidden[rows].to(cd) @ weight.T, temperature)
+        else:
+            loss, dz = _dense_rows(z - lse[:, None], teacher[rows].to(cd), temperature)
+        if token_weight is not None:
+            keep = token_weight[rows] != 0
+            loss = torch.where(keep, loss, torch.zeros_like(loss))
+            dz = torch.where(keep[:, None], dz, torch.zeros_like(dz))
+        loss_out[rows] = loss
+        if need_grad:
+            grad_out[rows] = ((dz @ weight) / temperature).to(hidden.dtype)
+    return loss_out, grad_out

@@ -1,0 +1,194 @@
+"""``softmax_kl``: fused lm_head + softmax + KL/cross-entropy against a teacher, gradient for ``hidden`` only.
+
+One semantics, three backends, dispatched by device:
+
+- ``triton``    — ``fastsoft.kernels.softmax_kl`` (CUDA; also CPU tensors under ``TRITON_INTERPRET=1``);
+- ``cpp``       — the C++ extension ``fastsoft._C`` (CPU), see ``fastsoft/ops/cpp.py``;
+- ``reference`` — pure PyTorch, chunked over tokens (``fastsoft/ops/reference.py``): ground truth and last fallback.
+
+Every backend implements the same row contract (see ``reference.softmax_kl_rows``): per-row loss
+``[N]`` fp32 plus, when a gradient is needed, ``d loss_n / d hidden_n`` computed in the same pass.
+Token weights and the reduction are applied here on the ``[N]`` vector, so the backward pass is a
+row-wise scale of the stored gradient and never touches the vocabulary again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+from fastsoft.ops import reference
+from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher
+
+BACKENDS = ("triton", "cpp", "reference")
+REDUCTIONS = ("mean", "sum", "none")
+
+RowsFn = Callable[..., "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _triton_status(device: torch.device) -> tuple[RowsFn | None, str]:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not (device.type == "cpu" and interpret):
+        return None, f"the Triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+    try:
+        module = importlib.import_module("fastsoft.kernels.softmax_kl")
+    except ImportError as error:  # triton missing or broken
+        return None, f"the Triton backend cannot be imported ({error})"
+    return module.softmax_kl_rows, ""
+
+
+def _cpp_status(device: torch.device) -> tuple[RowsFn | None, str]:
+    if device.type != "cpu":
+        return None, f"the C++ backend runs on CPU tensors only (got {device.type})"
+    try:
+        from fastsoft.ops import cpp
+    except ImportError as error:
+        return None, f"the C++ backend cannot be imported ({error})"
+    ok, why = cpp.is_available()
+    return (cpp.softmax_kl_rows, "") if ok else (None, why)
+
+
+_STATUS = {"triton": _triton_status, "cpp": _cpp_status, "reference": lambda device: (reference.softmax_kl_rows, "")}
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
+_warned: set[str] = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> tuple[str, RowsFn]:
+    """Name and row function of the backend that will run on ``device``.
+
+    ``"auto"`` picks the fastest available one for the device and warns once when it has to fall
+    back; an explicitly named backend that cannot run raises :class:`BackendUnavailable`.
+    """
+    if backend != "auto":
+        if backend not in _STATUS:
+            raise ValueError(f"unknown softmax_kl backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+        fn, why = _STATUS[backend](device)
+        if fn is None:
+            raise BackendUnavailable(why)
+        return backend, fn
+    reasons = []
+    for name in _AUTO_ORDER.get(device.type, ("reference",)):
+        fn, why = _STATUS[name](device)
+        if fn is not None:
+            if reasons and device.type not in _warned:
+                _warned.add(device.type)
+                warnings.warn(f"fastsoft: softmax_kl falls back to the {name} backend on {device.type}: {'; '.join(reasons)}", stacklevel=3)
+            return name, fn
+        reasons.append(why)
+    raise AssertionError("unreachable: the reference backend is always available")
+
+
+class SoftmaxKLFunction(torch.autograd.Function):
+    """Per-row losses ``[N]`` whose backward scales the gradient rows computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, lm_weight, teacher, temperature, token_weight, rows_fn):
+        loss, grad = rows_fn(hidden, lm_weight, teacher, temperature, token_weight, hidden.requires_grad)
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        grad_hidden = grad * grad_loss[:, None].to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_hidden, None, None, None, None, None  # never a gradient for lm_weight
+
+
+def _check(hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temperature: float, token_weight, reduction: str):
+    if hidden.dim() != 2 or lm_weight.dim() != 2 or hidden.shape[1] != lm_weight.shape[1]:
+        raise ValueError(f"softmax_kl needs hidden [N, H] and lm_weight [V, H], got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}")
+    n, v = hidden.shape[0], lm_weight.shape[0]
+    if isinstance(teacher, SparseTarget):
+        rows = len(teacher)
+    elif isinstance(teacher, HiddenTarget):
+        rows = len(teacher)
+        if teacher.hidden.shape[1] != hidden.shape[1]:
+            raise ValueError(f"HiddenTarget has hidden size {teacher.hidden.shape[1]}, the student {hidden.shape[1]}")
+    elif isinstance(teacher, torch.Tensor):
+        if teacher.dim() != 2 or teacher.shape[1] != v:
+            raise ValueError(f"a dense teacher must be log-probs of shape [N, V] = [{n}, {v}], got {tuple(teacher.shape)}")
+        rows = teacher.shape[0]
+    else:
+        raise TypeError(f"teacher must be a [N, V] tensor, SparseTarget or HiddenTarget, got {type(teacher).__name__}")
+    if rows != n:
+        raise ValueError(f"teacher has {rows} rows but hidden has {n}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if token_weight is not None and token_weight.shape != (n,):
+        raise ValueError(f"token_weight must have shape [N] = [{n}], got {tuple(token_weight.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+
+
+def softmax_kl(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    teacher: Teacher,
+    *,
+    temperature: float = 1.0,
+    token_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``softmax(hidden @ lm_weight.T / T)`` against a teacher measure; KL for a normalised one.
+
+    ``L_n = sum_v w_v (log w_v - log p_v)`` with ``p = softmax(z)``, ``z = hidden_n lm_weight^T / T``.
+
+    Args:
+        hidden: ``[N, H]`` fp32/bf16/fp16 student final hidden states (normally requires grad).
+        lm_weight: ``[V, H]`` lm_head weight. Treated as frozen: no gradient for it is ever allocated
+            or computed, whatever its ``requires_grad`` says.
+        teacher: one of
+            - a dense ``[N, V]`` tensor of teacher log-probs; tempered as ``log_softmax(teacher / T)``;
+            - :class:`SparseTarget` ``(ids [N, K], probs [N, K], tail [N] | None)``: top-k (with the
+              exact ``K + 1``-bucket KL when ``tail`` is given) or sampled ids with count weights, used
+              as given; ``K = 1`` with prob 1 is plain cross-entropy;
+            - :class:`HiddenTarget` ``(hidden [N, H])``: teacher logits ``hidden_t @ lm_weight.T / T``.
+        temperature: ``T > 0``. No ``T**2`` factor is applied.
+        token_weight: ``[N]`` per-row weights; 0 ignores a row (its teacher row is never trusted).
+        reduction: ``"mean"`` (``sum(w * L) / sum(w)``, 0 when every row is ignored), ``"sum"``
+            (``sum(w * L)``) or ``"none"`` (``w * L`` per row, ``[N]``, still differentiable).
+        backend: ``"auto"`` (by device), ``"triton"``, ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        A scalar fp32 loss (fp64 for fp64 inputs), or ``[N]`` per-row losses for ``reduction="none"``.
+
+    Memory: never materialises the ``[N, V]`` logits (the reference keeps one token chunk of them);
+    the forward pass stores one ``[N, H]`` gradient in ``hidden.dtype``; no ``[V, H]`` gradient.
+    """
+    _check(hidden, lm_weight, teacher, temperature, token_weight, reduction)
+    _, rows_fn = resolve_backend(backend, hidden.device)
+    loss = SoftmaxKLFunction.apply(hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn)
+    if token_weight is not None:
+        loss = loss * token_weight.to(loss.dtype)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    count = token_weight.to(loss.dtype).sum() if token_weight is not None else torch.tensor(float(loss.shape[0]), device=loss.device)
+    return total / count.clamp_min(torch.finfo(loss.dtype).tiny)
+
+
+class SoftmaxKLLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`softmax_kl`: ``loss(hidden, lm_weight, teacher, token_weight=None)``."""
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def forward(self, hidden, lm_weight, teacher, token_weight=None):
+        return softmax_kl(hidden, lm_weight, teacher, temperature=self.temperature, token_weight=token_weight,
+                          reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
