@@ -1,3 +1,15 @@
 """fastsoft: soft prompts learned by context compression, with fused softmax-KL kernels."""
 
 __version__ = "0.1.0"
+
+from fastsoft.api import compress
+from fastsoft.config import CompressConfig
+from fastsoft.errors import FastsoftError
+from fastsoft.export import load_prompt, save_prompt
+from fastsoft.generate import generate
+from fastsoft.jobs import Job, read_jobs
+from fastsoft.models import load_model
+from fastsoft.ops import HiddenTarget, SparseTarget, softmax_kl
+
+__all__ = ["compress", "CompressConfig", "FastsoftError", "Job", "read_jobs", "load_model", "load_prompt", "save_prompt",
+           "generate", "softmax_kl", "SparseTarget", "HiddenTarget"]

@@ -1,0 +1,3 @@
+from fastsoft.cli import main
+
+raise SystemExit(main())

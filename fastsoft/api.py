@@ -1,0 +1,28 @@
+"""The Python API in a few lines::
+
+    import fastsoft
+    model = fastsoft.load_model()                      # SmolLM2-135M-Instruct, offline
+    job = fastsoft.Job("doc", context, queries=[...])
+    reports = fastsoft.compress([job], model, out="runs/doc", prompt_length=16, steps=150)
+    prompt, template, meta = fastsoft.load_prompt("runs/doc/doc")
+    print(fastsoft.generate(model, template, prompt, "Who founded it?"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastsoft.config import CompressConfig
+from fastsoft.engine import Engine
+from fastsoft.jobs import Job
+
+
+def compress(jobs: list[Job], model, out: str | Path, *, cache: str | Path | None = None, overwrite: bool = False,
+             progress: bool = True, **config) -> list[dict]:
+    """Learn one soft prompt per job; each is exported to ``out/<job id>/`` with its ``report.json``.
+
+    ``config`` takes the fields of :class:`fastsoft.config.CompressConfig`. Returns one dict per job:
+    the report of a finished job, or ``{"job_id", "error"}`` for a failed one.
+    """
+    engine = Engine(model, CompressConfig(**config), out, cache_dir=cache, overwrite=overwrite, progress=progress)
+    return [run.report if run.report is not None else {"job_id": run.job.id, "error": run.error} for run in engine.run(jobs)]

@@ -1,0 +1,202 @@
+"""The teacher cache on disk: one safetensors shard per job plus ``index.json``, keyed by a fingerprint.
+
+Kinds (per scored position): ``dense`` log-probs ``[V]``; ``topk`` ids + probs + tail mass; ``sampled``
+ids with count weights (unbiased); ``hidden`` teacher final hidden states ``[H]`` (logits recomputed
+inside the loss with the same frozen lm_head). Every shard also holds the tokenised queries and the
+teacher's eval-query hidden states, so a job can be trained and evaluated from its shard alone.
+
+Writes are atomic (temp file + rename) and each shard's sha256 is in the index; a cache built for a
+different model, tokenizer, template or kind is refused with a sentence naming what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastsoft.errors import FastsoftError
+from fastsoft.ops import HiddenTarget, SparseTarget
+from fastsoft.teacher import Taught
+
+KINDS = ("dense", "topk", "sampled", "hidden")
+INDEX = "index.json"
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds: its kind and the parameters that change its contents."""
+
+    kind: str = "dense"
+    top_k: int = 64
+    samples: int = 64
+    temperature: float = 1.0  # sparse kinds are truncated/sampled at this temperature
+    dtype: str = "fp32"  # storage of dense log-probs and hidden states
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise FastsoftError(f"unknown teacher cache kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.dtype not in CACHE_DTYPES:
+            raise FastsoftError(f"unknown cache dtype {self.dtype!r}; choose bf16 or fp32")
+        if self.top_k < 1 or self.samples < 1:
+            raise FastsoftError("top-k and the number of samples must be at least 1")
+
+    def params(self) -> dict:
+        relevant = {"dense": ("dtype",), "hidden": ("dtype",), "topk": ("top_k", "temperature"), "sampled": ("samples", "temperature")}
+        return {name: getattr(self, name) for name in relevant[self.kind]}
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flat(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(x) for x in lists], dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return torch.tensor([t for x in lists for t in x], dtype=torch.int32), offsets
+
+
+def _unflat(values: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
+    return [values[a:b].tolist() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
+def make_targets(lm_weight: torch.Tensor, hidden: torch.Tensor, spec: CacheSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Teacher target tensors of ``spec.kind`` from teacher final hidden states ``[R, H]``."""
+    if spec.kind == "hidden":
+        return {"hidden": hidden.to(CACHE_DTYPES[spec.dtype]).cpu()}
+    logits = hidden.float() @ lm_weight.float().T  # [R, V]; R is one job's answer tokens
+    if spec.kind == "dense":
+        return {"logprobs": torch.log_softmax(logits, -1).to(CACHE_DTYPES[spec.dtype]).cpu()}
+    logp = torch.log_softmax(logits / spec.temperature, -1)
+    if spec.kind == "topk":
+        k = min(spec.top_k, logp.shape[1])
+        values, ids = logp.topk(k, dim=-1)
+        outside = logp.scatter(1, ids, float("-inf"))
+        tail = torch.logsumexp(outside, -1).exp() if k < logp.shape[1] else torch.zeros(len(logp))
+        return {"ids": ids.to(torch.int32).cpu(), "probs": values.exp().cpu(), "tail": tail.cpu()}
+    draws = torch.multinomial(logp.exp().cpu(), spec.samples, replacement=True, generator=generator)  # [R, S]
+    counts = torch.zeros(len(logp), logp.shape[1]).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float32))
+    width = int((counts > 0).sum(-1).max()) if len(logp) else 1
+    weights, ids = counts.topk(width, dim=-1)  # unsampled ids (weight 0) only pad the rows
+    return {"ids": ids.to(torch.int32), "probs": weights / spec.samples}
+
+
+def teacher_from(kind: str, tensors: dict[str, torch.Tensor], rows=slice(None)):
+    """The ``softmax_kl`` teacher object for some rows of a shard's target tensors."""
+    if kind == "dense":
+        return tensors["logprobs"][rows]
+    if kind == "hidden":
+        return HiddenTarget(tensors["hidden"][rows])
+    return SparseTarget(tensors["ids"][rows], tensors["probs"][rows], tensors["tail"][rows] if "tail" in tensors else None)
+
+
+@dataclass
+class JobTeacher:
+    """One job's cached teacher: tokenised training queries with their targets, and eval queries."""
+
+    context_ids: list[int]
+    train: list[Taught]  # hidden is empty here: the targets below carry the teacher
+    targets: dict[str, torch.Tensor]  # rows in query order, one per answer token
+    row_offsets: list[int]  # query i owns rows row_offsets[i]:row_offsets[i + 1]
+    eval: list[Taught]  # with fp32 teacher hidden states (exact evaluation)
+
+
+class TeacherCache:
+    """A folder of per-job shards and an index, bound to one fingerprint."""
+
+    def __init__(self, root: str | Path, fingerprint: dict):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / INDEX
+        if path.exists():
+            try:
+                self.index = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise FastsoftError(f"teacher cache index {path} is corrupted ({error.msg}); delete the folder or pass --rebuild-cache") from error
+            self._check_fingerprint(self.index.get("fingerprint", {}))
+        else:
+            self.index = {"version": 1, "fingerprint": fingerprint, "jobs": {}}
+            self._save_index()
+
+    def _check_fingerprint(self, found: dict) -> None:
+        names = {"model": "model weights or tokenizer", "template": "prompt template", "kind": "teacher kind", "params": "teacher parameters"}
+        for key, name in names.items():
+            if found.get(key) != self.fingerprint.get(key):
+                raise FastsoftError(f"teacher cache {self.root} was built with another {name} ({found.get(key)!r}, now {self.fingerprint.get(key)!r}); "
+                                    "use another --cache folder or pass --rebuild-cache")
+
+    def _save_index(self) -> None:
+        _atomic_write(self.root / INDEX, lambda tmp: tmp.write_text(json.dumps(self.index, indent=1)))
+
+    def has(self, job_id: str) -> bool:
+        return job_id in self.index["jobs"]
+
+    def put(self, job_id: str, context_ids: list[int], train: list[Taught], targets: dict[str, torch.Tensor], eval: list[Taught]) -> None:
+        tensors = {f"target.{name}": value.contiguous() for name, value in targets.items()}
+        for split, taught in (("train", train), ("eval", eval)):
+            for part in ("before", "after", "answer"):
+                tensors[f"{split}.{part}"], tensors[f"{split}.{part}_offsets"] = _flat([getattr(t, part) for t in taught])
+        tensors["eval.hidden"] = torch.cat([t.hidden.float().cpu() for t in eval]) if eval else torch.zeros(0)
+        tensors["context"] = torch.tensor(context_ids, dtype=torch.int32)
+        name = f"{job_id}.safetensors"
+        _atomic_write(self.root / name, lambda tmp: save_file(tensors, str(tmp)))
+        self.index["jobs"][job_id] = {"file": name, "queries": len(train), "rows": sum(len(t.answer) for t in train),
+                                      "sha256": sha256_file(self.root / name)}
+        self._save_index()
+
+    def get(self, job_id: str) -> JobTeacher:
+        entry = self.index["jobs"][job_id]
+        path = self.root / entry["file"]
+        if not path.exists():
+            raise FastsoftError(f"teacher cache shard {path} is missing; pass --rebuild-cache to rebuild it")
+        if sha256_file(path) != entry["sha256"]:
+            raise FastsoftError(f"teacher cache shard {path} is truncated or corrupted (checksum mismatch); pass --rebuild-cache to rebuild it")
+        tensors = load_file(str(path))
+        splits = {}
+        for split in ("train", "eval"):
+            parts = {part: _unflat(tensors[f"{split}.{part}"], tensors[f"{split}.{part}_offsets"]) for part in ("before", "after", "answer")}
+            splits[split] = [Taught(b, a, y, torch.zeros(0)) for b, a, y in zip(parts["before"], parts["after"], parts["answer"])]
+        start = 0
+        for taught in splits["eval"]:
+            taught.hidden = tensors["eval.hidden"][start : start + len(taught.answer)]
+            start += len(taught.answer)
+        lengths = [len(t.answer) for t in splits["train"]]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        targets = {k.removeprefix("target."): v for k, v in tensors.items() if k.startswith("target.")}
+        return JobTeacher(tensors["context"].tolist(), splits["train"], targets, offsets, splits["eval"])
+
+
+def concat_teachers(parts: list):
+    """One teacher object from row blocks of the same kind (sparse widths are padded with weight 0)."""
+    first = parts[0]
+    if isinstance(first, HiddenTarget):
+        return HiddenTarget(torch.cat([p.hidden for p in parts]))
+    if isinstance(first, SparseTarget):
+        width = max(p.ids.shape[1] for p in parts)
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+        ids = torch.cat([pad(p.ids, 0) for p in parts])
+        probs = torch.cat([pad(p.probs, 0.0) for p in parts])
+        tail = torch.cat([p.tail for p in parts]) if first.tail is not None else None
+        return SparseTarget(ids, probs, tail)
+    return torch.cat(parts)

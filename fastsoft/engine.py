@@ -1,0 +1,209 @@
+"""The engine: teacher pass, continuous-batching training over prompt slots, evaluation and export.
+
+``Engine.run(jobs)`` drives the scheduler: admit waiting jobs into free slots, build (or reuse) each
+admitted job's teacher cache, pack the training jobs' minibatches into one row per step, update only
+the slots present, and finish a job (evaluate, export, report) as soon as it converges or spends its
+step budget. A failing job is marked FAILED with its reason; the others continue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fastsoft.bank import PromptBank
+from fastsoft.cache import CacheSpec, TeacherCache, concat_teachers, make_targets, teacher_from
+from fastsoft.config import CompressConfig
+from fastsoft.errors import FastsoftError
+from fastsoft.evaluate import evaluate
+from fastsoft.export import save_prompt
+from fastsoft.jobs import Job
+from fastsoft.objectives import parse_objective
+from fastsoft.ops import SparseTarget, softmax_kl
+from fastsoft.prompt_init import init_prompt
+from fastsoft.report import write_report
+from fastsoft.schedule import lr_at
+from fastsoft.scheduler import JobRun, Scheduler, State, job_seed
+from fastsoft.student import Segment, pack, scored_hidden
+from fastsoft.teacher import teach
+from fastsoft.templates import encode, make_template
+
+
+class Engine:
+    def __init__(self, loaded, config: CompressConfig, out_dir: str | Path, cache_dir: str | Path | None = None,
+                 overwrite: bool = False, progress: bool = True):
+        config.validate()
+        self.loaded, self.config, self.out = loaded, config, Path(out_dir)
+        self.overwrite, self.progress = overwrite, progress
+        self.template = make_template(loaded.tokenizer, config.placement, config.template)
+        self.objective = parse_objective(config.objective)
+        self.spec = CacheSpec(config.teacher, config.top_k, config.samples, config.temperature, config.cache_dtype)
+        answers = "greedy" if "answer" in self.objective else "given-else-greedy"
+        fingerprint = {"model": loaded.fingerprint, "template": self.template.fingerprint, "kind": self.spec.kind,
+                       "params": {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens}}
+        self.cache = TeacherCache(cache_dir or self.out / "cache", fingerprint)
+        self.bank = PromptBank(config.slots, config.prompt_length, loaded.hidden_size, device=loaded.device)
+        self.scheduler = Scheduler(config.slots, config.token_budget)
+        self.tokens_trained = 0
+
+    # -- job life cycle ---------------------------------------------------------------------------
+
+    def _check_jobs(self, jobs: list[Job]) -> None:
+        ids = [job.id for job in jobs]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise FastsoftError(f"job ids must be unique; repeated: {', '.join(duplicates)}")
+        for job in jobs:
+            if "supervised" in self.objective and job.answers is None:
+                raise FastsoftError(f"job {job.id!r} has no answers, which the supervised objective needs")
+            done = self.out / job.id / "report.json"
+            if done.exists() and not self.overwrite:
+                raise FastsoftError(f"{done.parent} already holds a finished job {job.id!r}; pass --overwrite or choose another --out")
+
+    def _teach(self, run: JobRun) -> None:
+        job, cfg = run.job, self.config
+        if not self.cache.has(job.id):
+            answers = job.answers if "answer" not in self.objective else None
+            train = teach(self.loaded, self.template, job.id, job.context, job.queries, answers, cfg.max_new_tokens)
+            held = teach(self.loaded, self.template, job.id, job.context, job.eval_queries, None, cfg.max_new_tokens)
+            hidden = torch.cat([t.hidden for t in train])
+            targets = make_targets(self.loaded.lm_weight, hidden, self.spec, torch.Generator().manual_seed(run.seed))
+            self.cache.put(job.id, encode(self.loaded.tokenizer, job.context), train, targets, held)
+        run.teacher = self.cache.get(job.id)
+        context_length = len(run.teacher.context_ids)
+        if cfg.prompt_length > context_length:
+            raise FastsoftError(f"prompt length {cfg.prompt_length} is larger than the context of job {job.id!r} ({context_length} tokens)")
+        prompt = init_prompt(self.loaded, run.teacher.context_ids, cfg.prompt_length, cfg.init, run.generator, cfg.init_text)
+        self.bank.assign(run.slot, prompt)
+        run.state = State.TRAINING
+
+    def _finish(self, run: JobRun, reason: str) -> None:
+        run.stop_reason = reason
+        prompt = self.bank.get(run.slot)
+        metrics = evaluate(self.loaded, prompt, run.teacher.eval, len(run.teacher.context_ids), 1.0, self.config.max_new_tokens)
+        folder = self.out / run.job.id
+        save_prompt(folder, prompt, model_path=self.loaded.path, model_fingerprint=self.loaded.fingerprint, template=self.template,
+                    extra={"job_id": run.job.id, "config": self.config.to_dict()})
+        run.report = {"job_id": run.job.id, **metrics, "steps": run.step, "stop_reason": reason, "seconds": run.seconds,
+                      "final_loss": run.losses[-1] if run.losses else None, "context_tokens": len(run.teacher.context_ids),
+                      "prompt_length": self.config.prompt_length, "objective": self.objective, "teacher": self.spec.kind,
+                      "losses": run.losses}
+        write_report(folder, run.report)
+        self.scheduler.retire(run, State.DONE)
+
+    def _fail(self, run: JobRun, error: Exception) -> None:
+        run.error = str(error)
+        self.scheduler.retire(run, State.FAILED)
+        folder = self.out / run.job.id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "error.json").write_text(json.dumps({"job_id": run.job.id, "error": run.error}, indent=2))
+
+    # -- one training step ----------------------------------------------------------------------
+
+    def _segments(self, run: JobRun) -> list[Segment]:
+        return [Segment(run.slot, run.teacher.train[q].before, run.teacher.train[q].after, run.teacher.train[q].answer) for q in run.pending]
+
+    def _targets(self, run: JobRun):
+        offsets = run.teacher.row_offsets
+        return [teacher_from(self.spec.kind, run.teacher.targets, slice(offsets[q], offsets[q + 1])) for q in run.pending]
+
+    def step(self) -> list[JobRun]:
+        """One optimizer step over the training jobs that fit the token budget; returns them."""
+        cfg, P = self.config, self.config.prompt_length
+        training = [r for r in self.scheduler.running if r.state is State.TRAINING]
+        for run in training:
+            if not run.pending:
+                run.pending = run.next_batch(cfg.batch_queries)
+        lengths = {r.slot: [s.length(P) for s in self._segments(r)] for r in training}
+        chosen = self.scheduler.plan({r.slot: r.pending for r in training}, lengths)
+        if not chosen:
+            return []
+        started = time.perf_counter()
+        segments, row_job, parts = [], [], []
+        for index, run in enumerate(chosen):
+            segs = self._segments(run)
+            segments += segs
+            row_job += [index] * sum(len(s.answer) for s in segs)
+            parts += self._targets(run)
+        packed = pack(segments, P)
+        hidden = scored_hidden(self.loaded, self.bank.prompts, packed)  # [N, H]
+        device = hidden.device
+        row_loss = torch.zeros(hidden.shape[0], device=device)
+        for name, weight in self.objective.items():
+            if weight == 0:
+                continue
+            if name == "kl":
+                target = concat_teachers(parts).to(device)
+            else:
+                answer_ids = torch.tensor([t for s in segments for t in s.answer], device=device)
+                target = SparseTarget.one_hot(answer_ids)
+            row_loss = row_loss + weight * softmax_kl(hidden, self.loaded.lm_weight, target, temperature=cfg.temperature,
+                                                       reduction="none", backend=cfg.backend)
+        row_job = torch.tensor(row_job, device=device)
+        per_job = torch.zeros(len(chosen), device=device).index_add(0, row_job, row_loss)
+        per_job = per_job / torch.bincount(row_job, minlength=len(chosen)).clamp_min(1)
+        per_job.sum().backward()  # each slot's gradient comes from its own job's mean loss only
+        self.bank.step({run.slot: lr_at(run.step, cfg.steps, cfg.lr, cfg.warmup) for run in chosen})
+        elapsed = time.perf_counter() - started
+        self.tokens_trained += len(packed.ids)
+        for run, loss in zip(chosen, per_job.detach().cpu().tolist()):
+            run.step += 1
+            run.losses.append(loss)
+            run.seconds += elapsed
+            run.pending = None
+        return chosen
+
+    def _stop_reason(self, run: JobRun) -> str | None:
+        cfg = self.config
+        if not all(math.isfinite(x) for x in run.losses[-1:]):
+            raise FastsoftError(f"the loss of job {run.job.id!r} became {run.losses[-1]} at step {run.step}")
+        recent = run.losses[-cfg.patience :]
+        if len(recent) == cfg.patience and sum(recent) / len(recent) < cfg.tol:
+            return "converged"
+        if run.step >= cfg.steps:
+            return "step budget"
+        return None
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, jobs: list[Job]) -> list[JobRun]:
+        """Compress every job; returns the runs (DONE with ``run.report``, or FAILED with ``run.error``)."""
+        self._check_jobs(jobs)
+        cfg = self.config
+        for job in jobs:
+            self.scheduler.submit(JobRun(job.with_eval_split(cfg.eval_fraction, cfg.seed), job_seed(cfg.seed, job.id)))
+        bar = tqdm(total=len(jobs) * cfg.steps, unit="step", disable=not self.progress, dynamic_ncols=True)
+        started = time.perf_counter()
+        try:
+            while self.scheduler.busy:
+                for run in self.scheduler.admit():
+                    bar.set_description(f"teacher {run.job.id}")
+                    try:
+                        self._teach(run)
+                    except FastsoftError as error:
+                        self._fail(run, error)
+                        bar.update(cfg.steps)
+                for run in self.step():
+                    bar.update(1)
+                    try:
+                        reason = self._stop_reason(run)
+                        if reason:
+                            bar.set_description(f"eval {run.job.id}")
+                            bar.update(cfg.steps - run.step)
+                            self._finish(run, reason)
+                    except FastsoftError as error:
+                        self._fail(run, error)
+                counts = self.scheduler.counts()
+                losses = {r.job.id: f"{r.losses[-1]:.3f}" for r in self.scheduler.running if r.losses}
+                bar.set_description("train")
+                bar.set_postfix(**counts, tok_s=f"{self.tokens_trained / (time.perf_counter() - started):.0f}",
+                                loss=" ".join(f"{k}={v}" for k, v in list(losses.items())[:4]))
+        finally:
+            bar.close()
+        order = {job.id: i for i, job in enumerate(jobs)}
+        return sorted(self.scheduler.finished, key=lambda r: order[r.job.id])

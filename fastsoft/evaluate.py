@@ -1,0 +1,57 @@
+"""Held-out evaluation of a soft prompt against the full-context teacher.
+
+Reported per job: token KL(teacher || student) with σ (``kl_soft``) and with no context at all
+(``kl_none``), the share of that no-context gap closed (``gap_closed = 1 - kl_soft / kl_none``),
+top-1 agreement at the teacher-forced answer positions, and on free greedy generation the exact-match
+rate and ROUGE-L against the teacher's own answers. KL = 0 on training queries says nothing about
+held-out ones: these are computed on the eval queries only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastsoft.generate import answer_text, generate_ids, rouge_l
+from fastsoft.student import Segment, pack, scored_hidden
+from fastsoft.teacher import Taught
+
+
+@torch.no_grad()
+def _token_kl(loaded, prompt: torch.Tensor | None, queries: list[Taught], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(teacher || student) and student argmax ids at every eval answer position."""
+    slot = None if prompt is None else 0
+    length = 0 if prompt is None else prompt.shape[0]
+    packed = pack([Segment(slot, q.before, q.after, q.answer) for q in queries], length)
+    prompts = torch.zeros(1, 0, loaded.hidden_size) if prompt is None else prompt[None]
+    student = torch.log_softmax(loaded.logits(scored_hidden(loaded, prompts, packed)) / temperature, -1)  # [N, V]
+    teacher = torch.log_softmax(loaded.logits(torch.cat([q.hidden for q in queries]).to(loaded.device)) / temperature, -1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return kl, student.argmax(-1), teacher.argmax(-1)
+
+
+def evaluate(loaded, prompt: torch.Tensor, queries: list[Taught], context_length: int, temperature: float = 1.0,
+             max_new_tokens: int = 64) -> dict:
+    """Metrics of ``prompt [P, H]`` on teacher-answered held-out ``queries`` (with teacher hidden states)."""
+    if not queries:
+        return {"eval_queries": 0, "compression_ratio": context_length / prompt.shape[0]}
+    kl_soft, student_top1, teacher_top1 = _token_kl(loaded, prompt, queries, temperature)
+    kl_none, _, _ = _token_kl(loaded, None, queries, temperature)
+    soft, none = float(kl_soft.mean()), float(kl_none.mean())
+    matches, rouges, samples = [], [], []
+    for q in queries:
+        reference = answer_text(loaded, q.answer)
+        produced = answer_text(loaded, generate_ids(loaded, prompt, q.before, q.after, max_new_tokens))
+        matches.append(float(produced == reference))
+        rouges.append(rouge_l(produced, reference))
+        samples.append({"teacher": reference, "student": produced})
+    return {
+        "eval_queries": len(queries),
+        "kl_soft": soft,
+        "kl_none": none,
+        "gap_closed": 1.0 - soft / none if none > 0 else float("nan"),
+        "top1_agreement": float((student_top1 == teacher_top1).float().mean()),
+        "exact_match": sum(matches) / len(matches),
+        "rouge_l": sum(rouges) / len(rouges),
+        "compression_ratio": context_length / prompt.shape[0],
+        "samples": samples,
+    }

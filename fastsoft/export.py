@@ -1,0 +1,64 @@
+"""Saving soft prompts in PEFT's prompt-tuning format (plus what fastsoft needs to use them again).
+
+``adapter_model.safetensors`` holds ``prompt_embeddings [P, H]``; ``adapter_config.json`` is a PEFT
+``PROMPT_TUNING`` config; ``fastsoft.json`` records the placement and the template, because PEFT
+always puts the virtual tokens at position 0: only a ``placement="first"`` export behaves identically
+under ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastsoft.errors import FastsoftError
+from fastsoft.templates import Template
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG, FASTSOFT_META = "adapter_model.safetensors", "adapter_config.json", "fastsoft.json"
+
+
+def save_prompt(folder: str | Path, prompt: torch.Tensor, *, model_path: str, model_fingerprint: str, template: Template,
+                extra: dict | None = None) -> Path:
+    """Write ``prompt [P, H]`` as a PEFT prompt-tuning adapter into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    length, hidden = prompt.shape
+    save_file({"prompt_embeddings": prompt.detach().float().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS))
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": length,
+        "token_dim": hidden,
+        "num_transformer_submodules": 1,
+        "prompt_tuning_init": "RANDOM",
+        "base_model_name_or_path": model_path,
+        "inference_mode": True,
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    meta = {"placement": template.placement, "template": {"head": template.head, "middle": template.middle, "tail": template.tail,
+            "kind": template.kind}, "model_fingerprint": model_fingerprint, "peft_equivalent": template.placement == "first",
+            **(extra or {})}
+    (folder / FASTSOFT_META).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_prompt(folder: str | Path) -> tuple[torch.Tensor, Template, dict]:
+    """The soft prompt ``[P, H]``, the template it was trained with, and the export's metadata."""
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FastsoftError(f"{folder} holds no soft prompt ({ADAPTER_WEIGHTS} is missing)")
+    prompt = load_file(str(weights)).get("prompt_embeddings")
+    if prompt is None or prompt.dim() != 2:
+        raise FastsoftError(f"{weights} has no [P, H] tensor named prompt_embeddings")
+    meta_path = folder / FASTSOFT_META
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        t = meta["template"]
+        template = Template(t["head"], t["middle"], t["tail"], meta["placement"], t.get("kind", "chat"))
+    else:  # a plain PEFT export: its virtual tokens stand first
+        meta, template = {}, None
+    return prompt, template, meta

@@ -1,0 +1,56 @@
+"""Greedy answers with a soft prompt in place of the context (and ROUGE-L for comparing them)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastsoft.templates import Template, end_token_ids
+from fastsoft.teacher import tokenize_query
+
+
+@torch.no_grad()
+def generate_ids(loaded, prompt: torch.Tensor | None, before: list[int], after: list[int], max_new_tokens: int = 64) -> list[int]:
+    """Greedy answer ids for ``before + prompt + after`` (``prompt [P, H]`` or None for no context)."""
+    device, embed = loaded.device, loaded.embed
+    parts = [embed(torch.tensor(before, dtype=torch.long, device=device))]
+    if prompt is not None:
+        parts.append(prompt.to(device=device, dtype=parts[0].dtype))
+    parts.append(embed(torch.tensor(after, dtype=torch.long, device=device)))
+    out = loaded.decoder(inputs_embeds=torch.cat(parts)[None], use_cache=True)
+    ends, answer = set(end_token_ids(loaded)), []
+    while len(answer) < max_new_tokens:
+        token = int(loaded.logits(out.last_hidden_state[0, -1]).argmax())
+        answer.append(token)
+        if token in ends:
+            break
+        out = loaded.decoder(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+    return answer
+
+
+def answer_text(loaded, ids: list[int]) -> str:
+    ends = set(end_token_ids(loaded))
+    return loaded.tokenizer.decode([t for t in ids if t not in ends], skip_special_tokens=True).strip()
+
+
+def generate(loaded, template: Template, prompt: torch.Tensor | None, query: str, max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to ``query`` with ``prompt [P, H]`` standing in the context's place."""
+    before, after = tokenize_query(loaded.tokenizer, template, query)
+    return answer_text(loaded, generate_ids(loaded, prompt, before, after, max_new_tokens))
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased whitespace tokens."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)

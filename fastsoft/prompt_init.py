@@ -1,0 +1,39 @@
+"""Initial soft prompts ``[P, H]`` (fp32): pooled context, sampled vocabulary rows, a text, or random."""
+
+from __future__ import annotations
+
+import torch
+
+from fastsoft.errors import FastsoftError
+from fastsoft.templates import encode
+
+INITS = ("context", "vocab", "text", "random")
+
+
+def init_prompt(loaded, context_ids: list[int], length: int, method: str = "context", generator: torch.Generator | None = None,
+                text: str | None = None) -> torch.Tensor:
+    """An initial soft prompt of ``length`` rows.
+
+    - ``context``: the context's token embeddings mean-pooled over ``length`` contiguous chunks;
+    - ``vocab``: embeddings of tokens sampled uniformly from the vocabulary;
+    - ``text``: embeddings of ``text``'s tokens, repeated or cut to ``length``;
+    - ``random``: Gaussian rows scaled to the mean embedding norm.
+    """
+    table = loaded.embed.weight.detach().float().cpu()  # [V, H]
+    if method == "context":
+        rows = table[torch.tensor(context_ids)]
+        if len(rows) < length:
+            raise FastsoftError(f"prompt length {length} is larger than the context ({len(rows)} tokens); use a shorter prompt")
+        chunks = torch.tensor_split(rows, length)
+        return torch.stack([chunk.mean(0) for chunk in chunks])
+    if method == "vocab":
+        return table[torch.randint(0, table.shape[0], (length,), generator=generator)].clone()
+    if method == "text":
+        ids = encode(loaded.tokenizer, text or "")
+        if not ids:
+            raise FastsoftError("--init text needs a non-empty --init-text")
+        return table[torch.tensor((ids * length)[:length])].clone()
+    if method == "random":
+        rows = torch.randn(length, table.shape[1], generator=generator)
+        return rows / rows.norm(dim=-1, keepdim=True) * table.norm(dim=-1).mean()
+    raise FastsoftError(f"unknown initialisation {method!r}; choose one of {', '.join(INITS)}")

@@ -1,0 +1,125 @@
+"""Continuous batching over compression jobs, at optimizer-step granularity (Orca/vLLM style).
+
+Queues: WAITING -> TEACHING -> TRAINING -> DONE / FAILED. A fixed number of prompt slots; a job is
+admitted when a slot is free (a job that arrives while every slot is busy waits), and a job that
+converges or spends its step budget frees its slot for the next waiting job at the next step.
+
+Each step takes, from every training job in admission order, that job's whole minibatch of segments
+if it still fits the token budget (a job's minibatch is never split, so what it sees in a step does
+not depend on the other jobs); a job that does not fit waits for the next step. Inside the packed row
+segments are ordered best-fit decreasing. A job whose minibatch alone exceeds the budget still runs,
+alone in its step.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from fastsoft.jobs import Job
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    TEACHING = "teaching"
+    TRAINING = "training"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def job_seed(seed: int, job_id: str) -> int:
+    """A per-job seed that does not depend on the job's position or on the other jobs."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{job_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class JobRun:
+    job: Job
+    seed: int
+    state: State = State.WAITING
+    slot: int | None = None
+    teacher: object = None  # cache.JobTeacher once taught
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    stop_reason: str = ""
+    error: str = ""
+    seconds: float = 0.0
+    pending: list[int] | None = None  # the minibatch drawn for the job's next step (kept until it runs)
+    report: dict | None = None
+    generator: torch.Generator = None
+    _order: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def next_batch(self, batch_queries: int) -> list[int]:
+        """The next minibatch of training-query indices: epochs of a per-job seeded shuffle."""
+        count = len(self.teacher.train)
+        chosen = []
+        while len(chosen) < min(batch_queries, count):
+            if not self._order:
+                self._order = torch.randperm(count, generator=self.generator).tolist()
+            chosen.append(self._order.pop())
+        return chosen
+
+
+class Scheduler:
+    def __init__(self, slots: int, token_budget: int):
+        if slots < 1 or token_budget < 1:
+            raise ValueError("the scheduler needs at least one slot and a positive token budget")
+        self.slots, self.token_budget = slots, token_budget
+        self.waiting: deque[JobRun] = deque()
+        self.running: list[JobRun] = []  # TEACHING or TRAINING, in admission order
+        self.finished: list[JobRun] = []
+
+    def submit(self, run: JobRun) -> None:
+        self.waiting.append(run)
+
+    def free_slots(self) -> list[int]:
+        used = {run.slot for run in self.running}
+        return [s for s in range(self.slots) if s not in used]
+
+    def admit(self) -> list[JobRun]:
+        """Move waiting jobs into free slots (state TEACHING); returns the admitted runs."""
+        admitted = []
+        for slot in self.free_slots():
+            if not self.waiting:
+                break
+            run = self.waiting.popleft()
+            run.slot, run.state = slot, State.TEACHING
+            self.running.append(run)
+            admitted.append(run)
+        return admitted
+
+    def retire(self, run: JobRun, state: State) -> None:
+        """A job leaves: its slot is free from the next step on."""
+        run.state = state
+        self.running.remove(run)
+        self.finished.append(run)
+
+    def plan(self, minibatches: dict[int, list[int]], lengths: dict[int, list[int]]) -> list[JobRun]:
+        """Training jobs whose whole minibatch fits this step's token budget, in admission order.
+
+        ``minibatches[slot]`` is the job's query indices, ``lengths[slot]`` their packed lengths.
+        """
+        chosen, used = [], 0
+        for run in self.running:
+            if run.state is not State.TRAINING:
+                continue
+            need = sum(lengths[run.slot])
+            if used + need <= self.token_budget or not chosen:
+                chosen.append(run)
+                used += need
+        return chosen
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def counts(self) -> dict[str, int]:
+        done = sum(r.state is State.DONE for r in self.finished)
+        return {"waiting": len(self.waiting), "training": len(self.running), "done": done, "failed": len(self.finished) - done}
