@@ -21,7 +21,7 @@ def init_prompt(loaded, context_ids: list[int], length: int, method: str = "cont
     """
     table = loaded.embed.weight.detach().float().cpu()  # [V, H]
     if method == "context":
-        rows = table[torch.tensor(context_ids)]
+        rows = table[torch.tensor(context_ids, dtype=torch.long)]
         if len(rows) < length:
             raise FastsoftError(f"prompt length {length} is larger than the context ({len(rows)} tokens); use a shorter prompt")
         chunks = torch.tensor_split(rows, length)
