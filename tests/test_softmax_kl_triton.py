@@ -1,0 +1,374 @@
+"""Triton backend of softmax_kl: interpreted on CPU against an fp64 reference, and bf16 on a GPU (marked ``gpu``).
+
+``TRITON_INTERPRET=1`` is process-global (``triton.jit`` reads it when a kernel is defined), so the
+interpreted cases run in one worker subprocess started by a module fixture; each case is still its own
+pytest test. Run directly with ``TRITON_INTERPRET=1`` already set, the cases run in-process.
+
+Error bound (CONVENTIONS.md): the kernel's max error against the fp64 truth is at most twice the
+same-dtype PyTorch reference's error, plus a small atol relative to the largest true value.
+bf16 is not interpreted: the interpreter's bf16 ``tl.dot`` is not faithful; bf16 runs on the GPU tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from fastsoft.ops import HiddenTarget, SparseTarget, softmax_kl
+
+KINDS = ["dense", "hidden", "topk", "sampled", "onehot"]
+REDUCTIONS = ["mean", "sum", "none"]
+ATOL = {"float32": 2e-6, "float16": 2e-3}  # relative to max |truth|
+
+
+def _case(name, **kw):
+    base = dict(kind="dense", n=9, v=301, h=37, T=1.0, weighted=False, reduction="mean", dtype="float32", env={},
+                layout="contiguous", scale=3.0)
+    base.update(kw)
+    return name, base
+
+
+def _cases():
+    cases = []
+    temps = [1.0, 0.5, 2.5]
+    for i, kind in enumerate(KINDS):
+        for j, T in enumerate(temps):
+            red = REDUCTIONS[(i + j) % 3]
+            weighted = (i + j) % 2 == 0
+            cases.append(_case(f"{kind}-T{T}-{red}-{'weighted' if weighted else 'plain'}-fp32", kind=kind, T=T, reduction=red, weighted=weighted))
+        cases.append(_case(f"{kind}-fp16-weighted", kind=kind, dtype="float16", weighted=True, T=0.5, reduction="none"))
+        cases.append(_case(f"{kind}-unweighted-mean-T1", kind=kind, T=1.0, reduction="mean"))
+    # odd sizes, several token chunks, the gradient GEMM split over the vocabulary
+    for kind in ("dense", "topk", "hidden"):
+        cases.append(_case(f"{kind}-V1271-H123-chunks-split", kind=kind, n=21, v=1271, h=123, weighted=True, reduction="sum",
+                           env={"FASTSOFT_SOFTMAX_KL_CHUNK_ROWS": "8", "FASTSOFT_SOFTMAX_KL_SPLIT_V": "3"}))
+    cases.append(_case("dense-V1271-H123-fp16-chunks", kind="dense", n=21, v=1271, h=123, dtype="float16", T=2.5,
+                       env={"FASTSOFT_SOFTMAX_KL_CHUNK_ROWS": "16"}))
+    cases.append(_case("dense-tiny-V-H", kind="dense", n=5, v=7, h=3, weighted=True, reduction="none"))
+    cases.append(_case("topk-K-exceeds-tile", kind="topk-wide", n=6, v=97, h=20, weighted=True))
+    for kind in ("dense", "hidden", "topk"):
+        cases.append(_case(f"{kind}-noncontiguous", kind=kind, n=10, v=211, h=29, layout="strided", weighted=True, reduction="sum"))
+    cases.append(_case("dense-sharp-teacher-huge-logits", kind="dense-sharp", n=7, v=257, h=31, scale=60.0, T=0.5))
+    cases.append(_case("topk-tiny-tail", kind="topk-tinytail", n=7, v=257, h=31, scale=3.0))
+    for kind in ("dense", "topk", "hidden"):
+        cases.append(_case(f"{kind}-empty-batch", kind=kind, n=0, reduction="sum"))
+    cases.append(_case("onehot-filter-eps-zero", kind="onehot", env={"FASTSOFT_SOFTMAX_KL_FILTER_EPS": "0"}, weighted=True))
+    return dict(cases)
+
+
+CASES = _cases()
+
+
+# ------------------------------------------------------------------------------------------------------
+# building one case (fp64 master copies; the kernel gets them cast to the case dtype)
+# ------------------------------------------------------------------------------------------------------
+
+def make_teacher(kind, n, v, h_dim, gen):
+    f64 = torch.float64
+    if kind in ("dense", "dense-sharp"):
+        sharp = 8.0 if kind == "dense-sharp" else 1.0
+        t = torch.log_softmax(sharp * torch.randn(n, v, generator=gen, dtype=f64), -1)
+        if kind == "dense-sharp" and n:
+            t[0, : v // 2] = float("-inf")  # exact zeros in the teacher
+        return t
+    if kind == "hidden":
+        return HiddenTarget(torch.randn(n, h_dim, generator=gen, dtype=f64))
+    k = {"topk-wide": 40}.get(kind, 5)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]) if n else torch.zeros(0, k, dtype=torch.long)
+    probs = torch.softmax(torch.randn(n, k, generator=gen, dtype=f64), -1)
+    if kind == "onehot":
+        return SparseTarget.one_hot(ids[:, 0], dtype=f64)
+    if kind == "sampled":
+        return SparseTarget(ids, probs)
+    mass = 0.9999 if kind == "topk-tinytail" else 0.7
+    probs = probs * mass
+    return SparseTarget(ids, probs, 1 - probs.sum(-1))
+
+
+def cast_teacher(teacher, dtype):
+    if isinstance(teacher, SparseTarget):
+        return SparseTarget(teacher.ids, teacher.probs.to(dtype), None if teacher.tail is None else teacher.tail.to(dtype))
+    if isinstance(teacher, HiddenTarget):
+        return HiddenTarget(teacher.hidden.to(dtype))
+    return teacher.to(dtype)
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (column-major)."""
+    return x.t().contiguous().t() if x.dim() == 2 else x
+
+
+def build(p, gen):
+    n, v, hd = p["n"], p["v"], p["h"]
+    h = torch.randn(n, hd, generator=gen, dtype=torch.float64)
+    W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * p["scale"]
+    teacher = make_teacher(p["kind"], n, v, hd, gen)
+    if p["kind"] == "topk-tinytail" and n:
+        h = W[teacher.ids[:, 0]].clone() * 3.0  # the student also puts almost all its mass on the top-k ids
+    tw = None
+    if p["weighted"]:
+        tw = torch.rand(n, generator=gen, dtype=torch.float64) + 0.1
+        if n > 3:
+            tw[1] = 0
+            tw[n - 1] = 0
+            if isinstance(teacher, torch.Tensor):
+                teacher[1] = float("nan")  # an ignored row's teacher is never trusted
+            elif isinstance(teacher, HiddenTarget):
+                teacher.hidden[1] = float("nan")
+            else:
+                teacher.probs[1] = float("nan")
+                if teacher.tail is not None:
+                    teacher.tail[1] = float("nan")
+    grad_out = torch.randn(n if p["reduction"] == "none" else (), generator=gen, dtype=torch.float64) * 3
+    return h, W, teacher, tw, grad_out
+
+
+def evaluate(h, W, teacher, tw, grad_out, p, backend, dtype):
+    hh = h.detach().to(dtype).clone().requires_grad_()
+    if p["layout"] == "strided":
+        W = strided(W.to(dtype))
+        if isinstance(teacher, torch.Tensor):
+            teacher = strided(teacher.to(dtype))
+        elif isinstance(teacher, HiddenTarget):
+            teacher = HiddenTarget(strided(teacher.hidden.to(dtype)))
+        hh = strided(h.detach().to(dtype)).requires_grad_()
+    out = softmax_kl(hh, W.to(dtype), cast_teacher(teacher, dtype), temperature=p["T"], token_weight=None if tw is None else tw.to(dtype),
+                     reduction=p["reduction"], backend=backend)
+    (out.double() * grad_out).sum().backward()
+    return out.detach().double(), hh.grad.double()
+
+
+def run_case(name: str) -> dict:
+    p = CASES[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    h, W, teacher, tw, grad_out = build(p, gen)
+    dtype = getattr(torch, p["dtype"])
+    saved = {k: os.environ.get(k) for k in p["env"]}
+    os.environ.update(p["env"])
+    try:
+        truth = evaluate(h, W, teacher, tw, grad_out, p, "reference", torch.float64)
+        same = evaluate(h, W, teacher, tw, grad_out, p, "reference", dtype)
+        ours = evaluate(h, W, teacher, tw, grad_out, p, "triton", dtype)
+    finally:
+        for k, value in saved.items():
+            os.environ.pop(k) if value is None else os.environ.__setitem__(k, value)
+    result = {}
+    for i, what in enumerate(("value", "grad")):
+        t, s, o = truth[i], same[i], ours[i]
+        result[what] = {
+            "ours": (o - t).abs().max().item() if t.numel() else 0.0,
+            "same_dtype": (s - t).abs().max().item() if t.numel() else 0.0,
+            "scale": t.abs().max().item() if t.numel() else 0.0,
+            "finite": bool(torch.isfinite(o).all()),
+            "shape_ok": o.shape == t.shape,
+        }
+    if p["weighted"] and p["n"] > 3:
+        result["ignored_rows_zero"] = bool((ours[1][1] == 0).all() and (ours[1][-1] == 0).all())
+    return result
+
+
+def _run_all(names) -> dict:
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns on the NaN rows the kernel must ignore
+        for name in names:
+            try:
+                results[name] = run_case(name)
+            except Exception as error:  # reported per case by the parent
+                import traceback
+
+                results[name] = {"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()[-3000:]}"}
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _run_all(CASES)
+    out = tmp_path_factory.mktemp("triton-interpret") / "results.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"the interpreter worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_kernel_matches_fp64_reference(name, interpreted):
+    result = interpreted[name]
+    assert "error" not in result, result.get("error")
+    atol = ATOL[CASES[name]["dtype"]]
+    for what in ("value", "grad"):
+        r = result[what]
+        assert r["shape_ok"] and r["finite"], (what, r)
+        bound = 2 * r["same_dtype"] + atol * max(1.0, r["scale"])
+        assert r["ours"] <= bound, f"{what}: error {r['ours']:.3e} > bound {bound:.3e} (same-dtype reference {r['same_dtype']:.3e})"
+    if "ignored_rows_zero" in result:
+        assert result["ignored_rows_zero"], "rows with token weight 0 must get exactly zero gradient"
+
+
+# ------------------------------------------------------------------------------------------------------
+# the Liger-shaped adapter (runs on the reference backend: no Liger, no Triton needed)
+# ------------------------------------------------------------------------------------------------------
+
+def _liger_formula(x, W, q, labels, reduction, ignore_index, T):
+    """What LigerFusedLinearKLDivLoss computes, written out in fp64 (torch.nn.KLDivLoss semantics)."""
+    logp = torch.log_softmax((x @ W.T) / T, -1)
+    rows = torch.where(q > 0, q * (q.clamp_min(1e-300).log() - logp), torch.zeros_like(q)).sum(-1)
+    keep = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    kept = keep.sum()
+    if reduction == "sum":
+        return rows.sum()
+    if kept == 0:
+        return rows.sum() * 0
+    return rows.sum() / (kept if reduction == "batchmean" else kept * W.shape[0])
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum"])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_liger_adapter_matches_liger_semantics(reduction, with_labels, monkeypatch):
+    from fastsoft.ops import liger
+
+    monkeypatch.setattr(liger, "TARGET_CHUNK_BYTES", 4 * 53 * 3)  # three rows a chunk: exercises the chunk loop
+    gen = torch.Generator().manual_seed(7)
+    n, v, hd, T = 8, 53, 12, 1.7
+    x = torch.randn(n, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(v, hd, generator=gen, dtype=torch.float64)
+    q = torch.softmax(torch.randn(n, v, generator=gen, dtype=torch.float64) * 2, -1)
+    q[0, :10] = 0  # exact zeros
+    q[0] /= q[0].sum()
+    labels = torch.tensor([1, -100, 3, 4, -100, 6, 7, 8]) if with_labels else None
+    module = liger.LigerFusedLinearKLDivLoss(reduction=reduction, temperature=T, backend="reference")
+    q_before = q.clone()
+    got = module(x, W, q, labels)
+    assert torch.equal(q, q_before), "the adapter must not modify the target it is given"
+    got.backward()
+    got_grad = x.grad.clone()
+    x.grad = None
+    want = _liger_formula(x, W, q, labels, reduction, -100, T)
+    want.backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_grad, x.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_liger_adapter_all_ignored_and_bad_reduction():
+    from fastsoft.ops.liger import LigerFusedLinearKLDivLoss
+
+    x = torch.randn(3, 4, requires_grad=True)
+    q = torch.softmax(torch.randn(3, 10), -1)
+    loss = LigerFusedLinearKLDivLoss(backend="reference")(x, torch.randn(10, 4), q, torch.full((3,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.abs().max() == 0
+    with pytest.raises(ValueError, match="none"):
+        LigerFusedLinearKLDivLoss(reduction="none")
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU: bf16 at the real shapes (skipped without CUDA)
+# ------------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(576, 49152), (896, 151936), (2048, 128256), (4096, 128256)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton backend on device)")
+
+
+def _gpu_inputs(hd, v, kind, n=512, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(n, hd, device="cuda", generator=gen) * 2
+    W = torch.randn(v, hd, device="cuda", generator=gen) / math.sqrt(hd)
+    if kind == "dense":
+        teacher = torch.log_softmax(torch.randn(n, v, device="cuda", generator=gen) * 2, -1)
+    elif kind == "hidden":
+        teacher = HiddenTarget(torch.randn(n, hd, device="cuda", generator=gen) * 2)
+    else:
+        ids = torch.rand(n, v, device="cuda", generator=gen).topk(64, dim=-1).indices
+        probs = torch.softmax(torch.randn(n, 64, device="cuda", generator=gen), -1) * 0.9
+        teacher = SparseTarget(ids, probs, 1 - probs.sum(-1))
+    tw = torch.rand(n, device="cuda", generator=gen) + 0.1
+    tw[::7] = 0
+    return h, W, teacher, tw
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["dense", "sparse", "hidden"])
+@pytest.mark.parametrize("hd,v", GPU_SHAPES)
+def test_gpu_bf16_within_twice_naive_bf16_error(hd, v, kind):
+    h, W, teacher, tw = _gpu_inputs(hd, v, kind)
+
+    def run(dtype, backend):
+        x = h.to(dtype).requires_grad_()
+        out = softmax_kl(x, W.to(dtype), cast_teacher(teacher, dtype), temperature=1.5, token_weight=tw, reduction="sum", backend=backend)
+        out.backward()
+        return out.double(), x.grad.double()
+
+    truth = run(torch.float32, "reference")  # fp32 on GPU (TF32 off) stands in for fp64 at these sizes
+    naive = run(torch.bfloat16, "reference")
+    ours = run(torch.bfloat16, "triton")
+    for i in range(2):
+        err, ref_err = (ours[i] - truth[i]).abs().max().item(), (naive[i] - truth[i]).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3 * truth[i].abs().max().item(), (i, err, ref_err)
+    assert (ours[1][::7] == 0).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fp32_exact_and_noncontiguous():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    h, W, teacher, tw = _gpu_inputs(576, 4099, "dense", n=300)
+    a = softmax_kl(h, W, teacher, token_weight=tw, reduction="none", backend="reference")
+    b = softmax_kl(h.t().contiguous().t(), W.t().contiguous().t(), teacher.t().contiguous().t(), token_weight=tw, reduction="none",
+                   backend="triton")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_no_host_sync_and_cuda_graph_capture():
+    h, W, teacher, tw = _gpu_inputs(576, 8192, "dense", n=256)
+    h = h.bfloat16().requires_grad_()
+    W, teacher = W.bfloat16(), teacher.bfloat16()
+    softmax_kl(h, W, teacher, token_weight=tw, backend="triton").backward()  # autotune outside capture
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        from fastsoft.kernels.softmax_kl import softmax_kl_rows
+
+        loss, grad = softmax_kl_rows(h.detach(), W, teacher, 1.0, tw, True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        loss2, grad2 = softmax_kl_rows(h.detach(), W, teacher, 1.0, tw, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(grad2, grad)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_empty_batch():
+    h = torch.zeros(0, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = softmax_kl(h, torch.randn(100, 64, device="cuda", dtype=torch.bfloat16), torch.zeros(0, 100, device="cuda"), backend="triton")
+    out.backward()
+    assert out.item() == 0.0 and h.grad.shape == (0, 64)
+
+
+if __name__ == "__main__":  # the interpreter worker: python tests/test_softmax_kl_triton.py OUT.json [case ...]
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1")
+    names = sys.argv[2:] or list(CASES)
+    results = _run_all(names)
+    with open(sys.argv[1], "w") as fh:
+        json.dump(results, fh, indent=1)
+    bad = [n for n, r in results.items() if "error" in r]
+    print(f"{len(results) - len(bad)} cases ran, {len(bad)} raised: {bad}")
