@@ -272,6 +272,22 @@ def test_liger_adapter_all_ignored_and_bad_reduction():
         LigerFusedLinearKLDivLoss(reduction="none")
 
 
+def test_benchmark_quick_cpu_run_writes_table_json_and_png(tmp_path):
+    """``benchmarks/bench_softmax_kl.py --quick``: every CPU provider measured, results written under --out."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_softmax_kl.py")
+    # cpp left out: on a fresh machine its first use is a JIT build, which is tests/test_softmax_kl_cpp.py's business
+    cmd = [sys.executable, script, "--quick", "--out", str(tmp_path), "--providers", "floor", "eager", "reference"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2-GEMM floor" in proc.stdout.splitlines()[0]
+    (result,) = tmp_path.glob("softmax_kl-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    providers = {r["provider"] for r in rows if "median_ms" in r}
+    assert {"floor (2 GEMMs)", "torch eager", "fastsoft reference"} <= providers, rows
+    assert all(r["peak_extra_mib"] >= 0 for r in rows if "median_ms" in r)
+    assert list(tmp_path.glob("softmax_kl-*.png"))
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU: bf16 at the real shapes (skipped without CUDA)
 # ------------------------------------------------------------------------------------------------------
