@@ -122,22 +122,44 @@ class JobTeacher:
 class TeacherCache:
     """A folder of per-job shards and an index, bound to one fingerprint."""
 
-    def __init__(self, root: str | Path, fingerprint: dict):
+    def __init__(self, root: str | Path, fingerprint: dict, rebuild: bool = False):
+        """Open (or create) the cache at ``root``. With ``rebuild``, a mismatched or corrupted cache is
+        emptied, and shards that fail their checksum are dropped so their jobs are taught again."""
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / INDEX
+        self.index = None
         if path.exists():
             try:
                 self.index = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise FastsoftError(f"teacher cache index {path} is corrupted ({error.msg}); delete the folder or pass --rebuild-cache") from error
-            self._check_fingerprint(self.index.get("fingerprint", {}))
-        else:
+                self._check_fingerprint(self.index.get("fingerprint", {}))
+            except (json.JSONDecodeError, FastsoftError) as error:
+                if not rebuild:
+                    if isinstance(error, FastsoftError):
+                        raise
+                    raise FastsoftError(f"teacher cache index {path} is corrupted ({error.msg}); pass --rebuild-cache to rebuild it") from error
+                self._clear()
+            else:
+                if rebuild:
+                    for job_id, entry in list(self.index["jobs"].items()):
+                        shard = self.root / entry["file"]
+                        if not shard.exists() or sha256_file(shard) != entry["sha256"]:
+                            del self.index["jobs"][job_id]
+                    self._save_index()
+        if self.index is None:
             self.index = {"version": 1, "fingerprint": fingerprint, "jobs": {}}
             self._save_index()
 
+    def _clear(self) -> None:
+        for file in self.root.glob("*.safetensors"):
+            file.unlink()
+        self.index = None
+
     def _check_fingerprint(self, found: dict) -> None:
+        if found.get("vocab_size") != self.fingerprint.get("vocab_size"):
+            raise FastsoftError(f"teacher cache {self.root} was built for a vocabulary of {found.get('vocab_size')} tokens, "
+                                f"the model has {self.fingerprint.get('vocab_size')}; use another --cache folder or pass --rebuild-cache")
         names = {"model": "model weights or tokenizer", "template": "prompt template", "kind": "teacher kind", "params": "teacher parameters"}
         for key, name in names.items():
             if found.get(key) != self.fingerprint.get(key):
@@ -184,6 +206,10 @@ class TeacherCache:
         for n in lengths:
             offsets.append(offsets[-1] + n)
         targets = {k.removeprefix("target."): v for k, v in tensors.items() if k.startswith("target.")}
+        for name, value in list(targets.items()) + [("eval hidden states", tensors["eval.hidden"])]:
+            bad = torch.isnan(value) | (value == float("inf")) | ((value == float("-inf")) if name != "logprobs" else False)
+            if bool(bad.any()):
+                raise FastsoftError(f"the teacher cache of job {job_id!r} holds NaN or infinite values ({name}); pass --rebuild-cache")
         return JobTeacher(tensors["context"].tolist(), splits["train"], targets, offsets, splits["eval"])
 
 

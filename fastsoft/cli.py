@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder: one sub-folder per job")
     c.add_argument("--cache", help="teacher cache folder (default: OUT/cache)")
     c.add_argument("--overwrite", action="store_true", help="replace finished jobs' exports in OUT")
+    c.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT (same jobs and settings)")
+    c.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (default: 10)")
+    c.add_argument("--rebuild-cache", action="store_true", help="rebuild a mismatched or corrupted teacher cache instead of refusing it")
     _model_args(c)
     for f in fields(CompressConfig):
         c.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not None else str, default=f.default,
@@ -92,7 +95,10 @@ def _compress(args) -> int:
     CompressConfig(**config).validate()
     loaded = _load(args)
     started = time.perf_counter()
-    reports = compress(jobs, loaded, args.out, cache=args.cache, overwrite=args.overwrite, progress=not args.no_progress, **config)
+    if args.checkpoint_every < 1:
+        raise FastsoftError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    reports = compress(jobs, loaded, args.out, cache=args.cache, overwrite=args.overwrite, progress=not args.no_progress,
+                       resume=args.resume, checkpoint_every=args.checkpoint_every, rebuild_cache=args.rebuild_cache, **config)
     done = [r for r in reports if "error" not in r]
     summary = {"seconds": time.perf_counter() - started, "jobs": len(reports), "done": len(done), "failed": len(reports) - len(done),
                "reports": [{k: v for k, v in r.items() if k not in ("losses", "samples")} for r in reports]}
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastsoft: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fastsoft: interrupted", file=sys.stderr)
+        resumable = args.command == "compress" and (Path(args.out) / "checkpoint.pt").exists()
+        print("fastsoft: interrupted" + ("; checkpoint saved, continue with --resume" if resumable else ""), file=sys.stderr)
         return 130
 
 

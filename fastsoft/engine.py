@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from fastsoft.bank import PromptBank
 from fastsoft.cache import CacheSpec, TeacherCache, concat_teachers, make_targets, teacher_from
+from fastsoft.checkpoint import jobs_digest, load_checkpoint, restore_run, run_state, save_checkpoint
 from fastsoft.config import CompressConfig
 from fastsoft.errors import FastsoftError
 from fastsoft.evaluate import evaluate
@@ -36,20 +37,24 @@ from fastsoft.templates import encode, make_template
 
 class Engine:
     def __init__(self, loaded, config: CompressConfig, out_dir: str | Path, cache_dir: str | Path | None = None,
-                 overwrite: bool = False, progress: bool = True):
+                 overwrite: bool = False, progress: bool = True, resume: bool = False, checkpoint_every: int = 10,
+                 rebuild_cache: bool = False):
         config.validate()
         self.loaded, self.config, self.out = loaded, config, Path(out_dir)
-        self.overwrite, self.progress = overwrite, progress
+        self.overwrite, self.progress, self.resume, self.checkpoint_every = overwrite, progress, resume, checkpoint_every
+        self.out.mkdir(parents=True, exist_ok=True)
         self.template = make_template(loaded.tokenizer, config.placement, config.template)
         self.objective = parse_objective(config.objective)
         self.spec = CacheSpec(config.teacher, config.top_k, config.samples, config.temperature, config.cache_dtype)
         answers = "greedy" if "answer" in self.objective else "given-else-greedy"
-        fingerprint = {"model": loaded.fingerprint, "template": self.template.fingerprint, "kind": self.spec.kind,
+        fingerprint = {"model": loaded.fingerprint, "vocab_size": loaded.vocab_size, "template": self.template.fingerprint, "kind": self.spec.kind,
                        "params": {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens}}
-        self.cache = TeacherCache(cache_dir or self.out / "cache", fingerprint)
+        self.cache = TeacherCache(cache_dir or self.out / "cache", fingerprint, rebuild=rebuild_cache)
         self.bank = PromptBank(config.slots, config.prompt_length, loaded.hidden_size, device=loaded.device)
         self.scheduler = Scheduler(config.slots, config.token_budget)
         self.tokens_trained = 0
+        self.loop_steps = 0  # loop iterations, the checkpoint clock
+        self.oom_retries = 0
 
     # -- job life cycle ---------------------------------------------------------------------------
 
@@ -62,7 +67,7 @@ class Engine:
             if "supervised" in self.objective and job.answers is None:
                 raise FastsoftError(f"job {job.id!r} has no answers, which the supervised objective needs")
             done = self.out / job.id / "report.json"
-            if done.exists() and not self.overwrite:
+            if done.exists() and not self.overwrite and not self.resume:
                 raise FastsoftError(f"{done.parent} already holds a finished job {job.id!r}; pass --overwrite or choose another --out")
 
     def _teach(self, run: JobRun) -> None:
@@ -171,14 +176,70 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------------
 
+    def _checkpoint(self, runs: dict[str, JobRun]) -> None:
+        s = self.scheduler
+        save_checkpoint(self.out, {
+            "jobs_digest": self.jobs_hash, "config": self.config.to_dict(), "bank": self.bank.state_dict(),
+            "waiting": [r.job.id for r in s.waiting], "running": [r.job.id for r in s.running], "finished": [r.job.id for r in s.finished],
+            "runs": {job_id: run_state(run) for job_id, run in runs.items()}, "token_budget": s.token_budget,
+            "tokens_trained": self.tokens_trained, "loop_steps": self.loop_steps, "torch_rng": torch.get_rng_state(),
+        })
+
+    def _restore(self, runs: dict[str, JobRun]) -> None:
+        """Continue a checkpointed run: slots, optimizer state, queues and every job's progress."""
+        state = load_checkpoint(self.out, self.jobs_hash, self.config.to_dict())
+        self.bank.load_state_dict(state["bank"])
+        for job_id, saved in state["runs"].items():
+            restore_run(runs[job_id], saved, State)
+        s = self.scheduler
+        s.waiting.extend(runs[i] for i in state["waiting"])
+        s.finished.extend(runs[i] for i in state["finished"])
+        s.token_budget = state["token_budget"]
+        self.tokens_trained, self.loop_steps = state["tokens_trained"], state["loop_steps"]
+        torch.set_rng_state(state["torch_rng"])
+        for job_id in state["running"]:
+            run = runs[job_id]
+            s.running.append(run)
+            report = self.out / job_id / "report.json"
+            if report.exists():  # finished and exported after the last checkpoint: never redo it
+                run.report = json.loads(report.read_text())
+                s.retire(run, State.DONE)
+            else:
+                run.teacher = self.cache.get(job_id)
+
+    def _train_step(self) -> list[JobRun]:
+        """``step()``, lowering the token budget and retrying when the device runs out of memory."""
+        while True:
+            try:
+                return self.step()
+            except torch.OutOfMemoryError:
+                self.bank.prompts.grad = None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                budget = self.scheduler.token_budget
+                if budget <= 1:
+                    raise FastsoftError("out of device memory even for a single job's minibatch; lower --batch-queries") from None
+                self.scheduler.token_budget = max(1, budget // 2)
+                self.oom_retries += 1
+                tqdm.write(f"fastsoft: out of memory in a step; token budget lowered from {budget} to {self.scheduler.token_budget}, retrying")
+
     def run(self, jobs: list[Job]) -> list[JobRun]:
-        """Compress every job; returns the runs (DONE with ``run.report``, or FAILED with ``run.error``)."""
+        """Compress every job; returns the runs (DONE with ``run.report``, or FAILED with ``run.error``).
+
+        Writes a checkpoint every ``checkpoint_every`` steps and on Ctrl-C (then re-raises it).
+        """
         self._check_jobs(jobs)
         cfg = self.config
-        for job in jobs:
-            self.scheduler.submit(JobRun(job.with_eval_split(cfg.eval_fraction, cfg.seed), job_seed(cfg.seed, job.id)))
+        self.jobs_hash = jobs_digest(jobs)
+        runs = {job.id: JobRun(job.with_eval_split(cfg.eval_fraction, cfg.seed), job_seed(cfg.seed, job.id)) for job in jobs}
+        if self.resume:
+            self._restore(runs)
+        else:
+            for run in runs.values():
+                self.scheduler.submit(run)
         bar = tqdm(total=len(jobs) * cfg.steps, unit="step", disable=not self.progress, dynamic_ncols=True)
-        started = time.perf_counter()
+        bar.update(sum(cfg.steps if r.state in (State.DONE, State.FAILED) else r.step for r in runs.values()))
+        started, trained_before = time.perf_counter(), self.tokens_trained
         try:
             while self.scheduler.busy:
                 for run in self.scheduler.admit():
@@ -188,7 +249,7 @@ class Engine:
                     except FastsoftError as error:
                         self._fail(run, error)
                         bar.update(cfg.steps)
-                for run in self.step():
+                for run in self._train_step():
                     bar.update(1)
                     try:
                         reason = self._stop_reason(run)
@@ -198,11 +259,18 @@ class Engine:
                             self._finish(run, reason)
                     except FastsoftError as error:
                         self._fail(run, error)
+                self.loop_steps += 1
+                if self.loop_steps % self.checkpoint_every == 0:
+                    self._checkpoint(runs)
                 counts = self.scheduler.counts()
                 losses = {r.job.id: f"{r.losses[-1]:.3f}" for r in self.scheduler.running if r.losses}
                 bar.set_description("train")
-                bar.set_postfix(**counts, tok_s=f"{self.tokens_trained / (time.perf_counter() - started):.0f}",
-                                loss=" ".join(f"{k}={v}" for k, v in list(losses.items())[:4]))
+                rate = (self.tokens_trained - trained_before) / (time.perf_counter() - started)
+                bar.set_postfix(**counts, tok_s=f"{rate:.0f}", loss=" ".join(f"{k}={v}" for k, v in list(losses.items())[:4]))
+            self._checkpoint(runs)
+        except KeyboardInterrupt:
+            self._checkpoint(runs)
+            raise
         finally:
             bar.close()
         order = {job.id: i for i, job in enumerate(jobs)}

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 TABLE_COLUMNS = ("kl_soft", "kl_none", "gap_closed", "top1_agreement", "exact_match", "rouge_l", "compression_ratio", "steps", "seconds")
 
 
 def write_report(folder: Path, report: dict) -> None:
+    """The loss PNG, then ``report.json`` atomically: a job whose report exists is finished and exported."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
     plot_losses({report["job_id"]: report["losses"]}, folder / "loss.png", title=f"job {report['job_id']}")
+    tmp = folder / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, folder / "report.json")
 
 
 def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "", ylabel: str = "training loss (nats / token)") -> None:
