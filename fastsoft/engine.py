@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -221,7 +222,8 @@ class Engine:
                     raise FastsoftError("out of device memory even for a single job's minibatch; lower --batch-queries") from None
                 self.scheduler.token_budget = max(1, budget // 2)
                 self.oom_retries += 1
-                tqdm.write(f"fastsoft: out of memory in a step; token budget lowered from {budget} to {self.scheduler.token_budget}, retrying")
+                tqdm.write(f"fastsoft: out of memory in a step; token budget lowered from {budget} to {self.scheduler.token_budget}, retrying",
+                           file=sys.stderr)
 
     def run(self, jobs: list[Job]) -> list[JobRun]:
         """Compress every job; returns the runs (DONE with ``run.report``, or FAILED with ``run.error``).

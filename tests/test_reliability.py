@@ -1,0 +1,181 @@
+"""Nothing lost, bad input handled: kills and resumes, Ctrl-C, OOM back-off, poisoned caches, mismatches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastsoft
+from fastsoft.cache import TeacherCache
+from fastsoft.engine import Engine
+from fastsoft.export import load_prompt
+from fastsoft.models import load_model
+
+FAST = dict(steps=10, prompt_length=4, max_new_tokens=4, lr=0.05, tol=0.0, batch_queries=3, slots=2, progress=False)
+
+
+def jobs(context: str) -> list[fastsoft.Job]:
+    words = context.split()
+    return [fastsoft.Job(f"job{i}", " ".join(words[i:] + words[:i]), ["What colour?", "Who is it?", "How many?", "When?"],
+                         eval_queries=["Which one?"]) for i in range(3)]
+
+
+def write_jobs(path: Path, context: str) -> Path:
+    path.write_text("\n".join(json.dumps({"id": j.id, "context": j.context, "queries": j.queries, "eval_queries": j.eval_queries})
+                              for j in jobs(context)) + "\n")
+    return path
+
+
+def prompts(out: Path) -> dict[str, torch.Tensor]:
+    return {p.name: load_prompt(p)[0] for p in sorted(out.iterdir()) if (p / "report.json").exists()}
+
+
+def cli_args(jobs_file: Path, model: Path, out: Path) -> list[str]:
+    flags = {"steps": 10, "prompt-length": 4, "max-new-tokens": 4, "lr": 0.05, "tol": 0.0, "batch-queries": 3, "slots": 2}
+    return ["compress", "--jobs", str(jobs_file), "--model", str(model), "--out", str(out), "--no-progress", "--checkpoint-every", "1",
+            *[x for k, v in flags.items() for x in (f"--{k}", str(v))]]
+
+
+def test_sigkill_several_times_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_job, tmp_path):
+    from fastsoft.cli import main
+
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", tiny_job.context)
+    assert main(cli_args(jobs_file, tiny_model_dir, tmp_path / "ref")) == 0
+    out, kills, first_reports = tmp_path / "killed", 0, {}
+    checkpoint = out / "checkpoint.pt"
+    for attempt in range(12):
+        argv = cli_args(jobs_file, tiny_model_dir, out) + (["--resume"] if checkpoint.exists() else [])
+        proc = subprocess.Popen([sys.executable, "-m", "fastsoft", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
+        new_checkpoints, deadline = 0, time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            for report in out.glob("*/report.json"):
+                first_reports.setdefault(report.parent.name, report.stat().st_mtime_ns)
+            stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
+            if stamp != seen:
+                seen, new_checkpoints = stamp, new_checkpoints + 1
+            if kills < 3 and new_checkpoints >= 2 + attempt:  # kill at a different point each time
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.02)
+        code = proc.wait(timeout=300)
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert kills == 3 and code == 0
+    ref, got = prompts(tmp_path / "ref"), prompts(out)
+    assert ref.keys() == got.keys() == {"job0", "job1", "job2"}  # no job lost or skipped
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+        report = out / name / "report.json"
+        assert report.stat().st_mtime_ns == first_reports.get(name, report.stat().st_mtime_ns)  # never redone
+        assert json.loads(report.read_text())["steps"] == json.loads((tmp_path / "ref" / name / "report.json").read_text())["steps"]
+
+
+def test_ctrl_c_checkpoints_and_resume_finishes_identically(tiny, tiny_job, tmp_path, monkeypatch):
+    reference = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "ref", **FAST)
+    real_step, calls = Engine.step, {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, **FAST)
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    monkeypatch.setattr(Engine, "step", real_step)
+    resumed = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", resume=True, **FAST)
+    assert [r["losses"] for r in resumed] == [r["losses"] for r in reference]
+    for name, prompt in prompts(tmp_path / "ref").items():
+        assert torch.equal(prompts(tmp_path / "run")[name], prompt)
+
+
+def test_resume_refuses_other_jobs_or_settings(tiny, tiny_job, tmp_path):
+    fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path, **FAST)
+    with pytest.raises(fastsoft.FastsoftError, match="--lr"):
+        fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path, resume=True, **{**FAST, "lr": 0.1})
+    with pytest.raises(fastsoft.FastsoftError, match="jobs differ"):
+        fastsoft.compress(jobs(tiny_job.context)[:2], tiny, tmp_path, resume=True, **FAST)
+    with pytest.raises(fastsoft.FastsoftError, match="no checkpoint"):
+        fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "fresh", resume=True, **FAST)
+
+
+def test_out_of_memory_lowers_the_token_budget_and_keeps_results(tiny, tiny_job, tmp_path, monkeypatch, capsys):
+    reference = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "ref", **FAST)
+    real_step, calls = Engine.step, {"n": 0}
+
+    def oom_once(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", oom_once)
+    got = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "oom", **{**FAST, "token_budget": 4096})
+    assert "token budget lowered from 4096 to 2048" in capsys.readouterr().err
+    assert [r["losses"] for r in got] == [r["losses"] for r in reference]
+
+
+def test_nan_in_one_jobs_cache_leaves_the_others_running(tiny, tiny_job, tmp_path):
+    all_jobs = jobs(tiny_job.context)
+    engine = Engine(tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path, progress=False)
+    fastsoft.compress(all_jobs[1:2], tiny, tmp_path / "probe", **FAST)
+    shard = TeacherCache(tmp_path / "probe" / "cache", engine.cache.fingerprint).get("job1")
+    shard.targets["logprobs"][0, 3] = float("nan")
+    engine.cache.put("job1", shard.context_ids, shard.train, shard.targets, shard.eval)
+    runs = engine.run(all_jobs)
+    assert [r.state.value for r in runs] == ["done", "failed", "done"]
+    assert "job 'job1'" in runs[1].error and "NaN" in runs[1].error
+    assert json.loads((tmp_path / "job1" / "error.json").read_text())["job_id"] == "job1"
+
+
+def test_a_context_longer_than_the_model_fails_its_job_only(tiny, tiny_job, tmp_path):
+    long = fastsoft.Job("long", "teal doors " * 1500, ["What colour?"])
+    reports = fastsoft.compress([long, jobs(tiny_job.context)[0]], tiny, tmp_path, **FAST)
+    assert "longer than the model's maximum of 2048" in reports[0]["error"] and "error" not in reports[1]
+
+
+def test_a_cache_of_another_vocabulary_is_refused_then_rebuilt(tiny, tiny_model_dir, tiny_job, tmp_path):
+    from conftest import build_model
+
+    fastsoft.compress(jobs(tiny_job.context)[:1], tiny, tmp_path / "a", cache=tmp_path / "cache", **FAST)
+    bigger = tmp_path / "bigger"
+    model = build_model(tiny.tokenizer)
+    model.resize_token_embeddings(len(tiny.tokenizer) + 8)
+    model.save_pretrained(bigger)
+    tiny.tokenizer.save_pretrained(bigger)
+    other = load_model(bigger)
+    with pytest.raises(fastsoft.FastsoftError, match=f"vocabulary of {tiny.vocab_size} tokens, the model has {tiny.vocab_size + 8}"):
+        fastsoft.compress(jobs(tiny_job.context)[:1], other, tmp_path / "b", cache=tmp_path / "cache", **FAST)
+    report = fastsoft.compress(jobs(tiny_job.context)[:1], other, tmp_path / "b", cache=tmp_path / "cache", rebuild_cache=True, **FAST)[0]
+    assert "error" not in report
+
+
+def test_a_corrupted_shard_is_named_then_rebuilt(tiny, tiny_job, tmp_path):
+    job = jobs(tiny_job.context)[:1]
+    fastsoft.compress(job, tiny, tmp_path / "a", cache=tmp_path / "cache", **FAST)
+    shard = tmp_path / "cache" / "job0.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = fastsoft.compress(job, tiny, tmp_path / "b", cache=tmp_path / "cache", **FAST)[0]
+    assert "job0.safetensors is truncated or corrupted" in report["error"]
+    report = fastsoft.compress(job, tiny, tmp_path / "c", cache=tmp_path / "cache", rebuild_cache=True, **FAST)[0]
+    assert "error" not in report
+
+
+def test_duplicate_job_ids_are_refused(tiny, tiny_job, tmp_path):
+    with pytest.raises(fastsoft.FastsoftError, match="repeated: velmora"):
+        fastsoft.compress([tiny_job, tiny_job], tiny, tmp_path, **FAST)
