@@ -231,7 +231,9 @@ def _reset_peak_rss() -> bool:
 def _mmap_threshold(nbytes: int) -> None:
     """glibc M_MMAP_THRESHOLD: blocks above it come from (and go back to) the OS, so RSS shows them."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, nbytes)
+        libc.malloc_trim(0)  # hand back what the heap still holds from earlier steps
     except (OSError, AttributeError):
         pass
 
@@ -255,10 +257,11 @@ def cpu_worker(provider: str, shapes, teachers, reps: int) -> list[dict]:
                     if out.requires_grad:
                         out.backward()
 
+                _mmap_threshold(64 * 1024)  # memory: no freed buffer may hide in the heap for the next step
                 step()  # warm-up (JIT build, thread pools)
                 x.grad = None
                 gc.collect()
-                _mmap_threshold(64 * 1024)  # memory step: a freed buffer cannot hide in the heap
+                _mmap_threshold(64 * 1024)
                 exact = _reset_peak_rss()
                 base = _rss_kib("VmRSS:")
                 step()
@@ -289,7 +292,7 @@ def run_cpu(args) -> list[dict]:
     for provider in providers:
         cmd = [sys.executable, __file__, "--worker", provider, "--device", "cpu", "--reps", str(args.reps),
                "--teachers", *args.teachers, "--shapes", *[f"{n}x{h}x{v}" for n, h, v in shapes]]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             rows.append({"provider": provider, "error": proc.stderr[-500:]})

@@ -13,7 +13,8 @@ Per token chunk of ``C`` rows, three launches (no host sync anywhere, CUDA-graph
 2. ``_softmax_kl_row_kernel``  merges the tile statistics of one row: lse, loss, and turns each
    tile's max into the scale that makes ``e`` a gradient: ``dz = e * c_tile - f * d_tile``.
 3. ``_softmax_kl_bwd_kernel``  dh = (1/T) dz W with ``dz`` formed in registers from the buffer (no
-   exponentials), sparse-id corrections folded in, optional split over V for small chunks.
+   exponentials), sparse-id corrections added from gathered W rows after the main loop, optional split
+   over V for small chunks.
 
 Never materialises ``[N, V]`` logits; no gradient for ``W``.
 """
@@ -55,7 +56,7 @@ def _fwd_configs():
         return [triton.Config({"BN": 16, "BH": 64}, num_warps=4)]
     return [
         triton.Config({"BN": BN, "BH": BH}, num_warps=w, num_stages=s)
-        for BN, BH, w, s in [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (64, 128, 4, 3)]
+        for BN, BH, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3), (64, 128, 4, 3)]
     ]
 
 
@@ -65,7 +66,7 @@ def _bwd_configs():
     return [
         triton.Config({"BN": BN, "BH": BH, "BV": BV}, num_warps=w, num_stages=s)
         for BN, BH, BV, w, s in [
-            (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+            (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
             (128, 256, 64, 8, 3), (64, 64, 128, 4, 4),
         ]
     ]
@@ -143,7 +144,7 @@ def _softmax_kl_fwd_kernel(
     tl.store(stats_ptr + SS + o_st, tl.sum(b_e, 1), mask=m_n)
     p_e = o_n[:, None] * stride_en + o_v[None, :]
     m_e = m_n[:, None] & m_v[None, :]
-    if STORE:
+    if STORE and TEACHER != 2:
         # ignored rows may hold NaN teachers: store zeros so the gradient pass multiplies 0 by 0
         tl.store(e_ptr + p_e, tl.where(b_keep[:, None], b_e, 0.0).to(e_ptr.dtype.element_ty), mask=m_e)
 
@@ -173,6 +174,10 @@ def _softmax_kl_fwd_kernel(
             tl.store(zk_ptr + o_n * K + b_ptr, tl.sum(tl.where(b_eq, b_z, 0.0), 1), mask=b_hit)
             b_ptr += b_hit.to(tl.int64)
             b_nxt = tl.load(ids_ptr + o_n * K + b_ptr, mask=b_keep & (b_ptr < K), other=2147483647).to(tl.int64)
+        if STORE:
+            # the ids' entries are left to the exact corrections of the gradient pass (no cancellation)
+            b_e = tl.where(b_in | ~b_keep[:, None], 0.0, b_e)
+            tl.store(e_ptr + p_e, b_e.to(e_ptr.dtype.element_ty), mask=m_e)
         if HAS_TAIL:
             # the mass outside the ids gets its own max: exact even when the ids hold nearly everything
             b_zt = tl.where(b_in, float("-inf"), b_z)  # [BN, BV]
@@ -241,6 +246,7 @@ def _softmax_kl_row_kernel(
         b_lp = tl.load(zk_ptr + i_n * K + o_k, mask=m_k, other=0.0) - lse  # log p at the ids
         loss = tl.sum(tl.where(b_w > 0, b_w * tl.log(tl.where(b_w > 0, b_w, 1.0)), 0.0) - b_w * b_lp, 0)
         gamma = tl.sum(b_w, 0)
+        alpha = gamma
         beta = 0.0
         if HAS_TAIL:
             r = tl.load(tail_ptr + i_n)
@@ -248,9 +254,13 @@ def _softmax_kl_row_kernel(
             has_tail = r > 0
             loss += tl.where(has_tail, r * tl.log(tl.where(has_tail, r, 1.0)) - r * log_tail, 0.0)
             beta = tl.where(has_tail, r * tl.exp(-log_tail), 0.0)  # r / P_tail
-            gamma = gamma + r - beta
+            alpha = gamma + r
+            gamma = alpha - beta
         if NEED_GRAD:
-            b_corr = beta * tl.exp(b_lp) - b_w  # dz at the ids beyond gamma * p
+            # dz at the ids, whole: alpha p - w (p counted once for a repeated id; the ids are sorted)
+            b_prev = tl.load(ids_ptr + i_n * K + o_k - 1, mask=m_k & (o_k > 0), other=-1)
+            b_first = tl.load(ids_ptr + i_n * K + o_k, mask=m_k, other=-1) != b_prev
+            b_corr = tl.where(b_first, alpha * tl.exp(b_lp), 0.0) - b_w
             tl.store(corr_ptr + i_n * K + o_k, tl.where(keep, b_corr, 0.0), mask=m_k)
     tl.store(loss_ptr + i_n, tl.where(keep, loss, 0.0))
 
@@ -288,13 +298,6 @@ def _softmax_kl_bwd_kernel(
     v_start = i_s * V_SPLIT
     v_stop = tl.minimum(v_start + V_SPLIT, V)
 
-    if TEACHER == 2:
-        if HAS_WEIGHT:
-            b_keep = m_n & (tl.load(tw_ptr + o_n * stride_tw, mask=m_n, other=0.0) != 0)
-        else:
-            b_keep = m_n
-        b_ptr = _lower_bound(ids_ptr, o_n, b_keep, K, v_start, LOG2K)  # [BN]
-        b_nxt = tl.load(ids_ptr + o_n * K + b_ptr, mask=b_keep & (b_ptr < K), other=2147483647).to(tl.int64)
     b_acc = tl.zeros([BN, BH], dtype=tl.float32)
     for v0 in range(v_start, v_stop, BV):
         o_v = v0 + tl.arange(0, BV).to(tl.int64)
@@ -307,14 +310,6 @@ def _softmax_kl_bwd_kernel(
         if TEACHER != 2:
             b_d = tl.load(stats_ptr + 2 * SS + o_st, mask=m_n, other=0.0)  # [BN]
             b_dz -= tl.load(f_ptr + p_e, mask=m_e, other=0.0).to(tl.float32) * b_d[:, None]
-        else:
-            v_end = v0 + BV
-            while tl.max((b_nxt < v_end).to(tl.int32), 0) > 0:
-                b_hit = b_nxt < v_end
-                b_corr = tl.load(corr_ptr + o_n * K + b_ptr, mask=b_hit, other=0.0)  # [BN]
-                b_dz += tl.where(o_v[None, :] == b_nxt[:, None], b_corr[:, None], 0.0)
-                b_ptr += b_hit.to(tl.int64)
-                b_nxt = tl.load(ids_ptr + o_n * K + b_ptr, mask=b_keep & (b_ptr < K), other=2147483647).to(tl.int64)
         p_w = w_ptr + o_v[:, None] * stride_wv + o_h[None, :] * stride_wh
         if FILTER:
             # CCE-style gradient filtering: a tile whose |dz| is below eps adds nothing measurable
@@ -324,6 +319,24 @@ def _softmax_kl_bwd_kernel(
         else:
             b_w = _to_dot(tl.load(p_w, mask=m_v[:, None] & m_h[None, :], other=0.0), DOT)  # [BV, BH]
             b_acc = tl.dot(_to_dot(b_dz, DOT), b_w, b_acc, input_precision=DOT_PRECISION)
+    if TEACHER == 2:
+        # dz at this split's ids (alpha p_k - w_k; the main loop saw 0 there): gathered W rows, fp32 FMAs,
+        # after the main loop so that loop stays a plain software-pipelined GEMM
+        if HAS_WEIGHT:
+            b_keep = m_n & (tl.load(tw_ptr + o_n * stride_tw, mask=m_n, other=0.0) != 0)
+        else:
+            b_keep = m_n
+        b_lo = _lower_bound(ids_ptr, o_n, b_keep, K, v_start, LOG2K)  # [BN]
+        b_hi = tl.where(b_keep, _lower_bound(ids_ptr, o_n, b_keep, K, v_stop, LOG2K), b_lo)
+        b_k = b_lo
+        while tl.max((b_k < b_hi).to(tl.int32), 0) > 0:
+            b_hit = b_k < b_hi
+            b_id = tl.load(ids_ptr + o_n * K + b_k, mask=b_hit, other=0).to(tl.int64)  # in [v_start, v_stop)
+            b_corr = tl.load(corr_ptr + o_n * K + b_k, mask=b_hit, other=0.0)  # [BN]
+            p_r = w_ptr + b_id[:, None] * stride_wv + o_h[None, :] * stride_wh
+            b_r = tl.load(p_r, mask=b_hit[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BN, BH]
+            b_acc += b_corr[:, None] * b_r
+            b_k += b_hit.to(tl.int64)
     p_g = g_ptr + i_s * stride_gs + o_n[:, None] * stride_gn + o_h[None, :] * stride_gh
     tl.store(p_g, (b_acc * inv_temp).to(g_ptr.dtype.element_ty), mask=m_n[:, None] & m_h[None, :])
 

@@ -57,6 +57,7 @@ def _cases():
         cases.append(_case(f"{kind}-noncontiguous", kind=kind, n=10, v=211, h=29, layout="strided", weighted=True, reduction="sum"))
     cases.append(_case("dense-sharp-teacher-huge-logits", kind="dense-sharp", n=7, v=257, h=31, scale=60.0, T=0.5))
     cases.append(_case("topk-tiny-tail", kind="topk-tinytail", n=7, v=257, h=31, scale=3.0))
+    cases.append(_case("topk-repeated-id", kind="topk-dup", n=7, v=257, h=31, weighted=True))
     for kind in ("dense", "topk", "hidden"):
         cases.append(_case(f"{kind}-empty-batch", kind=kind, n=0, reduction="sum"))
     cases.append(_case("onehot-filter-eps-zero", kind="onehot", env={"FASTSOFT_SOFTMAX_KL_FILTER_EPS": "0"}, weighted=True))
@@ -87,6 +88,8 @@ def make_teacher(kind, n, v, h_dim, gen):
         return SparseTarget.one_hot(ids[:, 0], dtype=f64)
     if kind == "sampled":
         return SparseTarget(ids, probs)
+    if kind == "topk-dup" and n:
+        ids[:, 1] = ids[:, 0]  # a repeated id: the reference counts it once in the tail mask, twice in sum(w)
     mass = 0.9999 if kind == "topk-tinytail" else 0.7
     probs = probs * mass
     return SparseTarget(ids, probs, 1 - probs.sum(-1))
