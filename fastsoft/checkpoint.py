@@ -27,19 +27,19 @@ def jobs_digest(jobs) -> str:
     return hashlib.sha256(json.dumps([asdict(j) for j in jobs], sort_keys=True).encode()).hexdigest()
 
 
-def save_checkpoint(out: Path, state: dict) -> None:
-    path = out / CHECKPOINT
-    tmp = path.with_name(f".{CHECKPOINT}.tmp{os.getpid()}")
+def save_checkpoint(out: Path, state: dict, name: str = CHECKPOINT) -> None:
+    path = out / name
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
     torch.save(state, tmp)
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def load_checkpoint(out: Path, jobs_hash: str, config: dict) -> dict:
-    path = out / CHECKPOINT
+def load_checkpoint(out: Path, jobs_hash: str, config: dict, name: str = CHECKPOINT) -> dict:
+    path = out / name
     if not path.is_file():
-        raise FastsoftError(f"there is no checkpoint to resume in {out} (no {CHECKPOINT}); run without --resume")
+        raise FastsoftError(f"there is no checkpoint to resume in {out} (no {name}); run without --resume, or with the same number of ranks")
     try:
         state = torch.load(path, weights_only=False)
     except Exception as error:  # a truncated or foreign file

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT (same jobs and settings)")
     c.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (default: 10)")
     c.add_argument("--rebuild-cache", action="store_true", help="rebuild a mismatched or corrupted teacher cache instead of refusing it")
+    c.add_argument("--split-jobs", action="store_true",
+                   help="under torchrun: every rank shares every job (gradient all-reduce) instead of sharding jobs across ranks")
     _model_args(c)
     for f in fields(CompressConfig):
         c.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not None else str, default=f.default,
@@ -65,12 +67,12 @@ def _model_args(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _load(args):
+def _load(args, local_rank: int = 0):
     import torch
 
     from fastsoft.models import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FastsoftError("--device cuda was asked for but no CUDA device is available")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
@@ -80,6 +82,7 @@ def _load(args):
 
 def _compress(args) -> int:
     from fastsoft.api import compress
+    from fastsoft.distributed import Dist, init_from_env, shutdown
     from fastsoft.jobs import job_from_files, read_jobs
     from fastsoft.report import format_table
 
@@ -93,15 +96,31 @@ def _compress(args) -> int:
         jobs = read_jobs(args.jobs)
     config = {f.name: getattr(args, f.name) for f in fields(CompressConfig)}
     CompressConfig(**config).validate()
-    loaded = _load(args)
-    started = time.perf_counter()
     if args.checkpoint_every < 1:
         raise FastsoftError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
-    reports = compress(jobs, loaded, args.out, cache=args.cache, overwrite=args.overwrite, progress=not args.no_progress,
-                       resume=args.resume, checkpoint_every=args.checkpoint_every, rebuild_cache=args.rebuild_cache, **config)
+    dist = init_from_env()
+    try:
+        if dist.active:
+            split = args.split_jobs or len(jobs) < dist.world
+            dist = Dist(dist.rank, dist.world, dist.local_rank, split)
+            mine = jobs if split else jobs[dist.rank :: dist.world]
+        else:
+            mine = jobs
+        loaded = _load(args, dist.local_rank)
+        started = time.perf_counter()
+        reports = compress(mine, loaded, args.out, cache=args.cache, overwrite=args.overwrite, progress=not args.no_progress and dist.rank == 0,
+                           resume=args.resume, checkpoint_every=args.checkpoint_every, rebuild_cache=args.rebuild_cache, dist=dist, **config)
+        gathered = dist.gather(reports)
+    finally:
+        shutdown(dist)
+    if gathered is None:  # not rank 0: rank 0 reports for everyone
+        return 0
+    parts = gathered[:1] if dist.split else gathered  # split: rank 0 holds the evaluated reports
+    by_id = {r["job_id"]: r for part in parts for r in part}
+    reports = [by_id[job.id] for job in jobs]
     done = [r for r in reports if "error" not in r]
     summary = {"seconds": time.perf_counter() - started, "jobs": len(reports), "done": len(done), "failed": len(reports) - len(done),
-               "reports": [{k: v for k, v in r.items() if k not in ("losses", "samples")} for r in reports]}
+               "ranks": dist.world, "reports": [{k: v for k, v in r.items() if k not in ("losses", "samples")} for r in reports]}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     if done:

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from fastsoft.bank import PromptBank
 from fastsoft.cache import CacheSpec, TeacherCache, concat_teachers, make_targets, teacher_from
-from fastsoft.checkpoint import jobs_digest, load_checkpoint, restore_run, run_state, save_checkpoint
+from fastsoft.checkpoint import CHECKPOINT, jobs_digest, load_checkpoint, restore_run, run_state, save_checkpoint
 from fastsoft.config import CompressConfig
+from fastsoft.distributed import Dist
 from fastsoft.errors import FastsoftError
 from fastsoft.evaluate import evaluate
 from fastsoft.export import save_prompt
@@ -32,15 +33,16 @@ from fastsoft.report import write_report
 from fastsoft.schedule import lr_at
 from fastsoft.scheduler import JobRun, Scheduler, State, job_seed
 from fastsoft.student import Segment, pack, scored_hidden
-from fastsoft.teacher import teach
+from fastsoft.teacher import TeachRequest, teach_jobs
 from fastsoft.templates import encode, make_template
 
 
 class Engine:
     def __init__(self, loaded, config: CompressConfig, out_dir: str | Path, cache_dir: str | Path | None = None,
                  overwrite: bool = False, progress: bool = True, resume: bool = False, checkpoint_every: int = 10,
-                 rebuild_cache: bool = False):
+                 rebuild_cache: bool = False, dist: Dist | None = None):
         config.validate()
+        self.dist = dist or Dist()
         self.loaded, self.config, self.out = loaded, config, Path(out_dir)
         self.overwrite, self.progress, self.resume, self.checkpoint_every = overwrite, progress, resume, checkpoint_every
         self.out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,10 @@ class Engine:
         answers = "greedy" if "answer" in self.objective else "given-else-greedy"
         fingerprint = {"model": loaded.fingerprint, "vocab_size": loaded.vocab_size, "template": self.template.fingerprint, "kind": self.spec.kind,
                        "params": {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens}}
-        self.cache = TeacherCache(cache_dir or self.out / "cache", fingerprint, rebuild=rebuild_cache)
+        cache_root = Path(cache_dir or self.out / "cache")
+        if self.dist.active:  # each rank owns its shards and index: no two writers on one file
+            cache_root = cache_root / f"rank{self.dist.rank}"
+        self.cache = TeacherCache(cache_root, fingerprint, rebuild=rebuild_cache)
         self.bank = PromptBank(config.slots, config.prompt_length, loaded.hidden_size, device=loaded.device)
         self.scheduler = Scheduler(config.slots, config.token_budget)
         self.tokens_trained = 0
@@ -71,25 +76,50 @@ class Engine:
             if done.exists() and not self.overwrite and not self.resume:
                 raise FastsoftError(f"{done.parent} already holds a finished job {job.id!r}; pass --overwrite or choose another --out")
 
-    def _teach(self, run: JobRun) -> None:
-        job, cfg = run.job, self.config
-        if not self.cache.has(job.id):
-            answers = job.answers if "answer" not in self.objective else None
-            train = teach(self.loaded, self.template, job.id, job.context, job.queries, answers, cfg.max_new_tokens)
-            held = teach(self.loaded, self.template, job.id, job.context, job.eval_queries, None, cfg.max_new_tokens)
-            hidden = torch.cat([t.hidden for t in train])
-            targets = make_targets(self.loaded.lm_weight, hidden, self.spec, torch.Generator().manual_seed(run.seed))
-            self.cache.put(job.id, encode(self.loaded.tokenizer, job.context), train, targets, held)
-        run.teacher = self.cache.get(job.id)
-        context_length = len(run.teacher.context_ids)
-        if cfg.prompt_length > context_length:
-            raise FastsoftError(f"prompt length {cfg.prompt_length} is larger than the context of job {job.id!r} ({context_length} tokens)")
-        prompt = init_prompt(self.loaded, run.teacher.context_ids, cfg.prompt_length, cfg.init, run.generator, cfg.init_text)
-        self.bank.assign(run.slot, prompt)
-        run.state = State.TRAINING
+    def _teach(self, runs: list[JobRun]) -> list[JobRun]:
+        """Teach the admitted runs (and, ahead of time, as many waiting ones) in one continuous batch, cache
+        them, and put each admitted run's initial prompt in its slot. Returns the admitted runs that failed."""
+        cfg = self.config
+        ahead = list(self.scheduler.waiting)[: len(runs)]
+        todo = [r for r in runs + ahead if not self.cache.has(r.job.id)]
+        errors = {}
+        if todo:
+            given = "answer" not in self.objective
+            requests = [TeachRequest(r.job.id, r.job.context, r.job.queries, r.job.answers if given else None, r.job.eval_queries) for r in todo]
+            taught = teach_jobs(self.loaded, self.template, requests, cfg.max_new_tokens)
+            for run in todo:
+                result = taught[run.job.id]
+                if isinstance(result, FastsoftError):
+                    errors[run.job.id] = result  # a waiting run meets its error again when it is admitted
+                    continue
+                train, held = result
+                hidden = torch.cat([t.hidden for t in train])
+                targets = make_targets(self.loaded.lm_weight, hidden, self.spec, torch.Generator().manual_seed(run.seed))
+                self.cache.put(run.job.id, encode(self.loaded.tokenizer, run.job.context), train, targets, held)
+        failed = []
+        for run in runs:
+            job = run.job
+            try:
+                if job.id in errors:
+                    raise errors[job.id]
+                run.teacher = self.cache.get(job.id)
+                context_length = len(run.teacher.context_ids)
+                if cfg.prompt_length > context_length:
+                    raise FastsoftError(f"prompt length {cfg.prompt_length} is larger than the context of job {job.id!r} ({context_length} tokens)")
+                prompt = init_prompt(self.loaded, run.teacher.context_ids, cfg.prompt_length, cfg.init, run.generator, cfg.init_text)
+                self.bank.assign(run.slot, prompt)
+                run.state = State.TRAINING
+            except FastsoftError as error:
+                self._fail(run, error)
+                failed.append(run)
+        return failed
 
     def _finish(self, run: JobRun, reason: str) -> None:
         run.stop_reason = reason
+        if self.dist.split and self.dist.rank != 0:  # every rank holds the same σ; rank 0 evaluates and exports it
+            run.report = {"job_id": run.job.id, "steps": run.step, "stop_reason": reason, "losses": run.losses}
+            self.scheduler.retire(run, State.DONE)
+            return
         prompt = self.bank.get(run.slot)
         metrics = evaluate(self.loaded, prompt, run.teacher.eval, len(run.teacher.context_ids), 1.0, self.config.max_new_tokens)
         folder = self.out / run.job.id
@@ -111,12 +141,16 @@ class Engine:
 
     # -- one training step ----------------------------------------------------------------------
 
-    def _segments(self, run: JobRun) -> list[Segment]:
-        return [Segment(run.slot, run.teacher.train[q].before, run.teacher.train[q].after, run.teacher.train[q].answer) for q in run.pending]
+    def _segments(self, run: JobRun, queries: list[int]) -> list[Segment]:
+        return [Segment(run.slot, run.teacher.train[q].before, run.teacher.train[q].after, run.teacher.train[q].answer) for q in queries]
 
-    def _targets(self, run: JobRun):
+    def _targets(self, run: JobRun, queries: list[int]):
         offsets = run.teacher.row_offsets
-        return [teacher_from(self.spec.kind, run.teacher.targets, slice(offsets[q], offsets[q + 1])) for q in run.pending]
+        return [teacher_from(self.spec.kind, run.teacher.targets, slice(offsets[q], offsets[q + 1])) for q in queries]
+
+    def _share(self, queries: list[int]) -> list[int]:
+        """This rank's part of a minibatch (all of it unless jobs are split across ranks)."""
+        return queries[self.dist.rank :: self.dist.world] if self.dist.split else queries
 
     def step(self) -> list[JobRun]:
         """One optimizer step over the training jobs that fit the token budget; returns them."""
@@ -125,39 +159,47 @@ class Engine:
         for run in training:
             if not run.pending:
                 run.pending = run.next_batch(cfg.batch_queries)
-        lengths = {r.slot: [s.length(P) for s in self._segments(r)] for r in training}
+        lengths = {r.slot: [s.length(P) for s in self._segments(r, r.pending)] for r in training}
         chosen = self.scheduler.plan({r.slot: r.pending for r in training}, lengths)
         if not chosen:
             return []
         started = time.perf_counter()
         segments, row_job, parts = [], [], []
         for index, run in enumerate(chosen):
-            segs = self._segments(run)
+            mine = self._share(run.pending)
+            segs = self._segments(run, mine)
             segments += segs
             row_job += [index] * sum(len(s.answer) for s in segs)
-            parts += self._targets(run)
-        packed = pack(segments, P)
-        hidden = scored_hidden(self.loaded, self.bank.prompts, packed)  # [N, H]
-        device = hidden.device
-        row_loss = torch.zeros(hidden.shape[0], device=device)
-        for name, weight in self.objective.items():
-            if weight == 0:
-                continue
-            if name == "kl":
-                target = concat_teachers(parts).to(device)
-            else:
-                answer_ids = torch.tensor([t for s in segments for t in s.answer], device=device)
-                target = SparseTarget.one_hot(answer_ids)
-            row_loss = row_loss + weight * softmax_kl(hidden, self.loaded.lm_weight, target, temperature=cfg.temperature,
-                                                       reduction="none", backend=cfg.backend)
-        row_job = torch.tensor(row_job, device=device)
-        per_job = torch.zeros(len(chosen), device=device).index_add(0, row_job, row_loss)
-        per_job = per_job / torch.bincount(row_job, minlength=len(chosen)).clamp_min(1)
-        per_job.sum().backward()  # each slot's gradient comes from its own job's mean loss only
+            parts += self._targets(run, mine)
+        device = self.loaded.device
+        sums = torch.zeros(len(chosen), device=device)  # per-job summed token losses on this rank
+        counts = torch.bincount(torch.tensor(row_job, dtype=torch.long), minlength=len(chosen)).to(device=device, dtype=torch.float32)
+        counts = self.dist.all_reduce_(counts) if self.dist.split else counts
+        if segments:
+            packed = pack(segments, P)
+            hidden = scored_hidden(self.loaded, self.bank.prompts, packed)  # [N, H]
+            row_loss = torch.zeros(hidden.shape[0], device=device)
+            for name, weight in self.objective.items():
+                if weight == 0:
+                    continue
+                if name == "kl":
+                    target = concat_teachers(parts).to(device)
+                else:
+                    answer_ids = torch.tensor([t for s in segments for t in s.answer], device=device)
+                    target = SparseTarget.one_hot(answer_ids)
+                row_loss = row_loss + weight * softmax_kl(hidden, self.loaded.lm_weight, target, temperature=cfg.temperature,
+                                                           reduction="none", backend=cfg.backend)
+            sums = sums.index_add(0, torch.tensor(row_job, device=device), row_loss)
+            # each slot's gradient comes from its own job's mean loss only (normalised by the job's global count)
+            (sums / counts.clamp_min(1)).sum().backward()
+            self.tokens_trained += len(packed.ids)
+        if self.dist.split:
+            grad = self.bank.prompts.grad if self.bank.prompts.grad is not None else torch.zeros_like(self.bank.prompts)
+            self.bank.prompts.grad = self.dist.all_reduce_(grad)
+            sums = self.dist.all_reduce_(sums.detach())
         self.bank.step({run.slot: lr_at(run.step, cfg.steps, cfg.lr, cfg.warmup) for run in chosen})
         elapsed = time.perf_counter() - started
-        self.tokens_trained += len(packed.ids)
-        for run, loss in zip(chosen, per_job.detach().cpu().tolist()):
+        for run, loss in zip(chosen, (sums.detach() / counts.clamp_min(1)).cpu().tolist()):
             run.step += 1
             run.losses.append(loss)
             run.seconds += elapsed
@@ -184,11 +226,11 @@ class Engine:
             "waiting": [r.job.id for r in s.waiting], "running": [r.job.id for r in s.running], "finished": [r.job.id for r in s.finished],
             "runs": {job_id: run_state(run) for job_id, run in runs.items()}, "token_budget": s.token_budget,
             "tokens_trained": self.tokens_trained, "loop_steps": self.loop_steps, "torch_rng": torch.get_rng_state(),
-        })
+        }, self.dist.suffix(CHECKPOINT))
 
     def _restore(self, runs: dict[str, JobRun]) -> None:
         """Continue a checkpointed run: slots, optimizer state, queues and every job's progress."""
-        state = load_checkpoint(self.out, self.jobs_hash, self.config.to_dict())
+        state = load_checkpoint(self.out, self.jobs_hash, self.config.to_dict(), self.dist.suffix(CHECKPOINT))
         self.bank.load_state_dict(state["bank"])
         for job_id, saved in state["runs"].items():
             restore_run(runs[job_id], saved, State)
@@ -244,13 +286,10 @@ class Engine:
         started, trained_before = time.perf_counter(), self.tokens_trained
         try:
             while self.scheduler.busy:
-                for run in self.scheduler.admit():
-                    bar.set_description(f"teacher {run.job.id}")
-                    try:
-                        self._teach(run)
-                    except FastsoftError as error:
-                        self._fail(run, error)
-                        bar.update(cfg.steps)
+                admitted = self.scheduler.admit()
+                if admitted:
+                    bar.set_description(f"teacher {', '.join(r.job.id for r in admitted)}")
+                    bar.update(cfg.steps * len(self._teach(admitted)))
                 for run in self._train_step():
                     bar.update(1)
                     try:
