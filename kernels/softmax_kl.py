@@ -368,20 +368,22 @@ def _dot_settings(hidden: torch.Tensor, lm_weight: torch.Tensor) -> tuple[int, s
 def chunk_rows(n: int, vocab: int, hidden_size: int, bytes_per_entry: int, *, budget: int | None = None) -> int:
     """Rows per token chunk: the [C, V] buffers stay within ``budget`` bytes.
 
-    The default budget is 32 bytes per hidden-state entry of the batch (clamped to 32 MiB .. 512 MiB):
-    the same order as Liger's chunk of bf16 logits, so the peak extra memory stays at or below it.
-    ``FASTSOFT_SOFTMAX_KL_CHUNK_ROWS`` overrides the result (tests use it to force many chunks).
+    The default budget is 28 bytes per hidden-state entry of the batch (clamped to 32 MiB .. 512 MiB).
+    Liger's chunk of bf16 logits is about 32 bytes per entry (its chunk rows are N·16H/V rounded up to
+    a power of two), so with the gradient, the statistics and the split-V partials on top, the peak extra
+    memory stays below Liger's at the four shapes of ANCHORS.md (estimated 149 / 222 / 474 / 616 MiB
+    against 194 / 299 / 510 / 1034 MiB). ``FASTSOFT_SOFTMAX_KL_CHUNK_ROWS`` overrides the result.
     """
     forced = _env_int("FASTSOFT_SOFTMAX_KL_CHUNK_ROWS")
     if forced:
         return max(1, min(n, forced))
     if budget is None:
-        budget = min(512 * 2**20, max(32 * 2**20, 32 * n * hidden_size))
+        budget = min(512 * 2**20, max(32 * 2**20, 28 * n * hidden_size))
     per_row = vocab * bytes_per_entry + 4 * (vocab // BV_STATS + 1) * 5
     rows = max(1, budget // per_row)
     if rows >= n:
         return n
-    return max(128, rows // 128 * 128) if not INTERPRET else rows
+    return max(64, rows // 64 * 64) if not INTERPRET else rows
 
 
 def _split_v(rows: int, vocab: int, hidden_size: int, device: torch.device) -> int:
@@ -392,6 +394,21 @@ def _split_v(rows: int, vocab: int, hidden_size: int, device: torch.device) -> i
     programs = triton.cdiv(rows, 128) * triton.cdiv(hidden_size, 128)
     want = triton.cdiv(2 * _sm_count(device), programs)
     return max(1, min(want, triton.cdiv(vocab, 4 * BV_STATS)))
+
+
+def memory_estimate(n: int, vocab: int, hidden_size: int, *, sparse: bool = False, k: int = 64, itemsize: int = 2,
+                    sm_count: int = 132) -> int:
+    """Peak extra bytes of one call with a gradient: chunk buffers, statistics, split-V partials, sparse id
+    tables, the gradient."""
+    nbuf_bytes = (1 if sparse else 2) * (2 if itemsize < 4 else 4)
+    rows = chunk_rows(n, vocab, hidden_size, nbuf_bytes)
+    nvt = triton.cdiv(vocab, BV_STATS)
+    programs = triton.cdiv(rows, 128) * triton.cdiv(hidden_size, 128)
+    split = max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(vocab, 4 * BV_STATS)))
+    partial = split * rows * hidden_size * 4 if split > 1 else 0
+    stats = (4 if sparse else 5) * rows * nvt * 4
+    ids = n * k * (4 + 4 + 4 + 4 + 8) if sparse else 0  # sorted ids, weights, z at ids, corrections, sort index
+    return rows * triton.cdiv(vocab, 8) * 8 * nbuf_bytes + stats + partial + ids + n * hidden_size * itemsize
 
 
 def _filter_eps() -> float | None:
@@ -528,5 +545,5 @@ def softmax_kl_rows(
             FILTER=filter_eps is not None, LOG2K=log2k, BV_STATS=BV_STATS, DOT=dot, DOT_PRECISION=precision, **common,
         )
         if partial is not None:
-            grad[r0:r1] = partial[:, :c].sum(0).to(hidden.dtype)
+            grad[r0:r1].copy_(partial[:, :c].sum(0))
     return loss, grad
