@@ -5,10 +5,19 @@ One segment is ``before + σ(slot) + after + answer``. Segments are concatenated
 packed-sequence mask from them (with its default cache, sdpa/eager/flex silently let segments attend
 to each other). Only the final hidden states at scored positions leave this module: the loss needs
 nothing else, and logits are never formed here.
+
+Attention, chosen per call by :func:`packed_attention`: flash-attn varlen when the model was loaded with
+``attn_implementation="flash_attention_2"`` (``cu_seq_lens_*`` passed, no mask built); on CUDA otherwise
+torch's own varlen flash kernel (``torch.nn.attention.varlen``, registered as ``fastsoft_varlen``) for
+fp16/bf16; else the model's own implementation (sdpa on CPU) with the block-diagonal mask transformers
+derives from the restarting ``position_ids``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +65,11 @@ def pack(segments: list[Segment], prompt_length: int) -> Packed:
                   torch.tensor(bounds, dtype=torch.int32))
 
 
-def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed) -> torch.Tensor:
+def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str | None = None) -> torch.Tensor:
     """Final hidden states ``[N, H]`` at the scored positions of a packed row.
 
     ``prompts [S, P, H]`` (fp32, may require grad) supplies σ; gradients reach only the slots used.
+    ``attention`` overrides :func:`packed_attention`'s choice (an attention implementation name).
     """
     device = loaded.device
     ids, sigma_rows = packed.ids.to(device), packed.sigma_rows.to(device)
@@ -68,5 +78,92 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed) -> torch.Tensor
     if bool(is_sigma.any()):
         flat = prompts.reshape(-1, prompts.shape[-1]).to(device=device, dtype=embeds.dtype)  # [S * P, H]
         embeds = torch.where(is_sigma[:, None], flat[sigma_rows.clamp_min(0)], embeds)
-    hidden = loaded.hidden_states(inputs_embeds=embeds[None], position_ids=packed.position_ids.to(device)[None])[0]
+    attention = attention or packed_attention(loaded)
+    extra = {}
+    if attention in VARLEN_ATTENTIONS:
+        cu = packed.cu_seq_lens.to(device)
+        longest = int((packed.cu_seq_lens[1:] - packed.cu_seq_lens[:-1]).max())  # host tensor: no device sync
+        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    with attention_implementation(loaded, attention):
+        hidden = loaded.hidden_states(inputs_embeds=embeds[None], position_ids=packed.position_ids.to(device)[None], **extra)[0]
     return hidden[packed.scored.to(device)]
+
+
+# -- attention backends ---------------------------------------------------------------------------
+
+VARLEN_ATTENTION = "fastsoft_varlen"
+VARLEN_ATTENTIONS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTENTION)
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_attention(loaded) -> str:
+    """The attention implementation a packed step runs with (see the module docstring)."""
+    current = loaded.model.config._attn_implementation
+    if current in VARLEN_ATTENTIONS:
+        return current
+    if loaded.device.type == "cuda" and loaded.dtype in (torch.float16, torch.bfloat16) and _torch_varlen() is not None:
+        return VARLEN_ATTENTION
+    return current
+
+
+@contextlib.contextmanager
+def attention_implementation(loaded, name: str):
+    """Run the model with another registered attention implementation inside the block."""
+    config = loaded.model.config
+    previous = config._attn_implementation
+    if name == previous:
+        yield
+        return
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, cu_seq_lens_k=None,
+                      max_length_q=None, max_length_k=None, **kwargs):
+    """Packed causal attention with torch's varlen flash kernel. ``query [1, H, L, D]``, ``key/value
+    [1, KV, L, D]`` (one packed row), segments given by ``cu_seq_lens_*``; returns ``[1, L, H, D]``."""
+    if cu_seq_lens_q is None:
+        raise RuntimeError("fastsoft_varlen attention needs cu_seq_lens_q/k and max_length_q/k (a packed student step)")
+    if kwargs.get("sliding_window") is not None:
+        raise RuntimeError("fastsoft_varlen attention does not support sliding-window layers")
+    varlen_attn = _torch_varlen()
+    params = inspect.signature(varlen_attn).parameters
+    heads, dim = query.shape[1], query.shape[-1]
+    q = query[0].transpose(0, 1)  # [L, H, D]
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [L, KV, D]
+    extra = {}
+    if k.shape[1] != heads:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(heads // k.shape[1], 1), v.repeat_interleave(heads // v.shape[1], 1)
+    if "is_causal" in params:  # torch 2.10
+        extra["is_causal"] = True
+    else:  # torch >= 2.11: causal is a (left, right) = (-1, 0) window
+        extra["window_size"] = (-1, 0)
+    if scaling is not None and not math.isclose(scaling, dim**-0.5):
+        if "scale" in params:
+            extra["scale"] = scaling
+        else:
+            q = q * (scaling * dim**0.5)
+    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
+    return out[None], None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
+
+
+_register()

@@ -3,18 +3,39 @@
 For each query the teacher sees ``before + context + after + answer``. With no answer given it generates
 its greedy answer, and the final hidden state at each generation step *is* the teacher's distribution
 for that answer token (logits = hidden @ lm_head.T), so no second pass is needed. Outputs are final
-hidden states; ``targets.py``-style kinds (dense, top-k, sampled, hidden) are derived from them.
+hidden states; the cache kinds (dense, top-k, sampled, hidden) are derived from them.
+
+Continuous batching across jobs (``teach_jobs``). Every forward step packs, into one row of new tokens:
+prefix chunks of newly admitted jobs (``before + context``, encoded once per job), the whole suffix of
+each query joining (``after``, plus the answer when it is given: teacher forcing), and one token for each
+query still decoding. A finished query leaves at once and a waiting one, of any admitted job, joins at the
+next step; a job whose queries are all done frees its memory and the next job is admitted.
+
+Memory: one KV *arena* per job and layer, ``[1, kv_heads, P + S·W, head_dim]`` — the job's prefix (P
+tokens) once, then S row slots of width W (one per query in flight). Never a copy of the prefix per query.
+
+Attention of a query token = (its job's prefix, all of it) ⊕ (its own row, causally), computed as two
+attentions merged exactly through their log-sum-exp (as ring attention does): no padding of prefixes,
+no masked-out work on other rows or other jobs. A prefix chunk is the same with "the prefix before the
+chunk" ⊕ "the chunk, causally". The merge runs inside a custom attention function registered with
+transformers (``fastsoft_teacher``), switched on only for the teacher's forward calls.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from fastsoft.errors import FastsoftError
+from fastsoft.student import attention_implementation
 from fastsoft.templates import Template, encode, end_token_ids
+
+TEACHER_ATTENTION = "fastsoft_teacher"
 
 
 @dataclass
@@ -32,6 +53,18 @@ class Taught:
     hidden: torch.Tensor
 
 
+@dataclass
+class TeachRequest:
+    """One job for :func:`teach_jobs`: its context, training queries (with optional given answers) and
+    held-out queries (always answered greedily)."""
+
+    job_id: str
+    context: str
+    queries: list[str]
+    answers: list[str] | None = None
+    eval_queries: list[str] = field(default_factory=list)
+
+
 def tokenize_query(tokenizer, template: Template, query: str) -> tuple[list[int], list[int]]:
     before, after = template.split(query)
     return encode(tokenizer, before), encode(tokenizer, after)
@@ -43,80 +76,411 @@ def check_length(loaded, job_id: str, length: int, what: str) -> None:
         raise FastsoftError(f"job {job_id!r}: {what} is {length} tokens, longer than the model's maximum of {limit}")
 
 
-@torch.no_grad()
 def teach(loaded, template: Template, job_id: str, context: str, queries: list[str], answers: list[str] | None = None,
           max_new_tokens: int = 64, batch_size: int = 32) -> list[Taught]:
-    """Teacher hidden states at the answer positions of every query (greedy answers when none are given).
+    """Teacher hidden states at the answer positions of every query of one job (greedy answers when none are given).
 
-    The shared prefix ``before + context`` is encoded once; its KV cache is repeated over a batch of
-    queries, whose suffixes are right-padded (pads masked out) and, without answers, decoded greedily
-    together. Memory: one prefix cache per batch row, ``[B, layers, 2, L, kv_dim]``.
+    The simple single-job API over :func:`teach_jobs`; ``batch_size`` is the number of queries in flight.
     """
-    tokenizer = loaded.tokenizer
-    context_ids = encode(tokenizer, context)
-    split = [tokenize_query(tokenizer, template, q) for q in queries]
-    if not split:
-        return []
-    prefix = split[0][0] + context_ids  # `before` does not depend on the query
+    result = teach_jobs(loaded, template, [TeachRequest(job_id, context, queries, answers)], max_new_tokens, max_rows=batch_size)[job_id]
+    if isinstance(result, FastsoftError):
+        raise result
+    return result[0]
+
+
+@torch.no_grad()
+def teach_jobs(loaded, template: Template, requests: list[TeachRequest], max_new_tokens: int = 64, *, token_budget: int = 4096,
+               max_rows: int = 64, max_jobs: int = 8) -> dict[str, tuple[list[Taught], list[Taught]] | FastsoftError]:
+    """Teach several jobs in one continuous batch.
+
+    Args:
+        requests: the jobs (unique ids). Training queries are teacher-forced on their answers when given,
+            else answered greedily; eval queries are always answered greedily.
+        max_new_tokens: greedy answer budget (an answer ends at an end token or after this many tokens).
+        token_budget: new tokens per forward step (a longer prefix is encoded in chunks; a longer single
+            query suffix still runs, alone).
+        max_rows: queries in flight at once, over all jobs.
+        max_jobs: jobs whose KV arenas are held at once.
+
+    Returns:
+        ``{job_id: (train, eval)}`` with one :class:`Taught` per query in the request's order, or, for a job
+        that cannot be taught (too long for the model), the :class:`FastsoftError` saying why; the other
+        jobs are taught regardless.
+    """
+    if token_budget < 1 or max_rows < 1 or max_jobs < 1:
+        raise ValueError("token_budget, max_rows and max_jobs must be positive")
     ends = end_token_ids(loaded)
-    given = [encode(tokenizer, a) + [ends[0]] for a in answers] if answers is not None else None
-    for i, (_, after) in enumerate(split):
-        total = len(prefix) + len(after) + (len(given[i]) if given else max_new_tokens)
-        check_length(loaded, job_id, total, "context + query + answer" if given else "context + query + answer budget")
-    cache = loaded.decoder(input_ids=torch.tensor([prefix], device=loaded.device), use_cache=True).past_key_values
-    taught = []
-    for start in range(0, len(queries), batch_size):
-        rows = range(start, min(len(queries), start + batch_size))
-        afters = [split[i][1] for i in rows]
-        if given:
-            answers_b = [given[i] for i in rows]
-            hidden = _forced(loaded, cache, len(prefix), afters, answers_b)
+    results: dict = {}
+    pending: deque[_Job] = deque()
+    for serial, request in enumerate(requests):
+        try:
+            job = _Job.build(serial, loaded, template, request, ends, max_new_tokens, max_rows)
+        except FastsoftError as error:
+            results[request.job_id] = error
+            continue
+        if job.rows:
+            pending.append(job)
         else:
-            answers_b, hidden = _greedy(loaded, cache, len(prefix), afters, ends, max_new_tokens)
-        taught += [Taught(split[0][0], after, answer, h) for after, answer, h in zip(afters, answers_b, hidden)]
-    return taught
+            results[request.job_id] = ([], [])
+    active: list[_Job] = []
+    with attention_implementation(loaded, TEACHER_ATTENTION):
+        while pending or active:
+            while pending and len(active) < max_jobs:
+                active.append(pending.popleft())
+            step = _plan(active, token_budget, max_rows)
+            hidden = loaded.decoder(input_ids=step.ids[None].to(loaded.device), position_ids=step.positions[None].to(loaded.device),
+                                    use_cache=False, fastsoft_step=step).last_hidden_state[0]
+            _advance(loaded, step, hidden, ends, max_new_tokens)
+            for job in [j for j in active if j.unfinished == 0]:
+                active.remove(job)
+                results[job.id] = job.result()
+                job.arena_k = job.arena_v = None
+    return {request.job_id: results[request.job_id] for request in requests}
 
 
-def _extend(loaded, cache, prefix_length: int, suffixes: list[list[int]]):
-    """Run right-padded suffixes on a copy of the prefix cache repeated per row; returns (output, mask)."""
-    batch, width = len(suffixes), max(len(s) for s in suffixes)
-    device = loaded.device
-    rows = copy.deepcopy(cache)
-    rows.batch_repeat_interleave(batch)
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in suffixes], device=device)
-    real = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes], device=device)
-    mask = torch.cat([torch.ones(batch, prefix_length, dtype=torch.long, device=device), real], 1)
-    positions = prefix_length + torch.arange(width, device=device).expand(batch, width)
-    out = loaded.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=rows, use_cache=True)
-    return out, mask
+# -- host-side state --------------------------------------------------------------------------------
 
 
-def _forced(loaded, cache, prefix_length: int, afters: list[list[int]], answers: list[list[int]]) -> list[torch.Tensor]:
-    """Teacher forcing: the hidden states that predict each given answer token."""
-    out, _ = _extend(loaded, cache, prefix_length, [a + y for a, y in zip(afters, answers)])
-    return [out.last_hidden_state[i, len(a) - 1 : len(a) + len(y) - 1].float() for i, (a, y) in enumerate(zip(afters, answers))]
+@dataclass(eq=False)
+class _Row:
+    job: "_Job"
+    index: int  # position in the job's output (train queries first, then eval queries)
+    after: list[int]
+    forced: list[int] | None  # the given answer (+ end token), teacher-forced
+    answer: list[int] = field(default_factory=list)
+    states: list[torch.Tensor] = field(default_factory=list)
+    slot: int = -1
+    length: int = 0  # tokens of this row already in the arena
 
 
-def _greedy(loaded, cache, prefix_length: int, afters: list[list[int]], ends: list[int], max_new_tokens: int):
-    """Batched greedy decoding; a row stops at an end token or the budget. Returns answer ids and hidden states."""
-    device, batch = loaded.device, len(afters)
-    out, mask = _extend(loaded, cache, prefix_length, afters)
-    lengths = torch.tensor([len(a) for a in afters], device=device)
-    state = out.last_hidden_state[torch.arange(batch, device=device), lengths - 1].float()  # [B, H]
-    answers, states = [[] for _ in range(batch)], [[] for _ in range(batch)]
-    running = list(range(batch))
-    for step in range(max_new_tokens):
-        tokens = loaded.logits(state).argmax(-1)  # [B]
-        for i in list(running):
-            answers[i].append(int(tokens[i]))
-            states[i].append(state[i])
-            if answers[i][-1] in ends or len(answers[i]) >= max_new_tokens:
-                running.remove(i)
-        if not running:
-            break
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], 1)
-        positions = (prefix_length + lengths + step)[:, None]
-        out = loaded.decoder(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values,
-                             use_cache=True)
-        state = out.last_hidden_state[:, -1].float()
-    return answers, [torch.stack(s) for s in states]
+class _Job:
+    def __init__(self, serial: int, job_id: str, before: list[int], prefix: list[int], rows: list[_Row], width: int, slots: int,
+                 train_count: int):
+        self.serial, self.id, self.before, self.prefix = serial, job_id, before, prefix
+        self.rows, self.width, self.slots, self.train_count = rows, width, slots, train_count
+        self.waiting = deque(rows)
+        self.free = list(range(slots))  # row slots, lowest first
+        self.prefilled = 0
+        self.unfinished = len(rows)
+        self.arena_k: list[torch.Tensor | None] | None = None
+        self.arena_v: list[torch.Tensor | None] | None = None
+        for row in rows:
+            row.job = self
+
+    @classmethod
+    def build(cls, serial, loaded, template, request: TeachRequest, ends, max_new_tokens, max_rows) -> "_Job":
+        tokenizer = loaded.tokenizer
+        if request.answers is not None and len(request.answers) != len(request.queries):
+            raise FastsoftError(f"job {request.job_id!r}: {len(request.answers)} answers for {len(request.queries)} queries")
+        split = [tokenize_query(tokenizer, template, q) for q in [*request.queries, *request.eval_queries]]
+        before = split[0][0] if split else []
+        prefix = before + encode(tokenizer, request.context)
+        rows = []
+        for i, (_, after) in enumerate(split):
+            if not after:
+                raise FastsoftError(f"job {request.job_id!r}: the template leaves nothing between the context and the answer")
+            forced = None
+            if request.answers is not None and i < len(request.queries):
+                forced = encode(tokenizer, request.answers[i]) + [ends[0]]
+            total = len(prefix) + len(after) + (len(forced) if forced else max_new_tokens)
+            check_length(loaded, request.job_id, total, "context + query + answer" if forced else "context + query + answer budget")
+            rows.append(_Row(None, i, after, forced))
+        width = max((len(r.after) + (len(r.forced) - 1 if r.forced else max_new_tokens - 1) for r in rows), default=1)
+        return cls(serial, request.job_id, before, prefix, rows, width, min(len(rows), max_rows), len(request.queries))
+
+    def arena_length(self) -> int:
+        return len(self.prefix) + self.slots * self.width
+
+    def result(self) -> tuple[list[Taught], list[Taught]]:
+        taught = [Taught(self.before, r.after, r.answer, torch.stack(r.states)) for r in sorted(self.rows, key=lambda r: r.index)]
+        return taught[: self.train_count], taught[self.train_count :]
+
+
+@dataclass(eq=False)
+class _Part:
+    """One job's tokens in a step, laid out ``[prefix chunk][joining rows][decoding rows]``."""
+
+    job: _Job
+    start: int  # offset of the part in the step's row
+    chunk: tuple[int, int] | None = None  # (first prefix position, count)
+    joins: list[tuple[_Row, int, int]] = field(default_factory=list)  # (row, offset in the step, tokens)
+    decodes: list[tuple[_Row, int]] = field(default_factory=list)  # (row, offset in the step)
+    write: torch.Tensor | None = None  # [n] arena positions of the part's tokens
+    rows_start: int = 0  # offset of the first row token in the step
+    end: int = 0
+
+
+@dataclass(eq=False)
+class _Step:
+    parts: list[_Part]
+    ids: torch.Tensor  # [Q]
+    positions: torch.Tensor  # [Q]
+    device_cache: dict = field(default_factory=dict)  # index tensors moved to the device once per step
+
+
+def _plan(active: list[_Job], budget: int, max_rows: int) -> _Step:
+    """Choose this step's tokens: every decoding row's next token, then prefix chunks and joining rows in
+    admission order while the token budget and the number of rows in flight allow."""
+    decoding = {job: [r for r in job.rows if r.slot >= 0] for job in active}
+    used = sum(len(rows) for rows in decoding.values())
+    in_flight = used
+    parts, ids, positions = [], [], []
+    for job in active:
+        P = len(job.prefix)
+        part = _Part(job, len(ids))
+        write = []
+        if job.prefilled < P and used < budget:
+            count = min(P - job.prefilled, budget - used)
+            part.chunk = (job.prefilled, count)
+            ids += job.prefix[job.prefilled : job.prefilled + count]
+            positions += range(job.prefilled, job.prefilled + count)
+            write += range(job.prefilled, job.prefilled + count)
+            job.prefilled += count
+            used += count
+        part.rows_start = len(ids)
+        if job.prefilled == P:
+            while job.waiting and job.free and in_flight < max_rows:
+                row = job.waiting[0]
+                tokens = row.after + (row.forced[:-1] if row.forced else [])
+                if used + len(tokens) > budget and used > 0:
+                    break
+                job.waiting.popleft()
+                row.slot = job.free.pop(0)
+                part.joins.append((row, len(ids), len(tokens)))
+                base = P + row.slot * job.width
+                ids += tokens
+                positions += range(P, P + len(tokens))
+                write += range(base, base + len(tokens))
+                row.length = len(tokens)
+                used += len(tokens)
+                in_flight += 1
+        for row in decoding[job]:
+            part.decodes.append((row, len(ids)))
+            ids.append(row.answer[-1])
+            positions.append(P + row.length)
+            write.append(P + row.slot * job.width + row.length)
+            row.length += 1
+        part.end = len(ids)
+        if part.end > part.start:
+            part.write = torch.tensor(write, dtype=torch.int64)
+            parts.append(part)
+    return _Step(parts, torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64))
+
+
+def _advance(loaded, step: _Step, hidden: torch.Tensor, ends: list[int], max_new_tokens: int) -> None:
+    """Read the step's outputs: teacher-forced rows finish; greedy rows take their next token."""
+    greedy, at = [], []
+    for part in step.parts:
+        for row, offset, count in part.joins:
+            if row.forced:
+                first = offset + len(row.after) - 1
+                row.answer = list(row.forced)
+                row.states = list(hidden[first : first + len(row.forced)].float())
+                _finish(row)
+            else:
+                greedy.append(row)
+                at.append(offset + count - 1)
+        for row, offset in part.decodes:
+            greedy.append(row)
+            at.append(offset)
+    if not greedy:
+        return
+    states = hidden[torch.tensor(at, device=hidden.device)].float()  # [R, H]
+    tokens = loaded.logits(states).argmax(-1).tolist()
+    for row, state, token in zip(greedy, states, tokens):
+        row.answer.append(token)
+        row.states.append(state)
+        if token in ends or len(row.answer) >= max_new_tokens:
+            _finish(row)
+
+
+def _finish(row: _Row) -> None:
+    job = row.job
+    job.free.append(row.slot)
+    job.free.sort()
+    row.slot = -1
+    job.unfinished -= 1
+
+
+# -- the attention --------------------------------------------------------------------------------
+
+
+def _teacher_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fastsoft_step: _Step | None = None, **kwargs):
+    """Attention for a teacher step: writes the step's keys/values into the job arenas, then attends each
+    token to (its job's prefix) ⊕ (its own row), merged through the log-sum-exp. ``query [1, H, Q, D]``,
+    ``key/value [1, KV, Q, D]`` (the step's new tokens only); returns ``[1, Q, H, D]``."""
+    if fastsoft_step is None:
+        raise FastsoftError("the fastsoft teacher attention runs only inside teach_jobs()")
+    if kwargs.get("sliding_window") is not None:
+        raise FastsoftError("models with sliding-window attention are not supported by the shared-context teacher")
+    layer, step = module.layer_idx, fastsoft_step
+    _, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    device = query.device
+    for part in step.parts:
+        job = part.job
+        if job.arena_k is None:
+            layers = module.config.num_hidden_layers
+            job.arena_k, job.arena_v = [None] * layers, [None] * layers
+        if job.arena_k[layer] is None:
+            shape = (1, kv_heads, job.arena_length(), dim)
+            job.arena_k[layer] = key.new_zeros(shape)
+            job.arena_v[layer] = value.new_zeros(shape)
+        write = _on(step, ("write", id(part)), part.write, device)
+        job.arena_k[layer].index_copy_(2, write, key[:, :, part.start : part.end])
+        job.arena_v[layer].index_copy_(2, write, value[:, :, part.start : part.end])
+
+    q = query[0]  # [H, Q, D]
+    out_a = torch.zeros(heads, length, dim, device=device, dtype=torch.float32)
+    lse_a = torch.full((heads, length), -math.inf, device=device)
+    out_b = torch.zeros_like(out_a)
+    lse_b = torch.full_like(lse_a, -math.inf)
+
+    # (A) each token against the prefix before it: a chunk sees the prefix positions before the chunk, a row the whole prefix
+    for part in step.parts:
+        k, v = part.job.arena_k[layer], part.job.arena_v[layer]
+        spans = []
+        if part.chunk is not None and part.chunk[0] > 0:
+            spans.append((part.start, part.rows_start, part.chunk[0]))
+        if part.end > part.rows_start and part.job.prefix:
+            spans.append((part.rows_start, part.end, len(part.job.prefix)))
+        for lo, hi, visible in spans:
+            qf = q[:, lo:hi].reshape(kv_heads, groups * (hi - lo), dim)[None]  # GQA folded into the query length
+            o, s = _attention_lse(qf, k[:, :, :visible], v[:, :, :visible], scale)
+            out_a[:, lo:hi] = o[0].reshape(heads, hi - lo, dim)
+            lse_a[:, lo:hi] = s[0].reshape(heads, hi - lo)
+
+    # (B1) prefix chunks and joining rows: causal attention within their own new tokens
+    pieces = []  # (step offset, tokens)
+    for part in step.parts:
+        if part.chunk is not None:
+            pieces.append((part.start, part.chunk[1]))
+        pieces += [(offset, count) for _, offset, count in part.joins]
+    buckets: dict[int, list] = {}  # lengths within a factor of 2 share a padded batch
+    for piece in pieces:
+        buckets.setdefault(piece[1].bit_length(), []).append(piece)
+    for group in buckets.values():
+        _causal_pieces(step, q, key[0], value[0], group, groups, scale, out_b, lse_b)
+
+    # (B2) decoding rows: their one new token against their own row in the arena
+    decodes = [(part, row, offset) for part in step.parts for row, offset in part.decodes]
+    if decodes:
+        _decode_rows(step, q, layer, decodes, kv_heads, groups, scale, out_b, lse_b)
+
+    top = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    out = (out_a * wa[..., None] + out_b * wb[..., None]) / (wa + wb)[..., None]
+    return out.to(query.dtype).transpose(0, 1)[None], None
+
+
+def _on(step: _Step, name, tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host index tensor on the device, moved once per step (every layer reuses it)."""
+    cached = step.device_cache.get(name)
+    if cached is None:
+        cached = step.device_cache[name] = tensor.to(device, non_blocking=True)
+    return cached
+
+
+def _causal_pieces(step, q, key, value, pieces, groups, scale, out_b, lse_b) -> None:
+    """Causal self-attention of several runs of consecutive step tokens, padded to one batch."""
+    width = max(n for _, n in pieces)
+    key_name = ("causal", tuple(pieces))
+    index = step.device_cache.get(key_name)
+    if index is None:
+        rows = [list(range(o, o + n)) + [o] * (width - n) for o, n in pieces]
+        real = torch.tensor([o + i for o, n in pieces for i in range(n)], dtype=torch.int64)
+        where = torch.tensor([b * width + i for b, (_, n) in enumerate(pieces) for i in range(n)], dtype=torch.int64)
+        index = step.device_cache[key_name] = tuple(t.to(q.device) for t in (torch.tensor(rows, dtype=torch.int64), real, where))
+    gather, real, where = index
+    heads, dim = q.shape[0], q.shape[-1]
+    qb = q[:, gather].transpose(0, 1)  # [B, H, W, D]
+    kb = key[:, gather].transpose(0, 1).repeat_interleave(groups, 1)  # [B, H, W, D]
+    vb = value[:, gather].transpose(0, 1).repeat_interleave(groups, 1)
+    o, s = _attention_lse(qb, kb, vb, scale, causal=True)  # right padding is never seen by a real (causal) query
+    out_b[:, real] = o.transpose(0, 1).reshape(heads, -1, dim)[:, where].float()
+    lse_b[:, real] = s.transpose(0, 1).reshape(heads, -1)[:, where]
+
+
+def _decode_rows(step, q, layer, decodes, kv_heads, groups, scale, out_b, lse_b) -> None:
+    """One new token per row against that row's tokens in its job's arena (small: done in fp32 by hand)."""
+    heads, dim = q.shape[0], q.shape[-1]
+    width = max(row.length for _, row, _ in decodes)
+    keys, values = [], []
+    by_job: dict[_Job, list] = {}
+    for part, row, offset in decodes:
+        by_job.setdefault(part.job, []).append((row, offset))
+    for job, rows in by_job.items():
+        P = len(job.prefix)
+        slots = _on(step, ("slots", id(job)), torch.tensor([r.slot for r, _ in rows], dtype=torch.int64), q.device)
+        for arena, out in ((job.arena_k[layer], keys), (job.arena_v[layer], values)):
+            region = arena[0, :, P:].reshape(kv_heads, job.slots, job.width, dim)[:, slots, :width]  # [KV, R, L, D]
+            if region.shape[2] < width:
+                region = F.pad(region, (0, 0, 0, width - region.shape[2]))
+            out.append(region)
+    k = torch.cat(keys, 1).float()  # [KV, R, L, D], rows in job order
+    v = torch.cat(values, 1).float()
+    order = [entry for rows in by_job.values() for entry in rows]
+    at = _on(step, ("decode_at",), torch.tensor([offset for _, offset in order], dtype=torch.int64), q.device)
+    lengths = _on(step, ("decode_len",), torch.tensor([row.length for row, _ in order], dtype=torch.int64), q.device)
+    qd = q[:, at].float().reshape(kv_heads, groups, len(order), dim)  # [KV, G, R, D]
+    scores = torch.einsum("kgrd,krld->kgrl", qd, k) * scale
+    seen = torch.arange(width, device=q.device)[None, :] < lengths[:, None]  # [R, L]
+    scores = scores.masked_fill(~seen, -math.inf)
+    s = torch.logsumexp(scores, -1)  # [KV, G, R]
+    o = torch.einsum("kgrl,krld->kgrd", torch.softmax(scores, -1), v)
+    out_b[:, at] = o.reshape(heads, len(order), dim)
+    lse_b[:, at] = s.reshape(heads, len(order))
+
+
+_LSE_FAILED: set = set()
+
+
+def _attention_lse(q, k, v, scale: float, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output ``[B, H, Q, D]`` and its fp32 log-sum-exp ``[B, H, Q]`` (causal: top-left aligned).
+
+    Uses the fused kernels that return the log-sum-exp (flash / memory-efficient on CUDA, flash on CPU);
+    falls back, with one warning, to a chunked fp32 reference.
+    """
+    kind = (q.device.type, q.dtype)
+    if kind not in _LSE_FAILED:
+        try:
+            if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+                o, s = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+            elif q.device.type == "cuda":
+                o, s = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+            elif q.device.type == "cpu":
+                o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+            else:
+                raise RuntimeError(f"no fused attention with log-sum-exp on {q.device.type}")
+            return o, s[..., : q.shape[2]].float()
+        except (RuntimeError, NotImplementedError) as error:
+            _LSE_FAILED.add(kind)
+            warnings.warn(f"fastsoft: the teacher's fused attention is not available for {kind} ({str(error).splitlines()[0]}); "
+                          "using the slower fp32 reference", stacklevel=2)
+    return _attention_lse_reference(q, k, v, scale, causal)
+
+
+def _attention_lse_reference(q, k, v, scale: float, causal: bool = False, chunk_bytes: int = 1 << 28):
+    batch, heads, length, dim = q.shape
+    keys = k.shape[2]
+    step = max(1, chunk_bytes // max(1, 4 * batch * heads * keys))
+    outs, lses = [], []
+    for lo in range(0, length, step):
+        scores = (q[:, :, lo : lo + step].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, c, K]
+        if causal:
+            rows = torch.arange(lo, min(length, lo + step), device=q.device)[:, None]
+            scores = scores.masked_fill(torch.arange(keys, device=q.device)[None, :] > rows, -math.inf)
+        lses.append(torch.logsumexp(scores, -1))
+        outs.append((torch.softmax(scores, -1) @ v.float()).to(q.dtype))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(TEACHER_ATTENTION, _teacher_attention)
+
+
+_register()
