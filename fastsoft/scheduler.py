@@ -4,11 +4,12 @@ Queues: WAITING -> TEACHING -> TRAINING -> DONE / FAILED. A fixed number of prom
 admitted when a slot is free (a job that arrives while every slot is busy waits), and a job that
 converges or spends its step budget frees its slot for the next waiting job at the next step.
 
-Each step takes, from every training job in admission order, that job's whole minibatch of segments
-if it still fits the token budget (a job's minibatch is never split, so what it sees in a step does
-not depend on the other jobs); a job that does not fit waits for the next step. Inside the packed row
-segments are ordered best-fit decreasing. A job whose minibatch alone exceeds the budget still runs,
-alone in its step.
+Each step packs whole minibatches: a job's minibatch goes into a step entirely or not at all, so what a
+job sees in a step never depends on the other jobs (its draws come from its own seeded stream, its loss is
+normalised over its own tokens). Packing is best-fit into the step's token budget: the job that has
+waited longest goes first (no job starves; one whose minibatch alone exceeds the budget still runs, alone
+in its step), then the remaining budget is filled best-fit decreasing — the largest minibatch that still
+fits, then the next largest that fits, and so on. A job left out waits for the next step.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class JobRun:
     pending: list[int] | None = None  # the minibatch drawn for the job's next step (kept until it runs)
     report: dict | None = None
     generator: torch.Generator = None
+    waited: int = 0  # training steps in a row this job was left out of (packing priority)
     _order: list[int] = field(default_factory=list)
 
     def __post_init__(self):
@@ -102,19 +104,24 @@ class Scheduler:
         self.finished.append(run)
 
     def plan(self, minibatches: dict[int, list[int]], lengths: dict[int, list[int]]) -> list[JobRun]:
-        """Training jobs whose whole minibatch fits this step's token budget, in admission order.
+        """Training jobs whose whole minibatch goes into this step, packed best-fit into the token budget.
 
-        ``minibatches[slot]`` is the job's query indices, ``lengths[slot]`` their packed lengths.
+        ``minibatches[slot]`` is the job's query indices, ``lengths[slot]`` their packed lengths. Returns the
+        chosen runs in admission order; the others' ``waited`` counts go up by one (theirs reset to 0).
         """
-        chosen, used = [], 0
-        for run in self.running:
-            if run.state is not State.TRAINING:
-                continue
-            need = sum(lengths[run.slot])
-            if used + need <= self.token_budget or not chosen:
-                chosen.append(run)
-                used += need
-        return chosen
+        training = [run for run in self.running if run.state is State.TRAINING]
+        if not training:
+            return []
+        need = {run.slot: sum(lengths[run.slot]) for run in training}
+        first = max(training, key=lambda run: run.waited)  # ties: the earliest admitted
+        chosen, used = {first.slot}, need[first.slot]
+        for run in sorted(training, key=lambda run: -need[run.slot]):  # stable: ties in admission order
+            if run.slot not in chosen and used + need[run.slot] <= self.token_budget:
+                chosen.add(run.slot)
+                used += need[run.slot]
+        for run in training:
+            run.waited = 0 if run.slot in chosen else run.waited + 1
+        return [run for run in training if run.slot in chosen]
 
     @property
     def busy(self) -> bool:
