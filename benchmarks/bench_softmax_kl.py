@@ -173,6 +173,7 @@ def bench_gpu(name, fn, h, W, t, reps):
 
     step()  # compile / autotune outside the measurement
     torch.cuda.synchronize()
+    x.grad = None  # the measured step's peak includes its own input gradient (as Liger's anchor numbers do)
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -417,6 +418,9 @@ def main(argv=None):
         except OSError:
             pass
     print(f"softmax_kl fwd+bwd, measured against the 2-GEMM floor (h W^T then dz W, {'cuBLAS' if args.device == 'cuda' else 'torch CPU matmul'}) on {device_name}")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.device == "cpu" and load_before and load_before[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"note: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other work shares this CPU, timings are inflated")
     rows = run_gpu(args) if args.device == "cuda" else run_cpu(args)
     add_ratios(rows)
     print_table(rows, device_name)
@@ -429,6 +433,7 @@ def main(argv=None):
         "device": device_name, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "floor": "2 GEMMs: z = h W^T, then dz W",
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
+        "load_average_before_after": [load_before, os.getloadavg() if hasattr(os, "getloadavg") else None],
     }
     outdirs = ([] if args.quick and args.out else [ROOT / "benchmarks" / "results"]) + ([args.out] if args.out else [])
     for outdir in outdirs:

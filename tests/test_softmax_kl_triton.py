@@ -398,8 +398,24 @@ def test_gpu_bf16_within_twice_naive_bf16_error(hd, v, kind):
         out.backward()
         return out.double(), x.grad.double()
 
-    truth = run(torch.float32, "reference")  # fp32 on GPU (TF32 off) stands in for fp64 at these sizes
-    naive = run(torch.bfloat16, "reference")
+    def naive_bf16():  # the eager code a user would write in bf16: bf16 logits, fp32 softmax, autograd
+        x = h.bfloat16().requires_grad_()
+        t = cast_teacher(teacher, torch.bfloat16)
+        logp = torch.log_softmax((x @ W.bfloat16().T).float() / 1.5, -1)
+        if isinstance(t, SparseTarget):
+            w, r = t.probs.float(), t.tail.float()
+            rows = (torch.xlogy(w, w) - w * logp.gather(1, t.ids)).sum(-1)
+            rows = rows + torch.xlogy(r, r) - r * torch.logsumexp(logp.scatter(1, t.ids, float("-inf")), -1)
+        else:
+            a = (t.hidden @ W.bfloat16().T) if isinstance(t, HiddenTarget) else t
+            q = torch.log_softmax(a.float() / 1.5, -1)
+            rows = (q.exp() * (q - logp)).sum(-1)
+        out = (rows * tw).sum()
+        out.backward()
+        return out.double(), x.grad.double()
+
+    truth = run(torch.float64, "reference")
+    naive = naive_bf16()
     ours = run(torch.bfloat16, "triton")
     for i in range(2):
         err, ref_err = (ours[i] - truth[i]).abs().max().item(), (naive[i] - truth[i]).abs().max().item()
