@@ -39,8 +39,6 @@ _DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Width of the vocabulary tiles the statistics are kept per; the forward kernel's BV equals it and the
 # backward kernel's BV divides it.
 BV_STATS = 64 if INTERPRET else 128
-# Largest id a sparse scan can meet: "no more ids in this row".
-_NO_ID = 2**31 - 1
 # Stats slots: student max (then gradient scale), student sum, teacher max (then scale) or max outside the
 # sparse ids, teacher sum or sum outside the ids, teacher cross term.
 _SLOTS = {DENSE: 5, HIDDEN: 5, SPARSE: 4}
