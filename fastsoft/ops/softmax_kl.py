@@ -175,8 +175,9 @@ def softmax_kl(
     total = loss.sum()
     if reduction == "sum":
         return total
-    count = token_weight.to(loss.dtype).sum() if token_weight is not None else torch.tensor(float(loss.shape[0]), device=loss.device)
-    return total / count.clamp_min(torch.finfo(loss.dtype).tiny)
+    if token_weight is None:
+        return total / max(loss.shape[0], 1)  # a Python number: no host-to-device copy (CUDA-graph safe)
+    return total / token_weight.to(loss.dtype).sum().clamp_min(torch.finfo(loss.dtype).tiny)
 
 
 class SoftmaxKLLoss(torch.nn.Module):
