@@ -14,9 +14,11 @@ def init_prompt(loaded, context_ids: list[int], length: int, method: str = "cont
                 text: str | None = None) -> torch.Tensor:
     """An initial soft prompt of ``length`` rows.
 
-    - ``context``: the context's token embeddings mean-pooled over ``length`` contiguous chunks;
+    - ``context``: the context's token embeddings mean-pooled over ``length`` contiguous chunks, each
+      rescaled to the mean embedding norm (a plain mean of many rows is far shorter than any real one);
     - ``vocab``: embeddings of tokens sampled uniformly from the vocabulary;
-    - ``text``: embeddings of ``text``'s tokens, repeated or cut to ``length``;
+    - ``text``: embeddings of ``text``'s tokens (the context's own when no text is given), ``length``
+      of them evenly spaced, or repeated when there are fewer;
     - ``random``: Gaussian rows scaled to the mean embedding norm.
     """
     table = loaded.embed.weight.detach().float().cpu()  # [V, H]
@@ -24,15 +26,17 @@ def init_prompt(loaded, context_ids: list[int], length: int, method: str = "cont
         rows = table[torch.tensor(context_ids, dtype=torch.long)]
         if len(rows) < length:
             raise FastsoftError(f"prompt length {length} is larger than the context ({len(rows)} tokens); use a shorter prompt")
-        chunks = torch.tensor_split(rows, length)
-        return torch.stack([chunk.mean(0) for chunk in chunks])
+        pooled = torch.stack([chunk.mean(0) for chunk in torch.tensor_split(rows, length)])
+        return pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12) * table.norm(dim=-1).mean()
     if method == "vocab":
         return table[torch.randint(0, table.shape[0], (length,), generator=generator)].clone()
     if method == "text":
-        ids = encode(loaded.tokenizer, text or "")
+        ids = encode(loaded.tokenizer, text) if text else list(context_ids)
         if not ids:
-            raise FastsoftError("--init text needs a non-empty --init-text")
-        return table[torch.tensor((ids * length)[:length])].clone()
+            raise FastsoftError("--init text needs a non-empty --init-text or context")
+        if len(ids) >= length:
+            ids = [ids[i] for i in torch.linspace(0, len(ids) - 1, length).round().long().tolist()]
+        return table[torch.tensor((ids * length)[:length], dtype=torch.long)].clone()
     if method == "random":
         rows = torch.randn(length, table.shape[1], generator=generator)
         return rows / rows.norm(dim=-1, keepdim=True) * table.norm(dim=-1).mean()

@@ -153,7 +153,10 @@ def test_prompt_inits(tiny, method):
     assert prompt.shape == (8, 64) and torch.isfinite(prompt).all()
     table = tiny.embed.weight.float()
     if method == "context":
-        torch.testing.assert_close(prompt[0], table[context_ids[:5]].mean(0))
+        pooled = table[context_ids[:5]].mean(0)
+        torch.testing.assert_close(prompt[0], pooled / pooled.norm() * table.norm(dim=-1).mean())
+    if method == "text":
+        assert torch.equal(init_prompt(tiny, context_ids, 8, "text"), table[[5, 11, 16, 22, 27, 33, 38, 44]])
     if method == "random":
         torch.testing.assert_close(prompt.norm(dim=-1), torch.full((8,), float(table.norm(dim=-1).mean())))
     with pytest.raises(FastsoftError):
