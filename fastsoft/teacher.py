@@ -89,7 +89,7 @@ def teach(loaded, template: Template, job_id: str, context: str, queries: list[s
 
 
 @torch.no_grad()
-def teach_jobs(loaded, template: Template, requests: list[TeachRequest], max_new_tokens: int = 64, *, token_budget: int = 4096,
+def teach_jobs(loaded, template: Template, requests: list[TeachRequest], max_new_tokens: int = 64, *, token_budget: int = 8192,
                max_rows: int = 64, max_jobs: int = 8) -> dict[str, tuple[list[Taught], list[Taught]] | FastsoftError]:
     """Teach several jobs in one continuous batch.
 
@@ -148,7 +148,7 @@ class _Row:
     after: list[int]
     forced: list[int] | None  # the given answer (+ end token), teacher-forced
     answer: list[int] = field(default_factory=list)
-    states: list[torch.Tensor] = field(default_factory=list)
+    states: list[torch.Tensor] = field(default_factory=list)  # [n, H] fp32 blocks, concatenated at the end
     slot: int = -1
     length: int = 0  # tokens of this row already in the arena
 
@@ -159,6 +159,7 @@ class _Job:
         self.serial, self.id, self.before, self.prefix = serial, job_id, before, prefix
         self.rows, self.width, self.slots, self.train_count = rows, width, slots, train_count
         self.waiting = deque(rows)
+        self.decoding: list[_Row] = []  # greedy rows in flight (they feed one token per step)
         self.free = list(range(slots))  # row slots, lowest first
         self.prefilled = 0
         self.unfinished = len(rows)
@@ -192,7 +193,7 @@ class _Job:
         return len(self.prefix) + self.slots * self.width
 
     def result(self) -> tuple[list[Taught], list[Taught]]:
-        taught = [Taught(self.before, r.after, r.answer, torch.stack(r.states)) for r in sorted(self.rows, key=lambda r: r.index)]
+        taught = [Taught(self.before, r.after, r.answer, torch.cat(r.states)) for r in sorted(self.rows, key=lambda r: r.index)]
         return taught[: self.train_count], taught[self.train_count :]
 
 
@@ -215,13 +216,14 @@ class _Step:
     parts: list[_Part]
     ids: torch.Tensor  # [Q]
     positions: torch.Tensor  # [Q]
+    longest: int = 0  # the largest position in the step
     device_cache: dict = field(default_factory=dict)  # index tensors moved to the device once per step
 
 
 def _plan(active: list[_Job], budget: int, max_rows: int) -> _Step:
     """Choose this step's tokens: every decoding row's next token, then prefix chunks and joining rows in
     admission order while the token budget and the number of rows in flight allow."""
-    decoding = {job: [r for r in job.rows if r.slot >= 0] for job in active}
+    decoding = {job: list(job.decoding) for job in active}  # before this step's joins
     used = sum(len(rows) for rows in decoding.values())
     in_flight = used
     parts, ids, positions = [], [], []
@@ -254,6 +256,8 @@ def _plan(active: list[_Job], budget: int, max_rows: int) -> _Step:
                 row.length = len(tokens)
                 used += len(tokens)
                 in_flight += 1
+                if not row.forced:
+                    job.decoding.append(row)
         for row in decoding[job]:
             part.decodes.append((row, len(ids)))
             ids.append(row.answer[-1])
@@ -264,7 +268,7 @@ def _plan(active: list[_Job], budget: int, max_rows: int) -> _Step:
         if part.end > part.start:
             part.write = torch.tensor(write, dtype=torch.int64)
             parts.append(part)
-    return _Step(parts, torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64))
+    return _Step(parts, torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), max(positions, default=0))
 
 
 def _advance(loaded, step: _Step, hidden: torch.Tensor, ends: list[int], max_new_tokens: int) -> None:
@@ -275,7 +279,7 @@ def _advance(loaded, step: _Step, hidden: torch.Tensor, ends: list[int], max_new
             if row.forced:
                 first = offset + len(row.after) - 1
                 row.answer = list(row.forced)
-                row.states = list(hidden[first : first + len(row.forced)].float())
+                row.states = [hidden[first : first + len(row.forced)].float()]
                 _finish(row)
             else:
                 greedy.append(row)
@@ -287,15 +291,17 @@ def _advance(loaded, step: _Step, hidden: torch.Tensor, ends: list[int], max_new
         return
     states = hidden[torch.tensor(at, device=hidden.device)].float()  # [R, H]
     tokens = loaded.logits(states).argmax(-1).tolist()
-    for row, state, token in zip(greedy, states, tokens):
+    for i, (row, token) in enumerate(zip(greedy, tokens)):
         row.answer.append(token)
-        row.states.append(state)
+        row.states.append(states[i : i + 1])
         if token in ends or len(row.answer) >= max_new_tokens:
             _finish(row)
 
 
 def _finish(row: _Row) -> None:
     job = row.job
+    if not row.forced:
+        job.decoding.remove(row)
     job.free.append(row.slot)
     job.free.sort()
     row.slot = -1
@@ -311,8 +317,10 @@ def _teacher_attention(module, query, key, value, attention_mask, scaling=None, 
     ``key/value [1, KV, Q, D]`` (the step's new tokens only); returns ``[1, Q, H, D]``."""
     if fastsoft_step is None:
         raise FastsoftError("the fastsoft teacher attention runs only inside teach_jobs()")
-    if kwargs.get("sliding_window") is not None:
-        raise FastsoftError("models with sliding-window attention are not supported by the shared-context teacher")
+    window = kwargs.get("sliding_window")
+    if window is not None and fastsoft_step.longest >= window:
+        raise FastsoftError(f"a sequence of {fastsoft_step.longest + 1} tokens exceeds this model's sliding attention window ({window}); "
+                            "the shared-context teacher supports full attention only")
     layer, step = module.layer_idx, fastsoft_step
     _, heads, length, dim = query.shape
     kv_heads = key.shape[1]

@@ -53,10 +53,10 @@ def _run_alone(loaded, template, context, query, answer, max_new_tokens):
     ends = end_token_ids(loaded)
     if answer is not None:
         ids = encode(loaded.tokenizer, answer) + [ends[0]]
-        return ids, loaded.hidden_states(input_ids=torch.tensor([prompt + ids]))[0, len(prompt) - 1 : -1]
+        return ids, loaded.hidden_states(input_ids=torch.tensor([prompt + ids], device=loaded.device))[0, len(prompt) - 1 : -1].float()
     ids, states = [], []
     while True:
-        state = loaded.hidden_states(input_ids=torch.tensor([prompt + ids]))[0, -1]
+        state = loaded.hidden_states(input_ids=torch.tensor([prompt + ids], device=loaded.device))[0, -1].float()
         ids.append(int(loaded.logits(state).argmax()))
         states.append(state)
         if ids[-1] in ends or len(ids) >= max_new_tokens:
@@ -129,6 +129,30 @@ def test_teacher_reference_attention_path_gives_the_same_answers(tiny, monkeypat
         for a, b in zip(fused[job][0] + fused[job][1], slow[job][0] + slow[job][1]):
             assert a.answer == b.answer
             torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpu_teacher_matches_each_query_alone(tiny_model_dir, dtype):
+    """On CUDA the teacher runs the fused kernels (flash for bf16, memory-efficient for fp32), never the fallback."""
+    from fastsoft.models import load_model
+
+    loaded = load_model(tiny_model_dir, dtype=dtype, device="cuda")
+    template = make_template(loaded.tokenizer)
+    requests = _requests()
+    taught = teach_jobs(loaded, template, requests, 5, token_budget=24, max_rows=3, max_jobs=2)
+    assert ("cuda", loaded.dtype) not in teacher_mod._LSE_FAILED
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "fp32" else dict(rtol=0.05, atol=0.1)
+    for request in requests:
+        answers = request.answers or [None] * len(request.queries)
+        for got, query, answer in zip(taught[request.job_id][0], request.queries, answers):
+            ids, hidden = _run_alone(loaded, template, request.context, query, answer, 5)
+            if dtype == "fp32":
+                assert got.answer == ids
+                torch.testing.assert_close(got.hidden, hidden, **tol)
+            else:  # bf16: greedy paths may part after a near-tie; the first position and forced rows must agree
+                n = len(ids) if answer is not None else 1
+                torch.testing.assert_close(got.hidden[:n], hidden[:n], **tol)
 
 
 # -- packed student steps -------------------------------------------------------------------------
@@ -205,6 +229,27 @@ def test_packed_attention_choice(tiny, monkeypatch):
         with student.attention_implementation(tiny, student.VARLEN_ATTENTION):
             tiny.hidden_states(input_ids=torch.tensor([[5, 6, 7]]))
     assert tiny.model.config._attn_implementation == "sdpa"  # restored after the error
+
+
+@pytest.mark.gpu
+def test_gpu_packed_attention_matches_sdpa(tiny_model_dir):
+    """The varlen backend chosen on CUDA gives sdpa's hidden states and prompt gradients (bf16)."""
+    from fastsoft.models import load_model
+
+    loaded = load_model(tiny_model_dir, dtype="bf16", device="cuda")
+    choice = student.packed_attention(loaded)
+    if choice not in student.VARLEN_ATTENTIONS:
+        pytest.skip(f"no varlen attention in this install (packed steps use {choice})")
+    torch.manual_seed(0)
+    prompts = torch.randn(3, 4, 64, device="cuda", requires_grad=True)
+    segs = [Segment(0, [5, 6], [7, 8, 9] * 9, [10, 11]), Segment(2, [5], [12, 13], [14, 15, 16]), Segment(None, [5], [7], [8])]
+    fast = scored_hidden(loaded, prompts, pack(segs, 4))
+    slow = scored_hidden(loaded, prompts, pack(segs, 4), attention="sdpa")
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=0.05, atol=0.05)
+    (g_fast,) = torch.autograd.grad(fast.float().square().sum(), prompts)
+    (g_slow,) = torch.autograd.grad(slow.float().square().sum(), prompts)
+    assert g_fast[1].abs().sum() == 0
+    assert float((g_fast - g_slow).norm() / g_slow.norm()) < 0.05
 
 
 # -- the scheduler ----------------------------------------------------------------------------------
