@@ -17,7 +17,7 @@ if os.environ.get("FASTSOFT_SKIP_EXT") != "1" and os.path.exists("csrc/softmax_k
             CppExtension(
                 "fastsoft._C",
                 ["csrc/softmax_kl.cpp"],
-                extra_compile_args=["-O3", "-fopenmp"],
+                extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"],  # as fastsoft/ops/cpp.py
                 extra_link_args=["-fopenmp"],
             )
         ]

@@ -1,0 +1,627 @@
+// softmax_kl on CPU: fused lm_head matmul + streaming softmax + KL / cross-entropy, gradient for the
+// hidden states only (W is frozen: no dW). Implements the row contract of
+// fastsoft/ops/reference.py::softmax_kl_rows for the three teacher kinds, registered as
+// fastsoft::softmax_kl_rows_{dense,sparse,hidden}.
+//
+// Work split: tasks of BN token rows run in parallel (at::parallel_for, MKL single-threaded inside);
+// each task streams the vocabulary in tiles of BV columns, so memory is O(threads * BN * (BV + H))
+// and [N, V] is never allocated. Logit tiles come from at::mm on tiles (MKL); the softmax maths
+// runs in vectorisable loops compiled twice (AVX2+FMA and the baseline ISA) and picked at run time.
+// Accumulation is fp32 (fp64 for fp64 hidden/lm_weight); bf16/fp16 inputs are upcast per tile.
+//
+// - dense / hidden teachers: two passes over the vocabulary. Pass 1: online logsumexp of student
+//   and teacher and sum_v q_v (a_v - z_v); pass 2 recomputes z tiles, forms dz = p - q exactly and
+//   accumulates dz @ W. (Three GEMMs a token, five for a hidden teacher; no logits kept.)
+// - sparse teachers: one pass, flash-attention style: sum_{v not in ids} e^{z_v - m} W_v is
+//   accumulated with the running max m (rescaled when m grows); the ids' own terms are added
+//   from gathered W rows at the end. (Two GEMMs a token.)
+// The maths of the gradient is in the docstrings of fastsoft/ops/reference.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace fastsoft {
+namespace {
+
+// ---------------------------------------------------------------- constants and heuristics
+
+constexpr int64_t BN = 256;  // token rows per task: GEMMs with M = 256 run near MKL's peak
+constexpr int64_t BV = 256;  // vocab columns per tile: a [BV, H] fp32 W tile stays in L2
+
+#define FS_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FS_X86 1
+#else
+#define FS_X86 0
+#endif
+
+template <typename T>
+constexpr T NEG_INF = -std::numeric_limits<T>::infinity();
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- vectorisable maths
+
+// exp(x) for fp32 in plain arithmetic so that loops around it vectorise: x = n ln2 + r,
+// |r| <= ln2/2, e^r by the Cephes degree-7 polynomial (about 1 ulp); results below FLT_MIN flush
+// to 0 (exp(-inf) = 0); NaN propagates.
+FS_INLINE float exp_acc(float x) {
+  float xc = x < -87.3f ? -87.3f : x;
+  xc = xc > 88.3f ? 88.3f : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float n = (xc * 1.44269504088896341f + magic) - magic;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  float y = p * scale;
+  return x < -87.3f ? 0.0f : y;
+}
+
+FS_INLINE double exp_acc(double x) { return std::exp(x); }
+
+template <typename T>
+FS_INLINE T row_max(const T* x, int64_t n, T scale) {
+  T mx = NEG_INF<T>;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i] * scale);
+  return mx;
+}
+
+// ---------------------------------------------------------------- tile kernels
+
+template <typename T>
+struct DenseRow {
+  T m_z, s_z;     // running max and sum e^{z - m_z} of the student logits
+  T m_a, s_a, c;  // same for the teacher logits a, and c = sum e^{a - m_a} (a - z)
+};
+
+// Pass 1 of a dense or hidden teacher over one [rows, cols] tile: z [rows, cols] student logits,
+// a (row stride lda, times a_scale) teacher logits.
+template <typename T>
+FS_INLINE void dense_stats_impl(const T* z, const T* a, int64_t lda, T a_scale, int64_t rows, int64_t cols,
+                                const bool* keep, DenseRow<T>* st) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!keep[r]) continue;
+    const T* zr = z + r * cols;
+    const T* ar = a + r * lda;
+    DenseRow<T>& s = st[r];
+    const T mz = std::max(s.m_z, row_max(zr, cols, T(1)));
+    T sz = 0;
+#pragma omp simd reduction(+ : sz)
+    for (int64_t i = 0; i < cols; ++i) sz += exp_acc(zr[i] - mz);
+    s.s_z = s.s_z * exp_acc(s.m_z - mz) + sz;
+    s.m_z = mz;
+    const T ma = std::max(s.m_a, row_max(ar, cols, a_scale));
+    if (ma == NEG_INF<T>) continue;  // no teacher mass yet (log-probs of -inf)
+    T sa = 0, c = 0;
+#pragma omp simd reduction(+ : sa, c)
+    for (int64_t i = 0; i < cols; ++i) {
+      const T av = ar[i] * a_scale;
+      const T e = exp_acc(av - ma);
+      sa += e;
+      c += e > T(0) ? e * (av - zr[i]) : T(0);  // q = 0 contributes 0, never 0 * -inf
+    }
+    const T rescale = exp_acc(s.m_a - ma);
+    s.s_a = s.s_a * rescale + sa;
+    s.c = s.c * rescale + c;
+    s.m_a = ma;
+  }
+}
+
+// Pass 2: z tile -> dz = softmax(z) - softmax(a) in place (0 on ignored rows).
+template <typename T>
+FS_INLINE void dense_grad_impl(T* z, const T* a, int64_t lda, T a_scale, int64_t rows, int64_t cols,
+                               const bool* keep, const T* lse_z, const T* lse_a) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* zr = z + r * cols;
+    if (!keep[r]) {
+      std::memset(zr, 0, sizeof(T) * cols);
+      continue;
+    }
+    const T* ar = a + r * lda;
+    const T lz = lse_z[r], la = lse_a[r];
+#pragma omp simd
+    for (int64_t i = 0; i < cols; ++i) zr[i] = exp_acc(zr[i] - lz) - exp_acc(ar[i] * a_scale - la);
+  }
+}
+
+// Sparse teacher, one tile starting at vocab id v0: z tile -> e^{z - m} in place with the columns
+// of the row's ids zeroed (so the tile's GEMM accumulates the tail only); captures z at the ids,
+// updates the running max m and tail sum, and returns the rescale factor of each row in alpha.
+template <typename T>
+FS_INLINE void sparse_tile_impl(T* z, int64_t rows, int64_t cols, int64_t v0, const bool* keep, const int64_t* uid,
+                                const int64_t* ucount, int64_t kstride, int64_t* cursor, T* zu, T* m, T* s_tail,
+                                T* alpha) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* zr = z + r * cols;
+    alpha[r] = T(1);
+    if (!keep[r]) {
+      std::memset(zr, 0, sizeof(T) * cols);
+      continue;
+    }
+    const T mn = std::max(m[r], row_max(zr, cols, T(1)));
+    const int64_t* ids = uid + r * kstride;
+    const int64_t first = cursor[r];
+    int64_t last = first;
+    for (; last < ucount[r] && ids[last] < v0 + cols; ++last) zu[r * kstride + last] = zr[ids[last] - v0];
+#pragma omp simd
+    for (int64_t i = 0; i < cols; ++i) zr[i] = exp_acc(zr[i] - mn);
+    for (int64_t j = first; j < last; ++j) zr[ids[j] - v0] = T(0);
+    T st = 0;
+#pragma omp simd reduction(+ : st)
+    for (int64_t i = 0; i < cols; ++i) st += zr[i];
+    alpha[r] = exp_acc(m[r] - mn);
+    s_tail[r] = s_tail[r] * alpha[r] + st;
+    m[r] = mn;
+    cursor[r] = last;
+  }
+}
+
+// Each fp32 kernel is compiled for AVX2+FMA and for the baseline ISA and chosen once at run time;
+// fp64 (the tests' ground-truth path) uses the baseline build only.
+#if FS_X86
+#define FS_AVX2_ATTR __attribute__((target("avx2,fma")))
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+#define FS_AVX2_ATTR
+bool cpu_has_avx2() { return false; }
+#endif
+
+#define FS_PARAMS_dense_stats(T) \
+  const T *z, const T *a, int64_t lda, T a_scale, int64_t rows, int64_t cols, const bool *keep, DenseRow<T> *st
+#define FS_ARGS_dense_stats z, a, lda, a_scale, rows, cols, keep, st
+#define FS_PARAMS_dense_grad(T) \
+  T *z, const T *a, int64_t lda, T a_scale, int64_t rows, int64_t cols, const bool *keep, const T *lse_z, const T *lse_a
+#define FS_ARGS_dense_grad z, a, lda, a_scale, rows, cols, keep, lse_z, lse_a
+#define FS_PARAMS_sparse_tile(T)                                                                                    \
+  T *z, int64_t rows, int64_t cols, int64_t v0, const bool *keep, const int64_t *uid, const int64_t *ucount,         \
+      int64_t kstride, int64_t *cursor, T *zu, T *m, T *s_tail, T *alpha
+#define FS_ARGS_sparse_tile z, rows, cols, v0, keep, uid, ucount, kstride, cursor, zu, m, s_tail, alpha
+
+#define FS_KERNEL(NAME)                                                                                            \
+  void NAME##_base(FS_PARAMS_##NAME(float)) { NAME##_impl<float>(FS_ARGS_##NAME); }                                \
+  FS_AVX2_ATTR void NAME##_avx2(FS_PARAMS_##NAME(float)) { NAME##_impl<float>(FS_ARGS_##NAME); }                   \
+  void NAME(FS_PARAMS_##NAME(float)) {                                                                             \
+    if (cpu_has_avx2()) NAME##_avx2(FS_ARGS_##NAME);                                                               \
+    else NAME##_base(FS_ARGS_##NAME);                                                                              \
+  }                                                                                                                \
+  void NAME(FS_PARAMS_##NAME(double)) { NAME##_impl<double>(FS_ARGS_##NAME); }
+
+FS_KERNEL(dense_stats)
+FS_KERNEL(dense_grad)
+FS_KERNEL(sparse_tile)
+
+// ---------------------------------------------------------------- host helpers
+
+at::Tensor matrix(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// dst = src * scale, upcast to dst's dtype by ATen's vectorised copy (src rows of any float dtype).
+void load_scaled(const at::Tensor& dst, const at::Tensor& src, double scale) {
+  dst.copy_(src);
+  if (scale != 1.0) dst.mul_(scale);
+}
+
+// The W tile [bv, H] in the compute dtype: a view of W, or an upcast copy in a per-task buffer.
+struct WeightTiles {
+  const at::Tensor& weight;  // [V, H]
+  at::Tensor buf;            // [BV * H] when W is not in the compute dtype
+
+  WeightTiles(const at::Tensor& w, at::ScalarType acc) : weight(w) {
+    if (w.scalar_type() != acc) buf = at::empty({BV * w.size(1)}, w.options().dtype(acc));
+  }
+  at::Tensor operator()(int64_t v0, int64_t bv) {
+    if (!buf.defined()) return weight.narrow(0, v0, bv);
+    at::Tensor tile = matrix(buf, bv, weight.size(1));
+    tile.copy_(weight.narrow(0, v0, bv));
+    return tile;
+  }
+};
+
+struct Plan {
+  int64_t bn, tasks;
+};
+
+// Tasks of at most BN rows, as many as a multiple of the thread count so that threads get equal work.
+Plan plan_rows(int64_t n) {
+  if (n == 0) return {1, 0};
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t tasks = std::min(n, ceil_div(ceil_div(n, BN), threads) * threads);
+  const int64_t bn = ceil_div(n, tasks);
+  return {bn, ceil_div(n, bn)};
+}
+
+// ---------------------------------------------------------------- dense and hidden teachers
+
+// teacher: dense log-probs [N, V] or teacher hidden states [N, H] (teacher_is_hidden).
+template <typename T>
+void dense_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& teacher, bool teacher_is_hidden,
+                double temperature, const bool* keep, bool need_grad, at::Tensor& loss, at::Tensor& grad) {
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  const T inv_t = T(1) / static_cast<T>(temperature);
+  const bool teacher_direct = !teacher_is_hidden && teacher.scalar_type() == acc;
+  const Plan plan = plan_rows(N);
+  T* loss_out = loss.mutable_data_ptr<T>();
+
+  at::parallel_for(0, plan.tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    const auto opts = hidden.options().dtype(acc);
+    const int64_t bn = plan.bn;
+    WeightTiles w_tile(weight, acc);
+    at::Tensor h_blk = at::empty({bn * H}, opts), z_buf = at::empty({bn * BV}, opts);
+    at::Tensor t_blk = teacher_is_hidden ? at::empty({bn * H}, opts) : at::Tensor();
+    at::Tensor a_buf = teacher_direct ? at::Tensor() : at::empty({bn * BV}, opts);
+    at::Tensor g_acc = need_grad ? at::empty({bn * H}, opts) : at::Tensor();
+    std::vector<DenseRow<T>> st(bn);
+    std::vector<T> lse_z(bn), lse_a(bn);
+
+    for (int64_t task = t_begin; task < t_end; ++task) {
+      const int64_t n0 = task * bn, m = std::min(bn, N - n0);
+      const bool* kp = keep + n0;
+      const at::Tensor h_mat = matrix(h_blk, m, H);  // h / T
+      load_scaled(h_mat, hidden.narrow(0, n0, m), inv_t);
+      const at::Tensor t_mat = teacher_is_hidden ? matrix(t_blk, m, H) : at::Tensor();  // h_teacher / T
+      if (teacher_is_hidden) {
+        load_scaled(t_mat, teacher.narrow(0, n0, m), inv_t);
+        for (int64_t r = 0; r < m; ++r)
+          if (!kp[r]) t_mat[r].zero_();  // an ignored row's teacher is never trusted
+      }
+      // Teacher logits of one tile: a pointer, its row stride and the factor that scales it.
+      auto teacher_tile = [&](int64_t v0, int64_t bv, const at::Tensor& w_t, const T*& a, int64_t& lda, T& a_scale) {
+        if (teacher_is_hidden) {
+          at::Tensor a_mat = matrix(a_buf, m, bv);
+          at::mm_out(a_mat, t_mat, w_t.t());
+          a = a_mat.const_data_ptr<T>(), lda = bv, a_scale = T(1);
+        } else if (teacher_direct) {
+          a = teacher.const_data_ptr<T>() + n0 * V + v0, lda = V, a_scale = inv_t;
+        } else {
+          at::Tensor a_mat = matrix(a_buf, m, bv);
+          a_mat.copy_(teacher.narrow(0, n0, m).narrow(1, v0, bv));
+          a = a_mat.const_data_ptr<T>(), lda = bv, a_scale = inv_t;
+        }
+      };
+
+      // Pass 1: logsumexp of student and teacher, sum_v e^{a - m_a} (a - z).
+      std::fill(st.begin(), st.begin() + m, DenseRow<T>{NEG_INF<T>, T(0), NEG_INF<T>, T(0), T(0)});
+      for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        const int64_t bv = std::min(BV, V - v0);
+        const at::Tensor w_t = w_tile(v0, bv);
+        at::Tensor z = matrix(z_buf, m, bv);
+        at::mm_out(z, h_mat, w_t.t());  // [m, bv] = [m, H] @ [H, bv]
+        const T* a;
+        int64_t lda;
+        T a_scale;
+        teacher_tile(v0, bv, w_t, a, lda, a_scale);
+        dense_stats(z.const_data_ptr<T>(), a, lda, a_scale, m, bv, kp, st.data());
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        const DenseRow<T>& s = st[r];
+        lse_z[r] = s.m_z + std::log(s.s_z);
+        lse_a[r] = s.m_a + std::log(s.s_a);
+        loss_out[n0 + r] = kp[r] ? s.c / s.s_a - lse_a[r] + lse_z[r] : T(0);  // KL = E_q[a - z] - lse_a + lse_z
+      }
+      if (!need_grad) continue;
+
+      // Pass 2: recompute z, dz = p - q, accumulate dz @ W (keeping [m, V] logits instead would save this
+      // GEMM for 4 * m * V bytes a thread; measured here it is no faster unless m is large).
+      at::Tensor g = matrix(g_acc, m, H);
+      g.zero_();
+      for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        const int64_t bv = std::min(BV, V - v0);
+        const at::Tensor w_t = w_tile(v0, bv);
+        at::Tensor z = matrix(z_buf, m, bv);
+        at::mm_out(z, h_mat, w_t.t());
+        const T* a;
+        int64_t lda;
+        T a_scale;
+        teacher_tile(v0, bv, w_t, a, lda, a_scale);
+        dense_grad(z.mutable_data_ptr<T>(), a, lda, a_scale, m, bv, kp, lse_z.data(), lse_a.data());
+        g.addmm_(z, w_t);  // [m, H] += [m, bv] @ [bv, H]
+      }
+      grad.narrow(0, n0, m).copy_(g.mul_(inv_t));
+    }
+  });
+}
+
+// ---------------------------------------------------------------- sparse teachers
+
+template <typename T>
+T xlogy(T x, T y) { return x == T(0) ? T(0) : x * std::log(y); }
+
+template <typename T>
+void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& ids, const at::Tensor& probs,
+                 const at::Tensor& tail, double temperature, const bool* keep, bool need_grad, at::Tensor& loss,
+                 at::Tensor& grad) {
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0), K = ids.size(1);
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  const T inv_t = T(1) / static_cast<T>(temperature);
+  const Plan plan = plan_rows(N);
+  const int64_t* id_p = ids.const_data_ptr<int64_t>();  // int64 [N, K], checked in range on kept rows
+  const T* w_p = probs.const_data_ptr<T>();            // [N, K] in the compute dtype
+  const T* tail_p = tail.defined() ? tail.const_data_ptr<T>() : nullptr;
+  T* loss_out = loss.mutable_data_ptr<T>();
+
+  at::parallel_for(0, plan.tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    const auto opts = hidden.options().dtype(acc);
+    const int64_t bn = plan.bn;
+    WeightTiles w_tile(weight, acc);
+    at::Tensor h_blk = at::empty({bn * H}, opts), z_buf = at::empty({bn * BV}, opts);
+    at::Tensor o_acc = need_grad ? at::empty({bn * H}, opts) : at::Tensor();
+    std::vector<int64_t> uid(bn * K), ucount(bn), cursor(bn);
+    std::vector<T> wu(bn * K), zu(bn * K), m(bn), s_tail(bn), alpha(bn), sum_w(bn), xlogx(bn);
+    std::vector<std::pair<int64_t, T>> pairs(K);
+
+    for (int64_t task = t_begin; task < t_end; ++task) {
+      const int64_t n0 = task * bn, rows = std::min(bn, N - n0);
+      const bool* kp = keep + n0;
+      const at::Tensor h_mat = matrix(h_blk, rows, H);  // h / T
+      load_scaled(h_mat, hidden.narrow(0, n0, rows), inv_t);
+      for (int64_t r = 0; r < rows; ++r) {
+        m[r] = NEG_INF<T>, s_tail[r] = T(0), cursor[r] = 0, ucount[r] = 0, sum_w[r] = T(0), xlogx[r] = T(0);
+        if (!kp[r]) continue;
+        // The row's ids sorted, duplicates merged: the set of ids and the summed weight of each.
+        for (int64_t k = 0; k < K; ++k) {
+          const T w = w_p[(n0 + r) * K + k];
+          pairs[k] = {id_p[(n0 + r) * K + k], w};
+          sum_w[r] += w, xlogx[r] += xlogy(w, w);
+        }
+        std::sort(pairs.begin(), pairs.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+        int64_t u = -1;
+        for (int64_t k = 0; k < K; ++k) {
+          if (u < 0 || uid[r * K + u] != pairs[k].first) uid[r * K + ++u] = pairs[k].first, wu[r * K + u] = T(0);
+          wu[r * K + u] += pairs[k].second;
+        }
+        ucount[r] = u + 1;
+      }
+      at::Tensor o = need_grad ? matrix(o_acc, rows, H) : at::Tensor();
+      if (need_grad) o.zero_();
+
+      for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        const int64_t bv = std::min(BV, V - v0);
+        const at::Tensor w_t = w_tile(v0, bv);
+        at::Tensor z = matrix(z_buf, rows, bv);
+        at::mm_out(z, h_mat, w_t.t());
+        sparse_tile(z.mutable_data_ptr<T>(), rows, bv, v0, kp, uid.data(), ucount.data(), K, cursor.data(), zu.data(),
+                    m.data(), s_tail.data(), alpha.data());
+        if (!need_grad) continue;
+        T* op = o.mutable_data_ptr<T>();
+        for (int64_t r = 0; r < rows; ++r)
+          if (alpha[r] != T(1))
+            for (int64_t j = 0; j < H; ++j) op[r * H + j] *= alpha[r];
+        o.addmm_(z, w_t);  // tail: sum_{v not in ids} e^{z_v - m} W_v
+      }
+
+      T* op = need_grad ? o.mutable_data_ptr<T>() : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = n0 + r;
+        if (!kp[r]) {
+          loss_out[n] = T(0);
+          if (need_grad) std::fill(op + r * H, op + (r + 1) * H, T(0));
+          continue;
+        }
+        const T* zr = zu.data() + r * K;
+        const T* wr = wu.data() + r * K;
+        const int64_t* ur = uid.data() + r * K;
+        T s_ids = 0;
+        for (int64_t u = 0; u < ucount[r]; ++u) s_ids += std::exp(zr[u] - m[r]);
+        const T s_all = s_tail[r] + s_ids;
+        const T lse = m[r] + std::log(s_all);
+        const T rt = tail_p ? tail_p[n] : T(0);
+        const bool has_tail = rt > T(0);
+        T l = xlogx[r];
+        for (int64_t u = 0; u < ucount[r]; ++u) l -= wr[u] * (zr[u] - lse);
+        if (has_tail) l += xlogy(rt, rt) - rt * (std::log(s_tail[r]) - std::log(s_all));  // log P_tail, no 1 - sum
+        loss_out[n] = l;
+        if (!need_grad) continue;
+        // dL/dz_v = (sum w + r) p_v - w_v [v in ids] - (r / P_tail) p_v [v not in ids]
+        const T mass = sum_w[r] + rt;
+        T* g = op + r * H;
+        const T c_tail = mass / s_all - (has_tail ? rt / s_tail[r] : T(0));
+        for (int64_t j = 0; j < H; ++j) g[j] *= c_tail;
+        // W rows of the ids in the compute dtype (gathered and upcast by ATen when W is bf16/fp16).
+        const bool direct = weight.scalar_type() == acc;
+        const at::Tensor w_ids =
+            direct ? at::Tensor() : weight.index_select(0, at::from_blob(const_cast<int64_t*>(ur), {ucount[r]}, at::kLong)).to(acc);
+        for (int64_t u = 0; u < ucount[r]; ++u) {
+          const T coef = mass * std::exp(zr[u] - lse) - wr[u];
+          const T* w_row = direct ? weight.const_data_ptr<T>() + ur[u] * H : w_ids.const_data_ptr<T>() + u * H;
+          for (int64_t j = 0; j < H; ++j) g[j] += coef * w_row[j];
+        }
+      }
+      if (need_grad) grad.narrow(0, n0, rows).copy_(o.mul_(inv_t));
+    }
+  });
+}
+
+// ---------------------------------------------------------------- entry points
+
+bool is_float(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
+}
+
+void check_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastsoft softmax_kl (C++): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "fastsoft softmax_kl (C++): ", name, " must be contiguous");
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  check_input(t, name);
+  TORCH_CHECK(is_float(t), "fastsoft softmax_kl (C++): ", name, " must be fp32, fp64, bf16 or fp16, got ", t.scalar_type());
+}
+
+// Checks hidden, lm_weight, temperature and token weights; returns the keep mask (token_weight != 0).
+std::vector<uint8_t> check_common(const at::Tensor& hidden, const at::Tensor& weight, double temperature,
+                                  const std::optional<at::Tensor>& token_weight) {
+  check_float(hidden, "hidden");
+  check_float(weight, "lm_weight");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "fastsoft softmax_kl (C++): needs hidden [N, H] and lm_weight [V, H], got ", hidden.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(0) > 0, "fastsoft softmax_kl (C++): lm_weight has an empty vocabulary");
+  TORCH_CHECK(temperature > 0, "fastsoft softmax_kl (C++): temperature must be positive, got ", temperature);
+  const int64_t N = hidden.size(0);
+  std::vector<uint8_t> keep(N, 1);
+  if (token_weight.has_value()) {
+    const at::Tensor& tw = *token_weight;
+    check_input(tw, "token_weight");
+    TORCH_CHECK(tw.dim() == 1 && tw.size(0) == N, "fastsoft softmax_kl (C++): token_weight must have shape [", N,
+                "], got ", tw.sizes());
+    TORCH_CHECK(!tw.is_complex(), "fastsoft softmax_kl (C++): token_weight must be real");
+    const at::Tensor nz = tw.ne(0);
+    const bool* p = nz.const_data_ptr<bool>();
+    for (int64_t i = 0; i < N; ++i) keep[i] = p[i];
+  }
+  return keep;
+}
+
+at::ScalarType compute_dtype(const at::Tensor& hidden, const at::Tensor& weight) {
+  return hidden.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& hidden, at::ScalarType acc, bool need_grad) {
+  at::Tensor loss = at::zeros({hidden.size(0)}, hidden.options().dtype(acc));
+  at::Tensor grad = need_grad ? at::zeros_like(hidden) : at::empty({0}, hidden.options());
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_dense(const at::Tensor& hidden, const at::Tensor& lm_weight,
+                                                         const at::Tensor& teacher, double temperature,
+                                                         const std::optional<at::Tensor>& token_weight, bool need_grad) {
+  const auto keep = check_common(hidden, lm_weight, temperature, token_weight);
+  check_float(teacher, "teacher");
+  TORCH_CHECK(teacher.dim() == 2 && teacher.size(0) == hidden.size(0) && teacher.size(1) == lm_weight.size(0),
+              "fastsoft softmax_kl (C++): a dense teacher must have shape [N, V] = [", hidden.size(0), ", ",
+              lm_weight.size(0), "], got ", teacher.sizes());
+  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
+  auto [loss, grad] = outputs(hidden, acc, need_grad);
+  if (hidden.size(0) == 0) return {loss, grad};
+  const bool* kp = reinterpret_cast<const bool*>(keep.data());
+  if (acc == at::kDouble) dense_rows<double>(hidden, lm_weight, teacher, false, temperature, kp, need_grad, loss, grad);
+  else dense_rows<float>(hidden, lm_weight, teacher, false, temperature, kp, need_grad, loss, grad);
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_hidden(const at::Tensor& hidden, const at::Tensor& lm_weight,
+                                                          const at::Tensor& teacher_hidden, double temperature,
+                                                          const std::optional<at::Tensor>& token_weight,
+                                                          bool need_grad) {
+  const auto keep = check_common(hidden, lm_weight, temperature, token_weight);
+  check_float(teacher_hidden, "teacher_hidden");
+  TORCH_CHECK(teacher_hidden.sizes() == hidden.sizes(), "fastsoft softmax_kl (C++): teacher hidden states must have the shape of hidden ",
+              hidden.sizes(), ", got ", teacher_hidden.sizes());
+  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
+  auto [loss, grad] = outputs(hidden, acc, need_grad);
+  if (hidden.size(0) == 0) return {loss, grad};
+  const bool* kp = reinterpret_cast<const bool*>(keep.data());
+  if (acc == at::kDouble) dense_rows<double>(hidden, lm_weight, teacher_hidden, true, temperature, kp, need_grad, loss, grad);
+  else dense_rows<float>(hidden, lm_weight, teacher_hidden, true, temperature, kp, need_grad, loss, grad);
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_sparse(const at::Tensor& hidden, const at::Tensor& lm_weight,
+                                                          const at::Tensor& ids, const at::Tensor& probs,
+                                                          const std::optional<at::Tensor>& tail, double temperature,
+                                                          const std::optional<at::Tensor>& token_weight,
+                                                          bool need_grad) {
+  const auto keep = check_common(hidden, lm_weight, temperature, token_weight);
+  check_input(ids, "ids");
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "fastsoft softmax_kl (C++): ids must be int32 or int64, got ", ids.scalar_type());
+  check_float(probs, "probs");
+  const int64_t N = hidden.size(0), V = lm_weight.size(0);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == N && probs.sizes() == ids.sizes(),
+              "fastsoft softmax_kl (C++): ids and probs must both have shape [N, K] with N = ", N, ", got ",
+              ids.sizes(), " and ", probs.sizes());
+  if (tail.has_value()) {
+    check_float(*tail, "tail");
+    TORCH_CHECK(tail->dim() == 1 && tail->size(0) == N, "fastsoft softmax_kl (C++): tail must have shape [", N,
+                "], got ", tail->sizes());
+  }
+  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
+  auto [loss, grad] = outputs(hidden, acc, need_grad);
+  if (N == 0) return {loss, grad};
+  const at::Tensor ids64 = ids.to(at::kLong);
+  const int64_t K = ids.size(1);
+  const int64_t* ip = ids64.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    if (!keep[n]) continue;  // an ignored row's ids may be padding
+    for (int64_t k = 0; k < K; ++k)
+      TORCH_CHECK(ip[n * K + k] >= 0 && ip[n * K + k] < V, "fastsoft softmax_kl (C++): id ", ip[n * K + k],
+                  " in row ", n, " is outside the vocabulary [0, ", V, ")");
+  }
+  const at::Tensor w = probs.to(acc);
+  const at::Tensor r = tail.has_value() ? tail->to(acc) : at::Tensor();
+  const bool* kp = reinterpret_cast<const bool*>(keep.data());
+  if (acc == at::kDouble) sparse_rows<double>(hidden, lm_weight, ids64, w, r, temperature, kp, need_grad, loss, grad);
+  else sparse_rows<float>(hidden, lm_weight, ids64, w, r, temperature, kp, need_grad, loss, grad);
+  return {loss, grad};
+}
+
+// Shapes and dtypes only, for tracing (torch.compile, FakeTensor).
+std::tuple<at::Tensor, at::Tensor> meta_outputs(const at::Tensor& hidden, const at::Tensor& lm_weight, bool need_grad) {
+  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
+  return {at::empty({hidden.size(0)}, hidden.options().dtype(acc)),
+          need_grad ? at::empty_like(hidden) : at::empty({0}, hidden.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastsoft, m) {
+  m.def("softmax_kl_rows_dense(Tensor hidden, Tensor lm_weight, Tensor teacher, float temperature, "
+        "Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
+  m.def("softmax_kl_rows_sparse(Tensor hidden, Tensor lm_weight, Tensor ids, Tensor probs, Tensor? tail, "
+        "float temperature, Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
+  m.def("softmax_kl_rows_hidden(Tensor hidden, Tensor lm_weight, Tensor teacher_hidden, float temperature, "
+        "Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastsoft, CPU, m) {
+  m.impl("softmax_kl_rows_dense", &softmax_kl_rows_dense);
+  m.impl("softmax_kl_rows_sparse", &softmax_kl_rows_sparse);
+  m.impl("softmax_kl_rows_hidden", &softmax_kl_rows_hidden);
+}
+
+TORCH_LIBRARY_IMPL(fastsoft, Meta, m) {
+  m.impl("softmax_kl_rows_dense", [](const at::Tensor& h, const at::Tensor& w, const at::Tensor&, double,
+                                     const std::optional<at::Tensor>&, bool g) { return meta_outputs(h, w, g); });
+  m.impl("softmax_kl_rows_sparse", [](const at::Tensor& h, const at::Tensor& w, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+                                      bool g) { return meta_outputs(h, w, g); });
+  m.impl("softmax_kl_rows_hidden", [](const at::Tensor& h, const at::Tensor& w, const at::Tensor&, double,
+                                      const std::optional<at::Tensor>&, bool g) { return meta_outputs(h, w, g); });
+}
+
+}  // namespace fastsoft
+
+// `import fastsoft._C` (the build from setup.py) runs the registrations above; the module itself is empty.
+#ifdef TORCH_EXTENSION_NAME
+#define FS_CONCAT_(a, b) a##b
+#define FS_CONCAT(a, b) FS_CONCAT_(a, b)
+#define FS_STR_(a) #a
+#define FS_STR(a) FS_STR_(a)
+PyMODINIT_FUNC FS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, FS_STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}
+#endif

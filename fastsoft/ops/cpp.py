@@ -1,0 +1,105 @@
+"""The C++ CPU backend of ``softmax_kl`` (``csrc/softmax_kl.cpp``), registered as ``torch.ops.fastsoft.*``.
+
+It is loaded from ``fastsoft._C`` when ``setup.py`` built it at install (and the source has not changed
+since); otherwise it is built just in time with ``torch.utils.cpp_extension.load`` (ninja) into
+``$FASTSOFT_EXT_DIR`` or ``~/.cache/fastsoft/ext/<torch>-<python>``, once per machine and source version.
+``FASTSOFT_SKIP_EXT=1`` turns the backend off. :func:`is_available` says whether it can run and, if not, why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher
+
+_SOURCE = "softmax_kl.cpp"
+_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]  # as ext_modules in setup.py; lets the exp loops vectorise
+
+
+def _source() -> Path | None:
+    """``softmax_kl.cpp`` of a source checkout (``csrc/``) or of an installed package (``fastsoft/csrc/``)."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package.parent / "csrc", package / "csrc"):
+        if (folder / _SOURCE).is_file():
+            return folder / _SOURCE
+    return None
+
+
+def _build_dir() -> Path:
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    root = os.environ.get("FASTSOFT_EXT_DIR") or Path.home() / ".cache" / "fastsoft" / "ext"
+    return Path(root) / tag
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[bool, str]:
+    if os.environ.get("FASTSOFT_SKIP_EXT") == "1":
+        return False, "the C++ backend is turned off (FASTSOFT_SKIP_EXT=1)"
+    source = _source()
+    built = importlib.util.find_spec("fastsoft._C")
+    # The build from install, unless the source next to it changed since (an edited checkout): then JIT.
+    if built is not None and not (source and built.origin and source.stat().st_mtime > os.path.getmtime(built.origin)):
+        try:
+            import fastsoft._C  # noqa: F401  (registers torch.ops.fastsoft.softmax_kl_rows_*)
+            return True, ""
+        except (ImportError, OSError):  # e.g. built against another torch: build just in time instead
+            pass
+    if source is None:
+        return False, f"the C++ backend was not built at install and its source {_SOURCE} is not shipped with this install"
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = _build_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        load(name="fastsoft_softmax_kl", sources=[str(source)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(build_dir), is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, no ninja, a compile error: the dispatcher falls back
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        return False, f"the C++ backend failed to build just in time ({type(error).__name__}: {first_line})"
+    return True, ""
+
+
+def is_available() -> tuple[bool, str]:
+    """``(True, "")`` when the C++ backend can run, else ``(False, reason)``. Builds it on first call if needed."""
+    return _load()
+
+
+def softmax_kl_rows(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    teacher: Teacher,
+    temperature: float,
+    token_weight: torch.Tensor | None,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backend row contract of ``fastsoft.ops.reference.softmax_kl_rows``, on CPU tensors.
+
+    Returns ``loss [N]`` fp32 (fp64 for fp64 ``hidden``/``lm_weight``, unweighted) and
+    ``d loss_n / d hidden_n`` ``[N, H]`` in ``hidden.dtype`` (or None). Memory: O(threads x tile),
+    never ``[N, V]``; no gradient for ``lm_weight``.
+    """
+    ok, why = is_available()
+    if not ok:
+        from fastsoft.ops.softmax_kl import BackendUnavailable
+
+        raise BackendUnavailable(why)
+    ops = torch.ops.fastsoft
+    hidden, lm_weight = hidden.detach().contiguous(), lm_weight.detach().contiguous()
+    token_weight = None if token_weight is None else token_weight.detach().contiguous()
+    if isinstance(teacher, SparseTarget):
+        tail = None if teacher.tail is None else teacher.tail.detach().contiguous()
+        loss, grad = ops.softmax_kl_rows_sparse(hidden, lm_weight, teacher.ids.contiguous(), teacher.probs.detach().contiguous(),
+                                                tail, float(temperature), token_weight, need_grad)
+    elif isinstance(teacher, HiddenTarget):
+        loss, grad = ops.softmax_kl_rows_hidden(hidden, lm_weight, teacher.hidden.detach().contiguous(), float(temperature),
+                                                token_weight, need_grad)
+    else:
+        loss, grad = ops.softmax_kl_rows_dense(hidden, lm_weight, teacher.detach().contiguous(), float(temperature),
+                                               token_weight, need_grad)
+    return loss, (grad if need_grad else None)
