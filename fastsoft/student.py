@@ -9,8 +9,11 @@ nothing else, and logits are never formed here.
 Attention, chosen per call by :func:`packed_attention`: flash-attn varlen when the model was loaded with
 ``attn_implementation="flash_attention_2"`` (``cu_seq_lens_*`` passed, no mask built); on CUDA otherwise
 torch's own varlen flash kernel (``torch.nn.attention.varlen``, registered as ``fastsoft_varlen``) for
-fp16/bf16; else the model's own implementation (sdpa on CPU) with the block-diagonal mask transformers
-derives from the restarting ``position_ids``.
+fp16/bf16; else, for an sdpa model (CPU, fp32 on GPU), sdpa over *length buckets* (``fastsoft_buckets``):
+the row's segments are regrouped into right-padded batches of segments within a factor 2 of each other's
+length, each one causal sdpa call — a dense block-diagonal mask over the whole row would cost
+``O(row²)`` instead of ``O(Σ segment²)``. Eager/flex models keep their own implementation and the mask
+transformers derives from the restarting ``position_ids``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
     ids, sigma_rows = packed.ids.to(device), packed.sigma_rows.to(device)
     embeds = loaded.embed(ids)  # [L, H], frozen
     is_sigma = sigma_rows >= 0
-    if bool(is_sigma.any()):
+    if bool((packed.sigma_rows >= 0).any()):  # on the host: no device sync
         flat = prompts.reshape(-1, prompts.shape[-1]).to(device=device, dtype=embeds.dtype)  # [S * P, H]
         embeds = torch.where(is_sigma[:, None], flat[sigma_rows.clamp_min(0)], embeds)
     attention = attention or packed_attention(loaded)
@@ -84,6 +87,8 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
         cu = packed.cu_seq_lens.to(device)
         longest = int((packed.cu_seq_lens[1:] - packed.cu_seq_lens[:-1]).max())  # host tensor: no device sync
         extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    elif attention == BUCKETS_ATTENTION:
+        extra = dict(fastsoft_buckets=length_buckets(packed.cu_seq_lens, device))
     with attention_implementation(loaded, attention):
         hidden = loaded.hidden_states(inputs_embeds=embeds[None], position_ids=packed.position_ids.to(device)[None], **extra)[0]
     return hidden[packed.scored.to(device)]
@@ -93,6 +98,7 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
 
 VARLEN_ATTENTION = "fastsoft_varlen"
 VARLEN_ATTENTIONS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTENTION)
+BUCKETS_ATTENTION = "fastsoft_buckets"
 
 
 def _torch_varlen():
@@ -110,7 +116,45 @@ def packed_attention(loaded) -> str:
         return current
     if loaded.device.type == "cuda" and loaded.dtype in (torch.float16, torch.bfloat16) and _torch_varlen() is not None:
         return VARLEN_ATTENTION
+    if current == "sdpa":
+        return BUCKETS_ATTENTION
     return current
+
+
+def length_buckets(cu_seq_lens: torch.Tensor, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Segments grouped by length (within a factor 2) into right-padded batches: per bucket, ``gather [B, W]``
+    (row positions, padding repeats a segment's first token), ``real [n]`` (row positions of the real
+    tokens) and ``where [n]`` (their places in the flattened ``[B * W]`` batch)."""
+    bounds = cu_seq_lens.tolist()
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        groups.setdefault((end - start).bit_length(), []).append((start, end - start))
+    buckets = []
+    for pieces in groups.values():
+        width = max(n for _, n in pieces)
+        gather = [list(range(o, o + n)) + [o] * (width - n) for o, n in pieces]
+        real = [o + i for o, n in pieces for i in range(n)]
+        where = [b * width + i for b, (_, n) in enumerate(pieces) for i in range(n)]
+        buckets.append(tuple(torch.tensor(x, dtype=torch.int64).to(device) for x in (gather, real, where)))
+    return buckets
+
+
+def _bucket_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fastsoft_buckets=None, **kwargs):
+    """Packed causal attention as one sdpa call per length bucket. ``query [1, H, L, D]``, ``key/value
+    [1, KV, L, D]``; returns ``[1, L, H, D]``. Right padding is never seen by a real query (causal)."""
+    if fastsoft_buckets is None:
+        raise RuntimeError("fastsoft_buckets attention needs the packed row's length buckets (a packed student step)")
+    if kwargs.get("sliding_window") is not None:
+        raise RuntimeError("fastsoft_buckets attention does not support sliding-window layers")
+    q, k, v = query[0], key[0], value[0]  # [H, L, D], [KV, L, D]
+    heads, dim = q.shape[0], q.shape[-1]
+    out = q.new_zeros(heads, q.shape[1], dim)
+    for gather, real, where in fastsoft_buckets:
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, gather].transpose(0, 1), k[:, gather].transpose(0, 1), v[:, gather].transpose(0, 1),  # [B, H|KV, W, D]
+            is_causal=True, scale=scaling, enable_gqa=k.shape[0] != heads)
+        out = out.index_copy(1, real, o.transpose(0, 1).reshape(heads, -1, dim)[:, where])
+    return out.transpose(0, 1)[None], None
 
 
 @contextlib.contextmanager
@@ -164,6 +208,7 @@ def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
+    AttentionInterface.register(BUCKETS_ATTENTION, _bucket_attention)
 
 
 _register()

@@ -179,12 +179,12 @@ def _fake_varlen(new_api: bool):
     return varlen_attn
 
 
-ATTENTIONS = [None, "fastsoft_varlen:new", "fastsoft_varlen:old"]
+ATTENTIONS = ["sdpa", "fastsoft_buckets", "fastsoft_varlen:new", "fastsoft_varlen:old"]
 
 
 def _attention(name, monkeypatch):
-    if name is None:
-        return None
+    if not name.startswith(student.VARLEN_ATTENTION):
+        return name
     monkeypatch.setattr(student, "_torch_varlen", lambda: _fake_varlen(name.endswith("new")))
     return student.VARLEN_ATTENTION
 
@@ -221,14 +221,14 @@ def test_packed_losses_and_gradients_equal_separate_runs(tiny, attention, monkey
         assert g_packed[others].abs().sum() == 0  # not a single bit from another job's segments (slot 1 is unused)
 
 
-def test_packed_attention_choice(tiny, monkeypatch):
-    assert student.packed_attention(tiny) == tiny.model.config._attn_implementation  # CPU: the model's own (sdpa)
-    monkeypatch.setattr(student, "_torch_varlen", lambda: None)
-    assert student.packed_attention(tiny) == "sdpa"
-    with pytest.raises(RuntimeError, match="cu_seq_lens"):
-        with student.attention_implementation(tiny, student.VARLEN_ATTENTION):
-            tiny.hidden_states(input_ids=torch.tensor([[5, 6, 7]]))
-    assert tiny.model.config._attn_implementation == "sdpa"  # restored after the error
+def test_packed_attention_choice(tiny):
+    assert tiny.model.config._attn_implementation == "sdpa"
+    assert student.packed_attention(tiny) == student.BUCKETS_ATTENTION  # CPU: sdpa per length bucket
+    for name, match in ((student.VARLEN_ATTENTION, "cu_seq_lens"), (student.BUCKETS_ATTENTION, "length buckets")):
+        with pytest.raises(RuntimeError, match=match):
+            with student.attention_implementation(tiny, name):
+                tiny.hidden_states(input_ids=torch.tensor([[5, 6, 7]]))
+        assert tiny.model.config._attn_implementation == "sdpa"  # restored after the error
 
 
 @pytest.mark.gpu
