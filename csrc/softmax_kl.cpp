@@ -3,19 +3,25 @@
 // fastsoft/ops/reference.py::softmax_kl_rows for the three teacher kinds, registered as
 // fastsoft::softmax_kl_rows_{dense,sparse,hidden}.
 //
-// Work split: tasks of BN token rows run in parallel (at::parallel_for, MKL single-threaded inside);
-// each task streams the vocabulary in tiles of BV columns, so memory is O(threads * BN * (BV + H))
-// and [N, V] is never allocated. Logit tiles come from at::mm on tiles (MKL); the softmax maths
-// runs in vectorisable loops compiled twice (AVX2+FMA and the baseline ISA) and picked at run time.
-// Accumulation is fp32 (fp64 for fp64 hidden/lm_weight); bf16/fp16 inputs are upcast per tile.
+// Work split: tasks of up to BN token rows run in parallel (at::parallel_for; MKL single-threaded
+// inside); each task streams the vocabulary once, in tiles of BV columns, so scratch memory is
+// O(threads * BN * (BV + H)) and [N, V] is never allocated. Logit tiles and the gradient sums are
+// at::mm / addmm on tiles (MKL); the softmax maths runs in vectorisable loops compiled twice (AVX2+FMA
+// and the baseline ISA) and picked at run time. Accumulation is fp32 (fp64 for fp64 hidden or
+// lm_weight, the tests' ground truth); bf16/fp16 inputs are upcast per tile.
 //
-// - dense / hidden teachers: two passes over the vocabulary. Pass 1: online logsumexp of student
-//   and teacher and sum_v q_v (a_v - z_v); pass 2 recomputes z tiles, forms dz = p - q exactly and
-//   accumulates dz @ W. (Three GEMMs a token, five for a hidden teacher; no logits kept.)
-// - sparse teachers: one pass, flash-attention style: sum_{v not in ids} e^{z_v - m} W_v is
-//   accumulated with the running max m (rescaled when m grows); the ids' own terms are added
-//   from gathered W rows at the end. (Two GEMMs a token.)
-// The maths of the gradient is in the docstrings of fastsoft/ops/reference.py.
+// One pass, flash-attention style: with running maxima m, the sums S = sum_v e^{z_v - m} and
+// O = sum_v e^{z_v - m} W_v are rescaled by e^{m_old - m_new} whenever m grows, so at the end
+// sum_v p_v W_v = O / S without a second pass or kept logits.
+// - dense / hidden teachers: the same for the teacher's softmax q (its logits read from the cache,
+//   or from the same GEMM as the student's for a hidden teacher: [h; h_t] @ W_tile^T), then
+//   dh = (sum_v p_v W_v - sum_v q_v W_v) / T and KL = E_q[(a - m_a) - (z - m_z)] + log(S_z / S_a)
+//   (no large terms cancel when q ~ p). Per token 3 GEMMs (dense) or 4 (hidden), against the
+//   reference's 2 (3), which keeps a chunk of [C, V] logits instead.
+// - sparse teachers: O sums only the vocabulary outside the row's ids (their columns are zeroed in
+//   the tile), which gives the tail bucket exactly; the ids' own terms come from gathered W rows:
+//   dh = [((sum w + r) / S - r / S_tail) O + sum_ids ((sum w + r) p_v - w_v) W_v] / T. 2 GEMMs.
+// The loss and gradient formulas are those of fastsoft/ops/reference.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,7 +32,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 namespace fastsoft {
@@ -86,58 +91,59 @@ FS_INLINE T row_max(const T* x, int64_t n, T scale) {
 // ---------------------------------------------------------------- tile kernels
 
 template <typename T>
-struct DenseRow {
-  T m_z, s_z;     // running max and sum e^{z - m_z} of the student logits
-  T m_a, s_a, c;  // same for the teacher logits a, and c = sum e^{a - m_a} (a - z)
+struct TwoSoftmaxStats {
+  T m_z, s_z;     // running max and sum e^{z - m_z} of the student logits z
+  T m_a, s_a, c;  // the same for the teacher logits a, and c = sum e^{a - m_a} ((a - m_a) - (z - m_z))
 };
 
-// Pass 1 of a dense or hidden teacher over one [rows, cols] tile: z [rows, cols] student logits,
-// a (row stride lda, times a_scale) teacher logits.
+// Dense or hidden teacher, one tile: za = [z; e] [2 * rows, cols] holds the student logits z, and
+// teacher logits are read from a (row stride lda, times a_scale; a may alias e). Leaves
+// [e^{z - m_z}; e^{a - m_a}] in za and updates the online stats; alpha gets each row's rescale factor.
 template <typename T>
-FS_INLINE void dense_stats_impl(const T* z, const T* a, int64_t lda, T a_scale, int64_t rows, int64_t cols,
-                                const bool* keep, DenseRow<T>* st) {
+FS_INLINE void two_softmax_tile_impl(T* za, const T* a, int64_t lda, T a_scale, int64_t rows, int64_t cols,
+                                     const bool* keep, TwoSoftmaxStats<T>* st, T* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
-    if (!keep[r]) continue;
-    const T* zr = z + r * cols;
-    const T* ar = a + r * lda;
-    DenseRow<T>& s = st[r];
-    const T mz = std::max(s.m_z, row_max(zr, cols, T(1)));
-    T sz = 0;
-#pragma omp simd reduction(+ : sz)
-    for (int64_t i = 0; i < cols; ++i) sz += exp_acc(zr[i] - mz);
-    s.s_z = s.s_z * exp_acc(s.m_z - mz) + sz;
-    s.m_z = mz;
-    const T ma = std::max(s.m_a, row_max(ar, cols, a_scale));
-    if (ma == NEG_INF<T>) continue;  // no teacher mass yet (log-probs of -inf)
-    T sa = 0, c = 0;
-#pragma omp simd reduction(+ : sa, c)
-    for (int64_t i = 0; i < cols; ++i) {
-      const T av = ar[i] * a_scale;
-      const T e = exp_acc(av - ma);
-      sa += e;
-      c += e > T(0) ? e * (av - zr[i]) : T(0);  // q = 0 contributes 0, never 0 * -inf
-    }
-    const T rescale = exp_acc(s.m_a - ma);
-    s.s_a = s.s_a * rescale + sa;
-    s.c = s.c * rescale + c;
-    s.m_a = ma;
-  }
-}
-
-// Pass 2: z tile -> dz = softmax(z) - softmax(a) in place (0 on ignored rows).
-template <typename T>
-FS_INLINE void dense_grad_impl(T* z, const T* a, int64_t lda, T a_scale, int64_t rows, int64_t cols,
-                               const bool* keep, const T* lse_z, const T* lse_a) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* zr = z + r * cols;
+    T* zr = za + r * cols;
+    T* er = za + (rows + r) * cols;
+    alpha[r] = alpha[rows + r] = T(1);
     if (!keep[r]) {
       std::memset(zr, 0, sizeof(T) * cols);
+      std::memset(er, 0, sizeof(T) * cols);
       continue;
     }
     const T* ar = a + r * lda;
-    const T lz = lse_z[r], la = lse_a[r];
-#pragma omp simd
-    for (int64_t i = 0; i < cols; ++i) zr[i] = exp_acc(zr[i] - lz) - exp_acc(ar[i] * a_scale - la);
+    TwoSoftmaxStats<T>& s = st[r];
+    const T mz = std::max(s.m_z, row_max(zr, cols, T(1)));
+    const T ma = std::max(s.m_a, row_max(ar, cols, a_scale));
+    T sa = 0, c = 0, sz = 0;
+    if (ma != NEG_INF<T>) {  // else no teacher mass yet (log-probs of -inf): e = 0
+#pragma omp simd reduction(+ : sa, c)
+      for (int64_t i = 0; i < cols; ++i) {
+        const T av = ar[i] * a_scale;
+        const T e = exp_acc(av - ma);
+        sa += e;
+        c += e > T(0) ? e * ((av - ma) - (zr[i] - mz)) : T(0);  // q = 0 contributes 0, never 0 * -inf
+        er[i] = e;
+      }
+    } else {
+      std::memset(er, 0, sizeof(T) * cols);
+    }
+#pragma omp simd reduction(+ : sz)
+    for (int64_t i = 0; i < cols; ++i) {
+      zr[i] = exp_acc(zr[i] - mz);
+      sz += zr[i];
+    }
+    if (s.s_a > T(0)) {  // the earlier terms of c, (a - m_a) - (z - m_z), move with the maxima
+      const T shift = (ma - s.m_a) - (mz - s.m_z);
+      alpha[rows + r] = exp_acc(s.m_a - ma);
+      s.c = (s.c - shift * s.s_a) * alpha[rows + r];
+      s.s_a *= alpha[rows + r];
+    }
+    s.s_a += sa, s.c += c;
+    s.m_a = std::max(s.m_a, ma);
+    alpha[r] = exp_acc(s.m_z - mz);
+    s.s_z = s.s_z * alpha[r] + sz;
+    s.m_z = mz;
   }
 }
 
@@ -186,16 +192,14 @@ bool cpu_has_avx2() {
 bool cpu_has_avx2() { return false; }
 #endif
 
-#define FS_PARAMS_dense_stats(T) \
-  const T *z, const T *a, int64_t lda, T a_scale, int64_t rows, int64_t cols, const bool *keep, DenseRow<T> *st
-#define FS_ARGS_dense_stats z, a, lda, a_scale, rows, cols, keep, st
-#define FS_PARAMS_dense_grad(T) \
-  T *z, const T *a, int64_t lda, T a_scale, int64_t rows, int64_t cols, const bool *keep, const T *lse_z, const T *lse_a
-#define FS_ARGS_dense_grad z, a, lda, a_scale, rows, cols, keep, lse_z, lse_a
 #define FS_PARAMS_sparse_tile(T)                                                                                    \
   T *z, int64_t rows, int64_t cols, int64_t v0, const bool *keep, const int64_t *uid, const int64_t *ucount,         \
       int64_t kstride, int64_t *cursor, T *zu, T *m, T *s_tail, T *alpha
 #define FS_ARGS_sparse_tile z, rows, cols, v0, keep, uid, ucount, kstride, cursor, zu, m, s_tail, alpha
+
+#define FS_PARAMS_two_softmax_tile(T) \
+  T *za, const T *a, int64_t lda, T a_scale, int64_t rows, int64_t cols, const bool *keep, TwoSoftmaxStats<T> *st, T *alpha
+#define FS_ARGS_two_softmax_tile za, a, lda, a_scale, rows, cols, keep, st, alpha
 
 #define FS_KERNEL(NAME)                                                                                            \
   void NAME##_base(FS_PARAMS_##NAME(float)) { NAME##_impl<float>(FS_ARGS_##NAME); }                                \
@@ -206,9 +210,8 @@ bool cpu_has_avx2() { return false; }
   }                                                                                                                \
   void NAME(FS_PARAMS_##NAME(double)) { NAME##_impl<double>(FS_ARGS_##NAME); }
 
-FS_KERNEL(dense_stats)
-FS_KERNEL(dense_grad)
 FS_KERNEL(sparse_tile)
+FS_KERNEL(two_softmax_tile)
 
 // ---------------------------------------------------------------- host helpers
 
@@ -238,6 +241,16 @@ struct WeightTiles {
   }
 };
 
+// o[r] *= alpha[r] on the rows whose running max grew, so o keeps summing e^{x - m} W_v for the new m.
+template <typename T>
+void rescale_rows(at::Tensor& o, const T* alpha) {
+  const int64_t rows = o.size(0), H = o.size(1);
+  T* op = o.mutable_data_ptr<T>();
+  for (int64_t r = 0; r < rows; ++r)
+    if (alpha[r] != T(1))
+      for (int64_t j = 0; j < H; ++j) op[r * H + j] *= alpha[r];
+}
+
 struct Plan {
   int64_t bn, tasks;
 };
@@ -253,10 +266,14 @@ Plan plan_rows(int64_t n) {
 
 // ---------------------------------------------------------------- dense and hidden teachers
 
-// teacher: dense log-probs [N, V] or teacher hidden states [N, H] (teacher_is_hidden).
+// Dense or hidden teacher, one pass over the vocabulary (flash style): the student's and the
+// teacher's softmax-weighted sums of W rows are accumulated with their running maxima, and
+// grad = sum_v p_v W_v - sum_v q_v W_v. A hidden teacher's logits come from the same GEMM as the
+// student's ([h; h_t] @ W_tile^T); per token 3 GEMMs (dense) or 4 (hidden), no logits kept.
 template <typename T>
-void dense_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& teacher, bool teacher_is_hidden,
-                double temperature, const bool* keep, bool need_grad, at::Tensor& loss, at::Tensor& grad) {
+void two_softmax_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& teacher,
+                      bool teacher_is_hidden, double temperature, const bool* keep, bool need_grad, at::Tensor& loss,
+                      at::Tensor& grad) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const T inv_t = T(1) / static_cast<T>(temperature);
@@ -266,79 +283,67 @@ void dense_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Te
 
   at::parallel_for(0, plan.tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     const auto opts = hidden.options().dtype(acc);
-    const int64_t bn = plan.bn;
+    const int64_t bn = plan.bn, lhs_rows = teacher_is_hidden ? 2 * bn : bn;
     WeightTiles w_tile(weight, acc);
-    at::Tensor h_blk = at::empty({bn * H}, opts), z_buf = at::empty({bn * BV}, opts);
-    at::Tensor t_blk = teacher_is_hidden ? at::empty({bn * H}, opts) : at::Tensor();
-    at::Tensor a_buf = teacher_direct ? at::Tensor() : at::empty({bn * BV}, opts);
-    at::Tensor g_acc = need_grad ? at::empty({bn * H}, opts) : at::Tensor();
-    std::vector<DenseRow<T>> st(bn);
-    std::vector<T> lse_z(bn), lse_a(bn);
+    at::Tensor lhs_buf = at::empty({lhs_rows * H}, opts), za_buf = at::empty({2 * bn * BV}, opts);
+    at::Tensor a_buf = teacher_is_hidden || teacher_direct ? at::Tensor() : at::empty({bn * BV}, opts);
+    at::Tensor o_acc = need_grad ? at::empty({2 * bn * H}, opts) : at::Tensor();
+    std::vector<TwoSoftmaxStats<T>> st(bn);
+    std::vector<T> alpha(2 * bn);
 
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t n0 = task * bn, m = std::min(bn, N - n0);
       const bool* kp = keep + n0;
-      const at::Tensor h_mat = matrix(h_blk, m, H);  // h / T
-      load_scaled(h_mat, hidden.narrow(0, n0, m), inv_t);
-      const at::Tensor t_mat = teacher_is_hidden ? matrix(t_blk, m, H) : at::Tensor();  // h_teacher / T
+      const at::Tensor lhs = matrix(lhs_buf, teacher_is_hidden ? 2 * m : m, H);  // [h / T] or [h / T; h_t / T]
+      load_scaled(lhs.narrow(0, 0, m), hidden.narrow(0, n0, m), inv_t);
       if (teacher_is_hidden) {
-        load_scaled(t_mat, teacher.narrow(0, n0, m), inv_t);
+        load_scaled(lhs.narrow(0, m, m), teacher.narrow(0, n0, m), inv_t);
         for (int64_t r = 0; r < m; ++r)
-          if (!kp[r]) t_mat[r].zero_();  // an ignored row's teacher is never trusted
+          if (!kp[r]) lhs[m + r].zero_();  // an ignored row's teacher is never trusted
       }
-      // Teacher logits of one tile: a pointer, its row stride and the factor that scales it.
-      auto teacher_tile = [&](int64_t v0, int64_t bv, const at::Tensor& w_t, const T*& a, int64_t& lda, T& a_scale) {
-        if (teacher_is_hidden) {
-          at::Tensor a_mat = matrix(a_buf, m, bv);
-          at::mm_out(a_mat, t_mat, w_t.t());
-          a = a_mat.const_data_ptr<T>(), lda = bv, a_scale = T(1);
-        } else if (teacher_direct) {
-          a = teacher.const_data_ptr<T>() + n0 * V + v0, lda = V, a_scale = inv_t;
-        } else {
-          at::Tensor a_mat = matrix(a_buf, m, bv);
-          a_mat.copy_(teacher.narrow(0, n0, m).narrow(1, v0, bv));
-          a = a_mat.const_data_ptr<T>(), lda = bv, a_scale = inv_t;
-        }
-      };
+      at::Tensor o = need_grad ? matrix(o_acc, 2 * m, H) : at::Tensor();  // [sum e^{z-m_z} W; sum e^{a-m_a} W]
+      if (need_grad) o.zero_();
+      std::fill(st.begin(), st.begin() + m, TwoSoftmaxStats<T>{NEG_INF<T>, T(0), NEG_INF<T>, T(0), T(0)});
 
-      // Pass 1: logsumexp of student and teacher, sum_v e^{a - m_a} (a - z).
-      std::fill(st.begin(), st.begin() + m, DenseRow<T>{NEG_INF<T>, T(0), NEG_INF<T>, T(0), T(0)});
       for (int64_t v0 = 0; v0 < V; v0 += BV) {
         const int64_t bv = std::min(BV, V - v0);
         const at::Tensor w_t = w_tile(v0, bv);
-        at::Tensor z = matrix(z_buf, m, bv);
-        at::mm_out(z, h_mat, w_t.t());  // [m, bv] = [m, H] @ [H, bv]
-        const T* a;
+        at::Tensor za = matrix(za_buf, 2 * m, bv);
+        const T* a;  // teacher logits of the tile: row stride lda, times a_scale
         int64_t lda;
         T a_scale;
-        teacher_tile(v0, bv, w_t, a, lda, a_scale);
-        dense_stats(z.const_data_ptr<T>(), a, lda, a_scale, m, bv, kp, st.data());
+        if (teacher_is_hidden) {
+          at::mm_out(za, lhs, w_t.t());  // [2m, bv]: student and teacher logits
+          a = za.const_data_ptr<T>() + m * bv, lda = bv, a_scale = T(1);
+        } else {
+          at::Tensor z = za.narrow(0, 0, m);
+          at::mm_out(z, lhs, w_t.t());  // [m, bv]
+          if (teacher_direct) {
+            a = teacher.const_data_ptr<T>() + n0 * V + v0, lda = V, a_scale = inv_t;
+          } else {
+            at::Tensor a_mat = matrix(a_buf, m, bv);
+            a_mat.copy_(teacher.narrow(0, n0, m).narrow(1, v0, bv));
+            a = a_mat.const_data_ptr<T>(), lda = bv, a_scale = inv_t;
+          }
+        }
+        two_softmax_tile(za.mutable_data_ptr<T>(), a, lda, a_scale, m, bv, kp, st.data(), alpha.data());
+        if (!need_grad) continue;
+        rescale_rows(o, alpha.data());
+        o.addmm_(za, w_t);  // [2m, H] += [2m, bv] @ [bv, H]
       }
+
       for (int64_t r = 0; r < m; ++r) {
-        const DenseRow<T>& s = st[r];
-        lse_z[r] = s.m_z + std::log(s.s_z);
-        lse_a[r] = s.m_a + std::log(s.s_a);
-        loss_out[n0 + r] = kp[r] ? s.c / s.s_a - lse_a[r] + lse_z[r] : T(0);  // KL = E_q[a - z] - lse_a + lse_z
+        // KL = E_q[(a - lse_a) - (z - lse_z)] with lse = m + log s: no large terms cancel when q ~ p
+        const TwoSoftmaxStats<T>& s = st[r];
+        loss_out[n0 + r] = kp[r] ? s.c / s.s_a + std::log(s.s_z / s.s_a) : T(0);
       }
       if (!need_grad) continue;
-
-      // Pass 2: recompute z, dz = p - q, accumulate dz @ W (keeping [m, V] logits instead would save this
-      // GEMM for 4 * m * V bytes a thread; measured here it is no faster unless m is large).
-      at::Tensor g = matrix(g_acc, m, H);
-      g.zero_();
-      for (int64_t v0 = 0; v0 < V; v0 += BV) {
-        const int64_t bv = std::min(BV, V - v0);
-        const at::Tensor w_t = w_tile(v0, bv);
-        at::Tensor z = matrix(z_buf, m, bv);
-        at::mm_out(z, h_mat, w_t.t());
-        const T* a;
-        int64_t lda;
-        T a_scale;
-        teacher_tile(v0, bv, w_t, a, lda, a_scale);
-        dense_grad(z.mutable_data_ptr<T>(), a, lda, a_scale, m, bv, kp, lse_z.data(), lse_a.data());
-        g.addmm_(z, w_t);  // [m, H] += [m, bv] @ [bv, H]
+      T* op = o.mutable_data_ptr<T>();
+      for (int64_t r = 0; r < m; ++r) {
+        const T cz = kp[r] ? inv_t / st[r].s_z : T(0), ca = kp[r] ? inv_t / st[r].s_a : T(0);
+        for (int64_t j = 0; j < H; ++j) op[r * H + j] = op[r * H + j] * cz - op[(m + r) * H + j] * ca;
       }
-      grad.narrow(0, n0, m).copy_(g.mul_(inv_t));
+      grad.narrow(0, n0, m).copy_(o.narrow(0, 0, m));
     }
   });
 }
@@ -404,10 +409,7 @@ void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::T
         sparse_tile(z.mutable_data_ptr<T>(), rows, bv, v0, kp, uid.data(), ucount.data(), K, cursor.data(), zu.data(),
                     m.data(), s_tail.data(), alpha.data());
         if (!need_grad) continue;
-        T* op = o.mutable_data_ptr<T>();
-        for (int64_t r = 0; r < rows; ++r)
-          if (alpha[r] != T(1))
-            for (int64_t j = 0; j < H; ++j) op[r * H + j] *= alpha[r];
+        rescale_rows(o, alpha.data());
         o.addmm_(z, w_t);  // tail: sum_{v not in ids} e^{z_v - m} W_v
       }
 
@@ -517,8 +519,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_dense(const at::Tensor& hidde
   auto [loss, grad] = outputs(hidden, acc, need_grad);
   if (hidden.size(0) == 0) return {loss, grad};
   const bool* kp = reinterpret_cast<const bool*>(keep.data());
-  if (acc == at::kDouble) dense_rows<double>(hidden, lm_weight, teacher, false, temperature, kp, need_grad, loss, grad);
-  else dense_rows<float>(hidden, lm_weight, teacher, false, temperature, kp, need_grad, loss, grad);
+  if (acc == at::kDouble) two_softmax_rows<double>(hidden, lm_weight, teacher, false, temperature, kp, need_grad, loss, grad);
+  else two_softmax_rows<float>(hidden, lm_weight, teacher, false, temperature, kp, need_grad, loss, grad);
   return {loss, grad};
 }
 
@@ -534,8 +536,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_hidden(const at::Tensor& hidd
   auto [loss, grad] = outputs(hidden, acc, need_grad);
   if (hidden.size(0) == 0) return {loss, grad};
   const bool* kp = reinterpret_cast<const bool*>(keep.data());
-  if (acc == at::kDouble) dense_rows<double>(hidden, lm_weight, teacher_hidden, true, temperature, kp, need_grad, loss, grad);
-  else dense_rows<float>(hidden, lm_weight, teacher_hidden, true, temperature, kp, need_grad, loss, grad);
+  if (acc == at::kDouble) two_softmax_rows<double>(hidden, lm_weight, teacher_hidden, true, temperature, kp, need_grad, loss, grad);
+  else two_softmax_rows<float>(hidden, lm_weight, teacher_hidden, true, temperature, kp, need_grad, loss, grad);
   return {loss, grad};
 }
 

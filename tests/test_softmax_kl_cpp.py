@@ -131,6 +131,19 @@ def test_flat_and_sharp_teachers(kind, sharp):
     assert_within_twice_reference(h, W, make_teacher(kind, n, v, hd, gen, sharp=sharp), torch.float32)
 
 
+@pytest.mark.parametrize("eps", [1e-2, 1e-4])
+@pytest.mark.parametrize("kind", ["dense", "hidden"])
+def test_teacher_close_to_student(kind, eps):
+    """Near convergence (KL ~ eps^2) the gradient is a small difference of the two softmax sums."""
+    gen = torch.Generator().manual_seed(9)
+    n, v, hd = 8, 3000, 64
+    h = torch.randn(n, hd, generator=gen, dtype=torch.float64)
+    W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * 5
+    h_t = h + eps * torch.randn(n, hd, generator=gen, dtype=torch.float64)
+    teacher = HiddenTarget(h_t) if kind == "hidden" else torch.log_softmax(h_t @ W.T, -1)
+    assert_within_twice_reference(h, W, teacher, torch.float32, atol=1e-6, reduction="none")
+
+
 @pytest.mark.parametrize("kind", KINDS + ["dense-inf"])
 def test_huge_logits(kind):
     """Student and teacher logits around +-1e4: finite, and as close to fp64 as the fp32 reference."""
