@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def run(backend, h, W, teacher, grad_out=None, **kw):
     return out.detach().double(), h.grad.double()
 
 
-def assert_within_twice_reference(h64, W64, t64, dtype, atol=1e-5, **kw):
+def assert_within_twice_reference(h64, W64, t64, dtype, atol=1e-6, **kw):
     """cpp in ``dtype`` vs fp64 truth: error at most 2x the reference's error in ``dtype`` (value and gradient)."""
     truth = run("reference", h64, W64, t64, **kw)
     h, W, t = h64.to(dtype), W64.to(dtype), cast(t64, dtype)
@@ -77,7 +78,7 @@ def assert_within_twice_reference(h64, W64, t64, dtype, atol=1e-5, **kw):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference(kind, temperature, weighted, reduction):
-    gen = torch.Generator().manual_seed(hash((kind, temperature, weighted, reduction)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((kind, temperature, weighted, reduction)).encode()))
     n, v, hd = 9, 1271, 123  # V is not a multiple of the vocab tile
     h = torch.randn(n, hd, generator=gen, dtype=torch.float64)
     W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * 3
@@ -118,7 +119,7 @@ def test_low_precision_inputs(dtype, kind):
     teacher = cast(cast(make_teacher(kind, n, v, hd, gen), dtype), torch.float64)
     tw = torch.ones(n, dtype=torch.float64)
     tw[7] = 0
-    assert_within_twice_reference(h, W, teacher, dtype, atol=1e-3, token_weight=tw, temperature=1.5)
+    assert_within_twice_reference(h, W, teacher, dtype, token_weight=tw, temperature=1.5)
 
 
 @pytest.mark.parametrize("sharp", [0.0, 40.0], ids=["flat", "near-one-hot"])
@@ -141,7 +142,7 @@ def test_teacher_close_to_student(kind, eps):
     W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * 5
     h_t = h + eps * torch.randn(n, hd, generator=gen, dtype=torch.float64)
     teacher = HiddenTarget(h_t) if kind == "hidden" else torch.log_softmax(h_t @ W.T, -1)
-    assert_within_twice_reference(h, W, teacher, torch.float32, atol=1e-6, reduction="none")
+    assert_within_twice_reference(h, W, teacher, torch.float32, reduction="none")
 
 
 @pytest.mark.parametrize("kind", KINDS + ["dense-inf"])
@@ -158,7 +159,7 @@ def test_huge_logits(kind):
         teacher = HiddenTarget(torch.randn(n, hd, generator=gen, dtype=torch.float64) * 1e3)
     else:
         teacher = make_teacher(kind, n, v, hd, gen, sharp=1e4)
-    assert_within_twice_reference(h, W, teacher, torch.float32, atol=1e-6)
+    assert_within_twice_reference(h, W, teacher, torch.float32)
 
 
 @pytest.mark.parametrize("kind", KINDS)
