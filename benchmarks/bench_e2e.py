@@ -28,11 +28,12 @@ Writes ``benchmarks/results/e2e-<device>.json`` and ``.png`` (loss curves side b
 with ``--out DIR`` also there (``--cpu-small --out DIR``: only there).
 
 PEFT on a machine without it (the H100 image may lack it; nothing can be downloaded there): carry its
-wheel, which is pure Python and imported straight from the zip (no install) when found at
-``benchmarks/wheels/peft-*.whl``. Fetch it on a networked machine:
-``pip download peft==0.21.2 --no-deps -d benchmarks/wheels``. Its dependencies (accelerate, psutil,
-huggingface_hub, safetensors, pyyaml, packaging, tqdm) come with transformers/accelerate. Without PEFT
-the baseline rows are skipped and the JSON says so.
+wheel. It is pure Python, so it is imported straight from the zip (no install) when found at
+``.whl/peft-*.whl`` (git-ignored: hand it over with the tree, e.g. the device tool's ``carry: [".whl"]``)
+or ``benchmarks/wheels/peft-*.whl``. Fetch it on a networked machine with
+``pip download peft==0.21.2 --no-deps -d .whl``. Its dependencies (accelerate, psutil, huggingface_hub,
+safetensors, pyyaml, packaging, tqdm) come with transformers and accelerate. Without PEFT the baseline
+rows are skipped and the JSON says so.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ VARIANTS = {
                    num_key_value_heads=2, rope_theta=10000.0, initializer_range=0.2),
         dtype=torch.float32, cache_dtype="fp32",
         teacher=dict(context=192, queries=8, query=12, answer=12, greedy_new=6, reps=1),
-        training=dict(sequences=12, shortest=8, longest=48, answer=4, prompt=4, batch=4, epochs=2, jobs=2, context=32, lr=1e-2),
+        training=dict(sequences=12, shortest=8, longest=48, answer=4, prompt=4, batch=4, epochs=3, jobs=2, context=32, lr=5e-2),
         targets=dict(teacher=12.0, training=3.0),
     ),
 }
@@ -324,7 +325,7 @@ def load_peft():
     try:
         import peft  # noqa: F401
     except ImportError:
-        wheels = sorted((ROOT / "benchmarks" / "wheels").glob("peft-*.whl"))
+        wheels = sorted([*(ROOT / ".whl").glob("peft-*.whl"), *(ROOT / "benchmarks" / "wheels").glob("peft-*.whl")])
         if not wheels:
             return None
         sys.path.insert(0, str(wheels[-1]))  # pure Python: importable from the zip
@@ -376,7 +377,7 @@ def train_peft(loaded, spec, data, peft):
 
 
 def bench_training(loaded, spec: dict) -> dict:
-    from fastsoft.student import packed_attention
+    from fastsoft.student import BUCKETS_ATTENTION, packed_attention
 
     cfg, device = spec["training"], loaded.device
     data = training_data(loaded, spec)
@@ -399,14 +400,15 @@ def bench_training(loaded, spec: dict) -> dict:
     try:
         measure("fastsoft, 1 job", lambda: (lambda s, c: (s, c[0]))(*train_fastsoft(loaded, spec, data, 1, attention)))
     except Exception as error:  # noqa: BLE001 - a packed-attention backend this machine lacks: say so, fall back
-        notes.append(f"packed attention {attention!r} failed ({type(error).__name__}: {str(error).splitlines()[0]}); used sdpa")
-        attention = "sdpa"
+        notes.append(f"packed attention {attention!r} failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                     f"used {BUCKETS_ATTENTION} (sdpa per length bucket)")
+        attention = BUCKETS_ATTENTION
         measure("fastsoft, 1 job", lambda: (lambda s, c: (s, c[0]))(*train_fastsoft(loaded, spec, data, 1, attention)))
     jobs = cfg["jobs"]
     measure(f"fastsoft, {jobs} jobs in {jobs} slots", lambda: (lambda s, c: (s, c[0]))(*train_fastsoft(loaded, spec, data, jobs, attention)))
     peft = load_peft()
     if peft is None:
-        notes.append("peft is not installed and no wheel was found in benchmarks/wheels: the PEFT baseline was skipped")
+        notes.append("peft is not installed and no wheel was found in .whl/ or benchmarks/wheels/: the PEFT baseline was skipped")
     else:
         measure("peft prompt tuning", lambda: train_peft(loaded, spec, data, peft))
     by = {r["method"]: r["scored_tokens_per_s"] for r in rows}
@@ -455,9 +457,12 @@ def plot(result: dict, path: Path) -> None:
     t, tr = result["teacher"], result["training"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     labels = [f"{r['method']}\n({r['mode']})" for r in t["rows"]]
-    axes[0].barh(labels, [r["seconds"] for r in t["rows"]], color=["C1" if "fastsoft" in r["method"] else "C0" for r in t["rows"]])
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("seconds (log)")
+    speedups = [r["speedup_vs_naive"] for r in t["rows"]]
+    bars = axes[0].barh(labels, speedups, color=["C1" if "fastsoft" in r["method"] else "C0" for r in t["rows"]])
+    axes[0].bar_label(bars, [f"{x:.1f}x ({r['seconds'] * 1e3:.0f} ms)" for x, r in zip(speedups, t["rows"])], fontsize=8, padding=2)
+    axes[0].axvline(t["token_ratio_bound"], color="grey", ls=":", lw=1)
+    axes[0].set_xlim(0, max(max(speedups), t["token_ratio_bound"]) * 1.45)
+    axes[0].set_xlabel("speed-up over the naive per-query forward (dotted: token-ratio bound)")
     axes[0].set_title(f"teacher: |c|={t['context_tokens']}, {t['queries']} queries")
     axes[0].invert_yaxis()
     for method, curve in tr["curves"].items():
