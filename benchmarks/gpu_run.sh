@@ -3,7 +3,8 @@
 #
 #     bash benchmarks/gpu_run.sh            # GPU tests, then the full benchmark
 #     bash benchmarks/gpu_run.sh tests      # only the tests (softmax_kl Triton suite, GPU marks included)
-#     bash benchmarks/gpu_run.sh bench      # only the benchmark; BENCH_ARGS="--teachers dense" narrows it
+#     bash benchmarks/gpu_run.sh bench      # only the softmax_kl benchmark; BENCH_ARGS="--teachers dense" narrows it
+#     bash benchmarks/gpu_run.sh e2e        # only the end-to-end benchmark (teacher, training vs PEFT)
 #
 # Each part fits in 10 minutes on an H100. Results go to benchmarks/results/ and to $OUT (default
 # benchmarks/results/gpu-run): pytest log, benchmark table, JSON and PNG, nvidia-smi, versions.
@@ -54,12 +55,17 @@ python -c "import fastsoft.kernels.softmax_kl as k; print('fastsoft.kernels from
 
 status=0
 if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
-    python -m pytest tests/test_softmax_kl_triton.py tests/test_softmax_kl.py -q -rs 2>&1 | tee "$OUT/pytest.txt"
+    python -m pytest tests/test_softmax_kl_triton.py tests/test_softmax_kl.py tests/test_engine.py -q -rs 2>&1 | tee "$OUT/pytest.txt"
     status=${PIPESTATUS[0]}
 fi
 if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
     # shellcheck disable=SC2086
     python benchmarks/bench_softmax_kl.py --device cuda --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
+    [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
+fi
+if [[ "$WHAT" == all || "$WHAT" == e2e ]]; then
+    # the PEFT baseline needs its wheel on a machine without network: carry .whl (see bench_e2e.py's docstring)
+    python benchmarks/bench_e2e.py --out "$OUT" 2>&1 | tee "$OUT/e2e.txt"
     [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
 fi
 echo "results in $OUT"

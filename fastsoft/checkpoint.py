@@ -52,7 +52,7 @@ def load_checkpoint(out: Path, jobs_hash: str, config: dict, name: str = CHECKPO
     return state
 
 
-RUN_FIELDS = ("slot", "step", "losses", "stop_reason", "error", "seconds", "pending", "report", "_order")
+RUN_FIELDS = ("slot", "step", "waited", "losses", "stop_reason", "error", "seconds", "pending", "report", "_order")
 
 
 def run_state(run) -> dict:
