@@ -101,7 +101,7 @@ struct TwoSoftmaxStats {
 // [e^{z - m_z}; e^{a - m_a}] in za and updates the online stats; alpha gets each row's rescale factor.
 template <typename T>
 FS_INLINE void two_softmax_tile_impl(T* za, const T* a, int64_t lda, T a_scale, int64_t rows, int64_t cols,
-                                     const bool* keep, TwoSoftmaxStats<T>* st, T* alpha) {
+                                     const uint8_t* keep, TwoSoftmaxStats<T>* st, T* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
     T* zr = za + r * cols;
     T* er = za + (rows + r) * cols;
@@ -151,7 +151,7 @@ FS_INLINE void two_softmax_tile_impl(T* za, const T* a, int64_t lda, T a_scale, 
 // of the row's ids zeroed (so the tile's GEMM accumulates the tail only); captures z at the ids,
 // updates the running max m and tail sum, and returns the rescale factor of each row in alpha.
 template <typename T>
-FS_INLINE void sparse_tile_impl(T* z, int64_t rows, int64_t cols, int64_t v0, const bool* keep, const int64_t* uid,
+FS_INLINE void sparse_tile_impl(T* z, int64_t rows, int64_t cols, int64_t v0, const uint8_t* keep, const int64_t* uid,
                                 const int64_t* ucount, int64_t kstride, int64_t* cursor, T* zu, T* m, T* s_tail,
                                 T* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -193,12 +193,12 @@ bool cpu_has_avx2() { return false; }
 #endif
 
 #define FS_PARAMS_sparse_tile(T)                                                                                    \
-  T *z, int64_t rows, int64_t cols, int64_t v0, const bool *keep, const int64_t *uid, const int64_t *ucount,         \
+  T *z, int64_t rows, int64_t cols, int64_t v0, const uint8_t *keep, const int64_t *uid, const int64_t *ucount,         \
       int64_t kstride, int64_t *cursor, T *zu, T *m, T *s_tail, T *alpha
 #define FS_ARGS_sparse_tile z, rows, cols, v0, keep, uid, ucount, kstride, cursor, zu, m, s_tail, alpha
 
 #define FS_PARAMS_two_softmax_tile(T) \
-  T *za, const T *a, int64_t lda, T a_scale, int64_t rows, int64_t cols, const bool *keep, TwoSoftmaxStats<T> *st, T *alpha
+  T *za, const T *a, int64_t lda, T a_scale, int64_t rows, int64_t cols, const uint8_t *keep, TwoSoftmaxStats<T> *st, T *alpha
 #define FS_ARGS_two_softmax_tile za, a, lda, a_scale, rows, cols, keep, st, alpha
 
 #define FS_KERNEL(NAME)                                                                                            \
@@ -272,7 +272,7 @@ Plan plan_rows(int64_t n) {
 // student's ([h; h_t] @ W_tile^T); per token 3 GEMMs (dense) or 4 (hidden), no logits kept.
 template <typename T>
 void two_softmax_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& teacher,
-                      bool teacher_is_hidden, double temperature, const bool* keep, bool need_grad, at::Tensor& loss,
+                      bool teacher_is_hidden, double temperature, const uint8_t* keep, bool need_grad, at::Tensor& loss,
                       at::Tensor& grad) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
@@ -293,7 +293,7 @@ void two_softmax_rows(const at::Tensor& hidden, const at::Tensor& weight, const 
 
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t n0 = task * bn, m = std::min(bn, N - n0);
-      const bool* kp = keep + n0;
+      const uint8_t* kp = keep + n0;
       const at::Tensor lhs = matrix(lhs_buf, teacher_is_hidden ? 2 * m : m, H);  // [h / T] or [h / T; h_t / T]
       load_scaled(lhs.narrow(0, 0, m), hidden.narrow(0, n0, m), inv_t);
       if (teacher_is_hidden) {
@@ -355,7 +355,7 @@ T xlogy(T x, T y) { return x == T(0) ? T(0) : x * std::log(y); }
 
 template <typename T>
 void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& ids, const at::Tensor& probs,
-                 const at::Tensor& tail, double temperature, const bool* keep, bool need_grad, at::Tensor& loss,
+                 const at::Tensor& tail, double temperature, const uint8_t* keep, bool need_grad, at::Tensor& loss,
                  at::Tensor& grad) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0), K = ids.size(1);
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
@@ -378,7 +378,7 @@ void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::T
 
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t n0 = task * bn, rows = std::min(bn, N - n0);
-      const bool* kp = keep + n0;
+      const uint8_t* kp = keep + n0;
       const at::Tensor h_mat = matrix(h_blk, rows, H);  // h / T
       load_scaled(h_mat, hidden.narrow(0, n0, rows), inv_t);
       for (int64_t r = 0; r < rows; ++r) {
@@ -507,6 +507,19 @@ std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& hidden, at::ScalarT
   return {loss, grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> run_two_softmax(const at::Tensor& hidden, const at::Tensor& lm_weight,
+                                                   const at::Tensor& teacher, bool teacher_is_hidden, double temperature,
+                                                   const std::vector<uint8_t>& keep, bool need_grad) {
+  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
+  auto [loss, grad] = outputs(hidden, acc, need_grad);
+  if (hidden.size(0) == 0) return {loss, grad};
+  if (acc == at::kDouble)
+    two_softmax_rows<double>(hidden, lm_weight, teacher, teacher_is_hidden, temperature, keep.data(), need_grad, loss, grad);
+  else
+    two_softmax_rows<float>(hidden, lm_weight, teacher, teacher_is_hidden, temperature, keep.data(), need_grad, loss, grad);
+  return {loss, grad};
+}
+
 std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_dense(const at::Tensor& hidden, const at::Tensor& lm_weight,
                                                          const at::Tensor& teacher, double temperature,
                                                          const std::optional<at::Tensor>& token_weight, bool need_grad) {
@@ -515,13 +528,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_dense(const at::Tensor& hidde
   TORCH_CHECK(teacher.dim() == 2 && teacher.size(0) == hidden.size(0) && teacher.size(1) == lm_weight.size(0),
               "fastsoft softmax_kl (C++): a dense teacher must have shape [N, V] = [", hidden.size(0), ", ",
               lm_weight.size(0), "], got ", teacher.sizes());
-  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
-  auto [loss, grad] = outputs(hidden, acc, need_grad);
-  if (hidden.size(0) == 0) return {loss, grad};
-  const bool* kp = reinterpret_cast<const bool*>(keep.data());
-  if (acc == at::kDouble) two_softmax_rows<double>(hidden, lm_weight, teacher, false, temperature, kp, need_grad, loss, grad);
-  else two_softmax_rows<float>(hidden, lm_weight, teacher, false, temperature, kp, need_grad, loss, grad);
-  return {loss, grad};
+  return run_two_softmax(hidden, lm_weight, teacher, false, temperature, keep, need_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_hidden(const at::Tensor& hidden, const at::Tensor& lm_weight,
@@ -530,15 +537,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_hidden(const at::Tensor& hidd
                                                           bool need_grad) {
   const auto keep = check_common(hidden, lm_weight, temperature, token_weight);
   check_float(teacher_hidden, "teacher_hidden");
-  TORCH_CHECK(teacher_hidden.sizes() == hidden.sizes(), "fastsoft softmax_kl (C++): teacher hidden states must have the shape of hidden ",
-              hidden.sizes(), ", got ", teacher_hidden.sizes());
-  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
-  auto [loss, grad] = outputs(hidden, acc, need_grad);
-  if (hidden.size(0) == 0) return {loss, grad};
-  const bool* kp = reinterpret_cast<const bool*>(keep.data());
-  if (acc == at::kDouble) two_softmax_rows<double>(hidden, lm_weight, teacher_hidden, true, temperature, kp, need_grad, loss, grad);
-  else two_softmax_rows<float>(hidden, lm_weight, teacher_hidden, true, temperature, kp, need_grad, loss, grad);
-  return {loss, grad};
+  TORCH_CHECK(teacher_hidden.sizes() == hidden.sizes(),
+              "fastsoft softmax_kl (C++): teacher hidden states must have the shape of hidden ", hidden.sizes(), ", got ",
+              teacher_hidden.sizes());
+  return run_two_softmax(hidden, lm_weight, teacher_hidden, true, temperature, keep, need_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_sparse(const at::Tensor& hidden, const at::Tensor& lm_weight,
@@ -574,9 +576,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_sparse(const at::Tensor& hidd
   }
   const at::Tensor w = probs.to(acc);
   const at::Tensor r = tail.has_value() ? tail->to(acc) : at::Tensor();
-  const bool* kp = reinterpret_cast<const bool*>(keep.data());
-  if (acc == at::kDouble) sparse_rows<double>(hidden, lm_weight, ids64, w, r, temperature, kp, need_grad, loss, grad);
-  else sparse_rows<float>(hidden, lm_weight, ids64, w, r, temperature, kp, need_grad, loss, grad);
+  if (acc == at::kDouble) sparse_rows<double>(hidden, lm_weight, ids64, w, r, temperature, keep.data(), need_grad, loss, grad);
+  else sparse_rows<float>(hidden, lm_weight, ids64, w, r, temperature, keep.data(), need_grad, loss, grad);
   return {loss, grad};
 }
 
