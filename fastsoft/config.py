@@ -10,8 +10,8 @@ from fastsoft.errors import FastsoftError
 @dataclass
 class CompressConfig:
     prompt_length: int = 16
-    steps: int = 150  # step budget per job
-    lr: float = 0.02
+    steps: int = 200  # step budget per job
+    lr: float = 0.03
     warmup: int = 10
     batch_queries: int = 4  # training queries of a job per step
     tol: float = 0.02  # a job converges when its mean loss over the last `patience` steps is below this
@@ -26,7 +26,7 @@ class CompressConfig:
     init_text: str | None = None
     placement: str = "template"
     template: str = "auto"
-    max_new_tokens: int = 48
+    max_new_tokens: int = 24  # the facts come first; long greedy tails are mostly drift
     eval_fraction: float = 0.2
     slots: int = 4
     token_budget: int = 4096
