@@ -88,6 +88,13 @@ FS_INLINE T row_max(const T* x, int64_t n, T scale) {
   return mx;
 }
 
+template <typename T>
+FS_INLINE void scale_row(T* x, int64_t n, T scale) {
+  if (scale == T(1)) return;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+}
+
 // ---------------------------------------------------------------- tile kernels
 
 template <typename T>
@@ -96,11 +103,12 @@ struct TwoSoftmaxStats {
   T m_a, s_a, c;  // the same for the teacher logits a, and c = sum e^{a - m_a} ((a - m_a) - (z - m_z))
 };
 
-// Dense or hidden teacher, one tile: za = [z; e] [2 * rows, cols] holds the student logits z, and
-// teacher logits are read from a (row stride lda, times a_scale; a may alias e). Leaves
-// [e^{z - m_z}; e^{a - m_a}] in za and updates the online stats; alpha gets each row's rescale factor.
+// Dense or hidden teacher, one tile: za = [z; e] [2 * rows, cols] holds the student's h W^T, and the
+// teacher's logits are read from a (row stride lda; a may alias e); both are divided by T here
+// (times inv_t). Leaves [e^{z - m_z}; e^{a - m_a}] in za, updates the online stats and gives each
+// row's rescale factor in alpha.
 template <typename T>
-FS_INLINE void two_softmax_tile_impl(T* za, const T* a, int64_t lda, T a_scale, int64_t rows, int64_t cols,
+FS_INLINE void two_softmax_tile_impl(T* za, const T* a, int64_t lda, T inv_t, int64_t rows, int64_t cols,
                                      const uint8_t* keep, TwoSoftmaxStats<T>* st, T* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
     T* zr = za + r * cols;
@@ -113,13 +121,14 @@ FS_INLINE void two_softmax_tile_impl(T* za, const T* a, int64_t lda, T a_scale, 
     }
     const T* ar = a + r * lda;
     TwoSoftmaxStats<T>& s = st[r];
+    scale_row(zr, cols, inv_t);
     const T mz = std::max(s.m_z, row_max(zr, cols, T(1)));
-    const T ma = std::max(s.m_a, row_max(ar, cols, a_scale));
+    const T ma = std::max(s.m_a, row_max(ar, cols, inv_t));
     T sa = 0, c = 0, sz = 0;
     if (ma != NEG_INF<T>) {  // else no teacher mass yet (log-probs of -inf): e = 0
 #pragma omp simd reduction(+ : sa, c)
       for (int64_t i = 0; i < cols; ++i) {
-        const T av = ar[i] * a_scale;
+        const T av = ar[i] * inv_t;
         const T e = exp_acc(av - ma);
         sa += e;
         c += e > T(0) ? e * ((av - ma) - (zr[i] - mz)) : T(0);  // q = 0 contributes 0, never 0 * -inf
@@ -147,13 +156,13 @@ FS_INLINE void two_softmax_tile_impl(T* za, const T* a, int64_t lda, T a_scale, 
   }
 }
 
-// Sparse teacher, one tile starting at vocab id v0: z tile -> e^{z - m} in place with the columns
-// of the row's ids zeroed (so the tile's GEMM accumulates the tail only); captures z at the ids,
-// updates the running max m and tail sum, and returns the rescale factor of each row in alpha.
+// Sparse teacher, one tile starting at vocab id v0: z = h W^T tile -> e^{z / T - m} in place with the
+// columns of the row's ids zeroed (so the tile's GEMM accumulates the tail only); captures z / T at
+// the ids, updates the running max m and tail sum, and gives each row's rescale factor in alpha.
 template <typename T>
-FS_INLINE void sparse_tile_impl(T* z, int64_t rows, int64_t cols, int64_t v0, const uint8_t* keep, const int64_t* uid,
-                                const int64_t* ucount, int64_t kstride, int64_t* cursor, T* zu, T* m, T* s_tail,
-                                T* alpha) {
+FS_INLINE void sparse_tile_impl(T* z, T inv_t, int64_t rows, int64_t cols, int64_t v0, const uint8_t* keep,
+                                const int64_t* uid, const int64_t* ucount, int64_t kstride, int64_t* cursor, T* zu, T* m,
+                                T* s_tail, T* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
     T* zr = z + r * cols;
     alpha[r] = T(1);
@@ -161,6 +170,7 @@ FS_INLINE void sparse_tile_impl(T* z, int64_t rows, int64_t cols, int64_t v0, co
       std::memset(zr, 0, sizeof(T) * cols);
       continue;
     }
+    scale_row(zr, cols, inv_t);
     const T mn = std::max(m[r], row_max(zr, cols, T(1)));
     const int64_t* ids = uid + r * kstride;
     const int64_t first = cursor[r];
@@ -192,14 +202,14 @@ bool cpu_has_avx2() {
 bool cpu_has_avx2() { return false; }
 #endif
 
-#define FS_PARAMS_sparse_tile(T)                                                                                    \
-  T *z, int64_t rows, int64_t cols, int64_t v0, const uint8_t *keep, const int64_t *uid, const int64_t *ucount,         \
-      int64_t kstride, int64_t *cursor, T *zu, T *m, T *s_tail, T *alpha
-#define FS_ARGS_sparse_tile z, rows, cols, v0, keep, uid, ucount, kstride, cursor, zu, m, s_tail, alpha
+#define FS_PARAMS_sparse_tile(T)                                                                               \
+  T *z, T inv_t, int64_t rows, int64_t cols, int64_t v0, const uint8_t *keep, const int64_t *uid,                 \
+      const int64_t *ucount, int64_t kstride, int64_t *cursor, T *zu, T *m, T *s_tail, T *alpha
+#define FS_ARGS_sparse_tile z, inv_t, rows, cols, v0, keep, uid, ucount, kstride, cursor, zu, m, s_tail, alpha
 
 #define FS_PARAMS_two_softmax_tile(T) \
-  T *za, const T *a, int64_t lda, T a_scale, int64_t rows, int64_t cols, const uint8_t *keep, TwoSoftmaxStats<T> *st, T *alpha
-#define FS_ARGS_two_softmax_tile za, a, lda, a_scale, rows, cols, keep, st, alpha
+  T *za, const T *a, int64_t lda, T inv_t, int64_t rows, int64_t cols, const uint8_t *keep, TwoSoftmaxStats<T> *st, T *alpha
+#define FS_ARGS_two_softmax_tile za, a, lda, inv_t, rows, cols, keep, st, alpha
 
 #define FS_KERNEL(NAME)                                                                                            \
   void NAME##_base(FS_PARAMS_##NAME(float)) { NAME##_impl<float>(FS_ARGS_##NAME); }                                \
@@ -219,10 +229,12 @@ at::Tensor matrix(const at::Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// dst = src * scale, upcast to dst's dtype by ATen's vectorised copy (src rows of any float dtype).
-void load_scaled(const at::Tensor& dst, const at::Tensor& src, double scale) {
+// src in the compute dtype: src itself, or an upcast copy into buf (ATen's vectorised copy).
+at::Tensor as_compute(const at::Tensor& src, const at::Tensor& buf) {
+  if (src.scalar_type() == buf.scalar_type()) return src;
+  at::Tensor dst = matrix(buf, src.size(0), src.size(1));
   dst.copy_(src);
-  if (scale != 1.0) dst.mul_(scale);
+  return dst;
 }
 
 // The W tile [bv, H] in the compute dtype: a view of W, or an upcast copy in a per-task buffer.
@@ -283,9 +295,12 @@ void two_softmax_rows(const at::Tensor& hidden, const at::Tensor& weight, const 
 
   at::parallel_for(0, plan.tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     const auto opts = hidden.options().dtype(acc);
-    const int64_t bn = plan.bn, lhs_rows = teacher_is_hidden ? 2 * bn : bn;
+    const int64_t bn = plan.bn;
     WeightTiles w_tile(weight, acc);
-    at::Tensor lhs_buf = at::empty({lhs_rows * H}, opts), za_buf = at::empty({2 * bn * BV}, opts);
+    // [h; h_t] for a hidden teacher (one GEMM gives both logits), h upcast when it is bf16/fp16, else h itself
+    const bool copy_lhs = teacher_is_hidden || hidden.scalar_type() != acc;
+    at::Tensor lhs_buf = copy_lhs ? at::empty({(teacher_is_hidden ? 2 : 1) * bn * H}, opts) : at::Tensor();
+    at::Tensor za_buf = at::empty({2 * bn * BV}, opts);
     at::Tensor a_buf = teacher_is_hidden || teacher_direct ? at::Tensor() : at::empty({bn * BV}, opts);
     at::Tensor o_acc = need_grad ? at::empty({2 * bn * H}, opts) : at::Tensor();
     std::vector<TwoSoftmaxStats<T>> st(bn);
@@ -294,12 +309,15 @@ void two_softmax_rows(const at::Tensor& hidden, const at::Tensor& weight, const 
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t n0 = task * bn, m = std::min(bn, N - n0);
       const uint8_t* kp = keep + n0;
-      const at::Tensor lhs = matrix(lhs_buf, teacher_is_hidden ? 2 * m : m, H);  // [h / T] or [h / T; h_t / T]
-      load_scaled(lhs.narrow(0, 0, m), hidden.narrow(0, n0, m), inv_t);
-      if (teacher_is_hidden) {
-        load_scaled(lhs.narrow(0, m, m), teacher.narrow(0, n0, m), inv_t);
-        for (int64_t r = 0; r < m; ++r)
-          if (!kp[r]) lhs[m + r].zero_();  // an ignored row's teacher is never trusted
+      at::Tensor lhs = hidden.narrow(0, n0, m);  // [m, H], or [2m, H] = [h; h_t] for a hidden teacher
+      if (copy_lhs) {
+        lhs = matrix(lhs_buf, teacher_is_hidden ? 2 * m : m, H);
+        lhs.narrow(0, 0, m).copy_(hidden.narrow(0, n0, m));
+        if (teacher_is_hidden) {
+          lhs.narrow(0, m, m).copy_(teacher.narrow(0, n0, m));
+          for (int64_t r = 0; r < m; ++r)
+            if (!kp[r]) lhs[m + r].zero_();  // an ignored row's teacher is never trusted
+        }
       }
       at::Tensor o = need_grad ? matrix(o_acc, 2 * m, H) : at::Tensor();  // [sum e^{z-m_z} W; sum e^{a-m_a} W]
       if (need_grad) o.zero_();
@@ -309,24 +327,23 @@ void two_softmax_rows(const at::Tensor& hidden, const at::Tensor& weight, const 
         const int64_t bv = std::min(BV, V - v0);
         const at::Tensor w_t = w_tile(v0, bv);
         at::Tensor za = matrix(za_buf, 2 * m, bv);
-        const T* a;  // teacher logits of the tile: row stride lda, times a_scale
+        const T* a;  // the tile's teacher logits (times T), row stride lda
         int64_t lda;
-        T a_scale;
         if (teacher_is_hidden) {
           at::mm_out(za, lhs, w_t.t());  // [2m, bv]: student and teacher logits
-          a = za.const_data_ptr<T>() + m * bv, lda = bv, a_scale = T(1);
+          a = za.const_data_ptr<T>() + m * bv, lda = bv;
         } else {
           at::Tensor z = za.narrow(0, 0, m);
           at::mm_out(z, lhs, w_t.t());  // [m, bv]
           if (teacher_direct) {
-            a = teacher.const_data_ptr<T>() + n0 * V + v0, lda = V, a_scale = inv_t;
+            a = teacher.const_data_ptr<T>() + n0 * V + v0, lda = V;
           } else {
             at::Tensor a_mat = matrix(a_buf, m, bv);
             a_mat.copy_(teacher.narrow(0, n0, m).narrow(1, v0, bv));
-            a = a_mat.const_data_ptr<T>(), lda = bv, a_scale = inv_t;
+            a = a_mat.const_data_ptr<T>(), lda = bv;
           }
         }
-        two_softmax_tile(za.mutable_data_ptr<T>(), a, lda, a_scale, m, bv, kp, st.data(), alpha.data());
+        two_softmax_tile(za.mutable_data_ptr<T>(), a, lda, inv_t, m, bv, kp, st.data(), alpha.data());
         if (!need_grad) continue;
         rescale_rows(o, alpha.data());
         o.addmm_(za, w_t);  // [2m, H] += [2m, bv] @ [bv, H]
@@ -370,8 +387,10 @@ void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::T
     const auto opts = hidden.options().dtype(acc);
     const int64_t bn = plan.bn;
     WeightTiles w_tile(weight, acc);
-    at::Tensor h_blk = at::empty({bn * H}, opts), z_buf = at::empty({bn * BV}, opts);
-    at::Tensor o_acc = need_grad ? at::empty({bn * H}, opts) : at::Tensor();
+    at::Tensor h_buf = at::empty({hidden.scalar_type() == acc ? 0 : bn * H}, opts);  // h upcast if bf16/fp16
+    at::Tensor z_buf = at::empty({bn * BV}, opts);
+    // the tail sum accumulates in the gradient rows themselves when they are in the compute dtype
+    at::Tensor o_buf = need_grad && grad.scalar_type() != acc ? at::empty({bn * H}, opts) : at::Tensor();
     std::vector<int64_t> uid(bn * K), ucount(bn), cursor(bn);
     std::vector<T> wu(bn * K), zu(bn * K), m(bn), s_tail(bn), alpha(bn), sum_w(bn), xlogx(bn);
     std::vector<std::pair<int64_t, T>> pairs(K);
@@ -379,8 +398,7 @@ void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::T
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t n0 = task * bn, rows = std::min(bn, N - n0);
       const uint8_t* kp = keep + n0;
-      const at::Tensor h_mat = matrix(h_blk, rows, H);  // h / T
-      load_scaled(h_mat, hidden.narrow(0, n0, rows), inv_t);
+      const at::Tensor h_mat = as_compute(hidden.narrow(0, n0, rows), h_buf);
       for (int64_t r = 0; r < rows; ++r) {
         m[r] = NEG_INF<T>, s_tail[r] = T(0), cursor[r] = 0, ucount[r] = 0, sum_w[r] = T(0), xlogx[r] = T(0);
         if (!kp[r]) continue;
@@ -398,15 +416,18 @@ void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::T
         }
         ucount[r] = u + 1;
       }
-      at::Tensor o = need_grad ? matrix(o_acc, rows, H) : at::Tensor();
-      if (need_grad) o.zero_();
+      at::Tensor o;  // [rows, H]: sum_{v not in ids} e^{z_v - m} W_v
+      if (need_grad) {
+        o = o_buf.defined() ? matrix(o_buf, rows, H) : grad.narrow(0, n0, rows);
+        o.zero_();
+      }
 
       for (int64_t v0 = 0; v0 < V; v0 += BV) {
         const int64_t bv = std::min(BV, V - v0);
         const at::Tensor w_t = w_tile(v0, bv);
         at::Tensor z = matrix(z_buf, rows, bv);
         at::mm_out(z, h_mat, w_t.t());
-        sparse_tile(z.mutable_data_ptr<T>(), rows, bv, v0, kp, uid.data(), ucount.data(), K, cursor.data(), zu.data(),
+        sparse_tile(z.mutable_data_ptr<T>(), inv_t, rows, bv, v0, kp, uid.data(), ucount.data(), K, cursor.data(), zu.data(),
                     m.data(), s_tail.data(), alpha.data());
         if (!need_grad) continue;
         rescale_rows(o, alpha.data());
@@ -450,7 +471,10 @@ void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::T
           for (int64_t j = 0; j < H; ++j) g[j] += coef * w_row[j];
         }
       }
-      if (need_grad) grad.narrow(0, n0, rows).copy_(o.mul_(inv_t));
+      if (need_grad) {
+        o.mul_(inv_t);
+        if (o_buf.defined()) grad.narrow(0, n0, rows).copy_(o);
+      }
     }
   });
 }
