@@ -149,7 +149,7 @@ FS_INLINE void two_softmax_tile_impl(T* za, const T* a, int64_t lda, T inv_t, in
       s.s_a *= alpha[rows + r];
     }
     s.s_a += sa, s.c += c;
-    s.m_a = std::max(s.m_a, ma);
+    s.m_a = ma;
     alpha[r] = exp_acc(s.m_z - mz);
     s.s_z = s.s_z * alpha[r] + sz;
     s.m_z = mz;
@@ -327,7 +327,7 @@ void two_softmax_rows(const at::Tensor& hidden, const at::Tensor& weight, const 
         const int64_t bv = std::min(BV, V - v0);
         const at::Tensor w_t = w_tile(v0, bv);
         at::Tensor za = matrix(za_buf, 2 * m, bv);
-        const T* a;  // the tile's teacher logits (times T), row stride lda
+        const T* a;  // the tile's teacher logits before the 1/T, row stride lda
         int64_t lda;
         if (teacher_is_hidden) {
           at::mm_out(za, lhs, w_t.t());  // [2m, bv]: student and teacher logits
