@@ -20,8 +20,11 @@ from fastsoft.ops import BackendUnavailable, HiddenTarget, SparseTarget, cpp, re
 KINDS = ["dense", "hidden", "topk", "sampled", "onehot"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpp_backend():
+@pytest.fixture(autouse=True)
+def cpp_backend(request):
+    """Every test needs the extension except the one about its absence; it must build unless turned off."""
+    if request.node.originalname == "test_explicit_cpp_backend_raises_when_turned_off":
+        return
     ok, why = cpp.is_available()
     if not ok:
         if os.environ.get("FASTSOFT_SKIP_EXT") == "1":
@@ -265,7 +268,8 @@ def test_explicit_cpp_backend_raises_when_turned_off(monkeypatch):
         assert cpp.is_available() == (False, "the C++ backend is turned off (FASTSOFT_SKIP_EXT=1)")
         with pytest.raises(BackendUnavailable, match="FASTSOFT_SKIP_EXT"):
             softmax_kl(torch.randn(2, 4), torch.randn(10, 4), torch.zeros(2, 10), backend="cpp")
+        with pytest.raises(BackendUnavailable, match="FASTSOFT_SKIP_EXT"):
+            cpp.softmax_kl_rows(torch.randn(2, 4), torch.randn(10, 4), torch.zeros(2, 10), 1.0, None, True)
     finally:
-        monkeypatch.delenv("FASTSOFT_SKIP_EXT")
+        monkeypatch.undo()
         cpp._load.cache_clear()
-    assert cpp.is_available()[0]
