@@ -197,6 +197,16 @@ def test_ignored_rows_never_leak(kind):
     assert out.item() == 0.0
 
 
+def test_sparse_ids_repeated_in_a_row_match_reference():
+    gen = torch.Generator().manual_seed(10)
+    h, W = torch.randn(3, 16, generator=gen, dtype=torch.float64), torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    ids = torch.tensor([[5, 9, 5, 299], [0, 0, 0, 0], [7, 8, 9, 10]])
+    probs = torch.full((3, 4), 0.2, dtype=torch.float64)
+    teacher = SparseTarget(ids, probs, torch.full((3,), 0.2, dtype=torch.float64))
+    for got, want in zip(cpp.softmax_kl_rows(h, W, teacher, 1.3, None, True), reference.softmax_kl_rows(h, W, teacher, 1.3, None, True)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_empty_batch_and_no_grad():
     h = torch.zeros(0, 8, requires_grad=True)
     out = softmax_kl(h, torch.randn(40, 8), torch.zeros(0, 40), backend="cpp")
