@@ -30,11 +30,15 @@ def test_teacher_reads_the_context_and_a_short_run_trains(smollm, tmp_path):
     context = ("Marrowick is an island in the Lantern Sea. The lighthouse on Marrowick, the Tamsin Light, "
                "is painted orange. The mayor of Marrowick is Odile Frane.")
     template = make_template(smollm.tokenizer)
-    taught = teach(smollm, template, "m", context, ["What colour is the Tamsin Light?", "Who is the mayor of Marrowick?"],
-                   max_new_tokens=24)
-    answers = [smollm.tokenizer.decode(t.answer) for t in taught]
-    # the 135M model does not always repeat a fact verbatim, but it does read the context
-    assert any(fact in " ".join(answers).lower() for fact in ("orange", "odile", "frane"))
+    query, answer = "What colour is the Tamsin Light?", "The Tamsin Light is painted orange."
+
+    def answer_logprob(ctx: str) -> float:
+        taught = teach(smollm, template, "m", ctx, [query], [answer])[0]
+        logp = torch.log_softmax(smollm.logits(taught.hidden), -1)
+        return float(logp.gather(1, torch.tensor(taught.answer)[:, None]).sum())
+
+    # the teacher reads the context: the true answer is far likelier with it than with an unrelated one
+    assert answer_logprob(context) > answer_logprob("The weather in the valley was mild all week.") + 2.0
     job = fastsoft.Job("m", context, ["What colour is the Tamsin Light?", "Who is the mayor of Marrowick?", "Where is Marrowick?"],
                        eval_queries=["Which colour is the lighthouse?"])
     report = fastsoft.compress([job], smollm, tmp_path, steps=6, prompt_length=4, max_new_tokens=16, batch_queries=3, tol=0.0,
