@@ -1,6 +1,7 @@
 """Install fastsoft. The C++ CPU backend (csrc/) is built here into fastsoft._C when torch is importable
-(install with --no-build-isolation); otherwise, or with FASTSOFT_SKIP_EXT=1, it is built just in time
-on first use (fastsoft/ops/cpp.py)."""
+(install with --no-build-isolation) and FASTSOFT_SKIP_EXT is not 1 at install time; otherwise it is built
+just in time on first use from the shipped source (fastsoft/ops/cpp.py). FASTSOFT_SKIP_EXT=1 at run time
+turns the backend off."""
 
 import os
 
@@ -31,9 +32,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["fastsoft", "fastsoft.ops", "fastsoft.kernels"],
-    package_dir={"fastsoft.kernels": "kernels"},
-    package_data={"fastsoft": ["csrc/*.cpp"]},
+    packages=["fastsoft", "fastsoft.ops", "fastsoft.kernels", "fastsoft.csrc"],
+    package_dir={"fastsoft.kernels": "kernels", "fastsoft.csrc": "csrc"},
+    package_data={"fastsoft.csrc": ["*.cpp"]},  # the source the just-in-time build compiles
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
