@@ -93,6 +93,10 @@ class Engine:
                     errors[run.job.id] = result  # a waiting run meets its error again when it is admitted
                     continue
                 train, held = result
+                if not all(bool(torch.isfinite(t.hidden).all()) for t in train + held):  # never cache a poisoned teacher
+                    errors[run.job.id] = FastsoftError(f"the model's outputs for job {run.job.id!r} are NaN or infinite in the teacher pass "
+                                                       f"(try --dtype fp32); nothing was cached for it")
+                    continue
                 hidden = torch.cat([t.hidden for t in train])
                 targets = make_targets(self.loaded.lm_weight, hidden, self.spec, torch.Generator().manual_seed(run.seed))
                 self.cache.put(run.job.id, encode(self.loaded.tokenizer, run.job.context), train, targets, held)

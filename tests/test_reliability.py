@@ -179,3 +179,49 @@ def test_a_corrupted_shard_is_named_then_rebuilt(tiny, tiny_job, tmp_path):
 def test_duplicate_job_ids_are_refused(tiny, tiny_job, tmp_path):
     with pytest.raises(fastsoft.FastsoftError, match="repeated: velmora"):
         fastsoft.compress([tiny_job, tiny_job], tiny, tmp_path, **FAST)
+
+
+def test_nan_in_the_models_teacher_outputs_fails_that_job_only(tiny, tiny_job, tmp_path):
+    all_jobs = jobs(tiny_job.context)
+    clean = fastsoft.compress([all_jobs[0], all_jobs[2]], tiny, tmp_path / "clean", **FAST)
+    others = {t for j in (all_jobs[0], all_jobs[2]) for text in [j.context, *j.queries, *j.eval_queries] for t in tiny.tokenizer.encode(text)}
+    all_jobs[1].queries[0] = "What about the quagmire zephyr?"
+    bad = next(t for t in tiny.tokenizer.encode(all_jobs[1].queries[0]) if t not in others)
+    # the model itself overflows on one token that only job1 contains (as an fp16 model can)
+    hook = tiny.embed.register_forward_hook(lambda module, args, out: out.masked_fill((args[0] == bad)[..., None], float("nan")))
+    try:
+        reports = fastsoft.compress(all_jobs, tiny, tmp_path / "poisoned", **FAST)
+    finally:
+        hook.remove()
+    assert "error" not in reports[0] and "error" not in reports[2]
+    assert reports[1]["error"] == "the model's outputs for job 'job1' are NaN or infinite in the teacher pass (try --dtype fp32); nothing was cached for it"
+    assert "job1" not in json.loads((tmp_path / "poisoned" / "cache" / "index.json").read_text())["jobs"]
+    for name, report in (("job0", clean[0]), ("job2", clean[1])):  # sharing teacher batches with job1 changed nothing
+        assert reports[int(name[-1])]["losses"] == pytest.approx(report["losses"], rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(prompts(tmp_path / "poisoned")[name], prompts(tmp_path / "clean")[name], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_in_the_models_student_outputs_fails_that_job_only(tiny, tiny_job, tmp_path, monkeypatch):
+    import fastsoft.engine
+
+    all_jobs = jobs(tiny_job.context)
+    clean = fastsoft.compress([all_jobs[0], all_jobs[2]], tiny, tmp_path / "clean", **FAST)
+    engine = Engine(tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path / "poisoned", progress=False)
+    real = fastsoft.engine.scored_hidden
+
+    def overflowing(loaded, prompts, packed, *args, **kwargs):  # from its 3rd step on, job1's forward pass overflows
+        run = next((r for r in engine.scheduler.running if r.job.id == "job1"), None)
+        if run is not None and run.step >= 2:
+            poison = torch.ones(prompts.shape[0], 1, 1)
+            poison[run.slot] = float("inf")
+            prompts = prompts * poison
+        return real(loaded, prompts, packed, *args, **kwargs)
+
+    monkeypatch.setattr(fastsoft.engine, "scored_hidden", overflowing)
+    runs = engine.run(all_jobs)
+    assert [r.state.value for r in runs] == ["done", "failed", "done"]
+    assert runs[1].error == "the loss of job 'job1' became nan at step 3"
+    assert json.loads((tmp_path / "poisoned" / "job1" / "error.json").read_text())["error"] == runs[1].error
+    for run, report in ((runs[0], clean[0]), (runs[2], clean[1])):  # packed with a NaN job, the others are untouched
+        assert run.report["losses"] == pytest.approx(report["losses"], rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(prompts(tmp_path / "poisoned")[run.job.id], prompts(tmp_path / "clean")[run.job.id], rtol=1e-4, atol=1e-5)
