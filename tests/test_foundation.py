@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from fastsoft.bank import PromptBank
 from fastsoft.cache import CacheSpec, TeacherCache, make_targets, teacher_from
 from fastsoft.errors import FastsoftError
-from fastsoft.jobs import Job, job_from_files, read_jobs
+from fastsoft.jobs import job_from_files, read_jobs
 from fastsoft.models import load_model
 from fastsoft.objectives import parse_objective
 from fastsoft.prompt_init import init_prompt

@@ -13,6 +13,8 @@ import torch
 
 from fastsoft.ops import BackendUnavailable, HiddenTarget, SoftmaxKLLoss, SparseTarget, softmax_kl
 from fastsoft.ops import reference
+from softmax_kl_cases import KINDS, make_teacher
+from softmax_kl_cases import cast_teacher as cast
 
 
 def naive_rows(h, W, teacher, T):
@@ -32,31 +34,6 @@ def naive_rows(h, W, teacher, T):
     return (q.exp() * (q - logp)).sum(-1)
 
 
-def make_teacher(kind, n, v, h_dim, gen, dtype=torch.float64, sharp=1.0):
-    if kind == "dense":
-        return torch.log_softmax(sharp * torch.randn(n, v, generator=gen, dtype=dtype), -1)
-    if kind == "hidden":
-        return HiddenTarget(torch.randn(n, h_dim, generator=gen, dtype=dtype))
-    k = 5
-    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)])
-    probs = torch.softmax(torch.randn(n, k, generator=gen, dtype=dtype), -1)
-    if kind == "topk":
-        probs = probs * 0.7
-        return SparseTarget(ids, probs, 1 - probs.sum(-1))
-    if kind == "onehot":
-        return SparseTarget.one_hot(ids[:, 0], dtype=dtype)
-    return SparseTarget(ids, probs)  # sampled: weights sum to 1, no tail
-
-
-def cast(teacher, dtype):
-    if isinstance(teacher, SparseTarget):
-        return SparseTarget(teacher.ids, teacher.probs.to(dtype), None if teacher.tail is None else teacher.tail.to(dtype))
-    if isinstance(teacher, HiddenTarget):
-        return HiddenTarget(teacher.hidden.to(dtype))
-    return teacher.to(dtype)
-
-
-KINDS = ["dense", "hidden", "topk", "sampled", "onehot"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

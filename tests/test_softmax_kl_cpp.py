@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from fastsoft.ops import BackendUnavailable, HiddenTarget, SparseTarget, cpp, reference, softmax_kl
+from softmax_kl_cases import KINDS
+from softmax_kl_cases import cast_teacher as cast
+from softmax_kl_cases import make_teacher as _make_teacher
 
-KINDS = ["dense", "hidden", "topk", "sampled", "onehot"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,27 +34,8 @@ def cpp_backend(request):
         pytest.fail(f"the C++ backend should build here: {why}")
 
 
-def make_teacher(kind, n, v, hd, gen, dtype=torch.float64, sharp=1.0, k=5):
-    if kind == "dense":
-        return torch.log_softmax(sharp * torch.randn(n, v, generator=gen, dtype=dtype), -1)
-    if kind == "hidden":
-        return HiddenTarget(sharp * torch.randn(n, hd, generator=gen, dtype=dtype))
-    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)])
-    probs = torch.softmax(sharp * torch.randn(n, k, generator=gen, dtype=dtype), -1)
-    if kind == "topk":
-        probs = probs * 0.7
-        return SparseTarget(ids, probs, 1 - probs.sum(-1))
-    if kind == "onehot":
-        return SparseTarget.one_hot(ids[:, 0], dtype=dtype)
-    return SparseTarget(ids.int(), probs)  # sampled: int32 ids, weights sum to 1, no tail
-
-
-def cast(teacher, dtype):
-    if isinstance(teacher, SparseTarget):
-        return SparseTarget(teacher.ids, teacher.probs.to(dtype), None if teacher.tail is None else teacher.tail.to(dtype))
-    if isinstance(teacher, HiddenTarget):
-        return HiddenTarget(teacher.hidden.to(dtype))
-    return teacher.to(dtype)
+def make_teacher(*args, **kwargs):
+    return _make_teacher(*args, ids_dtype=torch.int32, **kwargs)  # int32 ids: the C++ path converts them
 
 
 def run(backend, h, W, teacher, grad_out=None, **kw):

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from fastsoft.ops import HiddenTarget, SparseTarget, softmax_kl
+from softmax_kl_cases import KINDS, cast_teacher, make_teacher
 
-KINDS = ["dense", "hidden", "topk", "sampled", "onehot"]
 REDUCTIONS = ["mean", "sum", "none"]
 ATOL = {"float32": 2e-6, "float16": 2e-3}  # relative to max |truth|
 
@@ -70,38 +70,6 @@ CASES = _cases()
 # ------------------------------------------------------------------------------------------------------
 # building one case (fp64 master copies; the kernel gets them cast to the case dtype)
 # ------------------------------------------------------------------------------------------------------
-
-def make_teacher(kind, n, v, h_dim, gen):
-    f64 = torch.float64
-    if kind in ("dense", "dense-sharp"):
-        sharp = 8.0 if kind == "dense-sharp" else 1.0
-        t = torch.log_softmax(sharp * torch.randn(n, v, generator=gen, dtype=f64), -1)
-        if kind == "dense-sharp" and n:
-            t[0, : v // 2] = float("-inf")  # exact zeros in the teacher
-        return t
-    if kind == "hidden":
-        return HiddenTarget(torch.randn(n, h_dim, generator=gen, dtype=f64))
-    k = {"topk-wide": 40}.get(kind, 5)
-    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]) if n else torch.zeros(0, k, dtype=torch.long)
-    probs = torch.softmax(torch.randn(n, k, generator=gen, dtype=f64), -1)
-    if kind == "onehot":
-        return SparseTarget.one_hot(ids[:, 0], dtype=f64)
-    if kind == "sampled":
-        return SparseTarget(ids, probs)
-    if kind == "topk-dup" and n:
-        ids[:, 1] = ids[:, 0]  # a repeated id: the reference counts it once in the tail mask, twice in sum(w)
-    mass = 0.9999 if kind == "topk-tinytail" else 0.7
-    probs = probs * mass
-    return SparseTarget(ids, probs, 1 - probs.sum(-1))
-
-
-def cast_teacher(teacher, dtype):
-    if isinstance(teacher, SparseTarget):
-        return SparseTarget(teacher.ids, teacher.probs.to(dtype), None if teacher.tail is None else teacher.tail.to(dtype))
-    if isinstance(teacher, HiddenTarget):
-        return HiddenTarget(teacher.hidden.to(dtype))
-    return teacher.to(dtype)
-
 
 def strided(x: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous layout (column-major)."""

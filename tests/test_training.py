@@ -11,7 +11,6 @@ import fastsoft
 from fastsoft.export import load_prompt
 from fastsoft.generate import generate, rouge_l
 from fastsoft.student import Segment, pack, scored_hidden
-from fastsoft.templates import make_template
 
 TRAIN = dict(steps=12, prompt_length=4, max_new_tokens=5, lr=0.05, tol=0.0, batch_queries=5, progress=False)
 
@@ -60,7 +59,7 @@ def test_only_sigma_trains_and_loss_falls(tiny, tiny_job, tmp_path):
 def test_seeded_runs_are_reproducible(tiny, tiny_job, tmp_path):
     a = fastsoft.compress([tiny_job], tiny, tmp_path / "a", seed=3, init="random", **TRAIN)[0]
     b = fastsoft.compress([tiny_job], tiny, tmp_path / "b", seed=3, init="random", **TRAIN)[0]
-    c = fastsoft.compress([tiny_job], tiny, tmp_path / "c", seed=4, init="random", **TRAIN)[0]
+    fastsoft.compress([tiny_job], tiny, tmp_path / "c", seed=4, init="random", **TRAIN)[0]
     pa, pb, pc = (load_prompt(tmp_path / x / tiny_job.id)[0] for x in "abc")
     assert torch.equal(pa, pb) and a["losses"] == b["losses"]
     assert not torch.equal(pa, pc)
