@@ -21,7 +21,7 @@ HELP = {
     "patience": "steps averaged for the convergence test", "objective": "kl | answer | supervised, or a mixture like kl:0.7,answer:0.3",
     "teacher": "teacher cache kind: dense | topk | sampled | hidden", "top_k": "ids kept by the topk teacher",
     "samples": "draws of the sampled teacher", "cache_dtype": "bf16 | fp32 storage of dense/hidden caches",
-    "temperature": "loss temperature", "init": "context | vocab | text | random", "init_text": "text for --init text",
+    "temperature": "loss temperature", "init": "context (evenly spaced context tokens) | pooled | vocab | text | random", "init_text": "text for --init text",
     "placement": "template (σ where the context was) | first (σ at position 0, identical under PEFT)",
     "template": "auto | chat | plain", "max_new_tokens": "longest teacher/student answer", "eval_fraction": "share of queries held out when no eval queries are given",
     "slots": "prompt slots trained at once", "token_budget": "packed tokens per step", "seed": "random seed",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,21 +146,24 @@ def test_cache_kinds_round_trip(tiny, tiny_job, tmp_path, kind):
         TeacherCache(tmp_path, fingerprint).get("j")
 
 
-@pytest.mark.parametrize("method", ["context", "vocab", "text", "random"])
+@pytest.mark.parametrize("method", ["context", "pooled", "vocab", "text", "random"])
 def test_prompt_inits(tiny, method):
     context_ids = list(range(5, 45))
     prompt = init_prompt(tiny, context_ids, 8, method, torch.Generator().manual_seed(0), text="hello world")
     assert prompt.shape == (8, 64) and torch.isfinite(prompt).all()
     table = tiny.embed.weight.float()
-    if method == "context":
+    if method == "pooled":
         pooled = table[context_ids[:5]].mean(0)
         torch.testing.assert_close(prompt[0], pooled / pooled.norm() * table.norm(dim=-1).mean())
+    if method == "context":  # 8 of the 40 context tokens, evenly spaced
+        assert torch.equal(prompt, table[[5, 11, 16, 22, 27, 33, 38, 44]])
     if method == "text":
-        assert torch.equal(init_prompt(tiny, context_ids, 8, "text"), table[[5, 11, 16, 22, 27, 33, 38, 44]])
+        hello = tiny.tokenizer("hello world", add_special_tokens=False)["input_ids"]
+        assert torch.equal(prompt, init_prompt(tiny, hello, 8, "context"))
     if method == "random":
         torch.testing.assert_close(prompt.norm(dim=-1), torch.full((8,), float(table.norm(dim=-1).mean())))
     with pytest.raises(FastsoftError):
-        init_prompt(tiny, [], 0 if method != "context" else 4, "nope" if method != "context" else "context")
+        init_prompt(tiny, [], 4, "nope" if method in ("vocab", "random") else method)
 
 
 def test_schedule_is_warmup_then_cosine():
@@ -182,3 +186,11 @@ def test_bank_updates_only_the_slots_given():
     assert torch.equal(bank.get(2), torch.full((2, 4), 2.0))
     assert bank.steps.tolist() == [2, 1, 0]
     torch.testing.assert_close(bank.get(0), torch.full((2, 4), -0.2))  # Adam's first steps move by lr each
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    command = readme.split("# 2. Run the test suite")[1].splitlines()[1].strip()
+    assert command.endswith("python -m pytest -q tests")
+    assert command in [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
