@@ -11,7 +11,7 @@ from fastsoft.errors import FastsoftError
 class CompressConfig:
     prompt_length: int = 16
     steps: int = 200  # step budget per job
-    lr: float = 0.03
+    lr: float = 0.1
     warmup: int = 10
     batch_queries: int = 4  # training queries of a job per step
     tol: float = 0.02  # a job converges when its mean loss over the last `patience` steps is below this

@@ -13,29 +13,52 @@ TABLE_COLUMNS = ("kl_soft", "kl_none", "gap_closed", "top1_agreement", "exact_ma
 def write_report(folder: Path, report: dict) -> None:
     """The loss PNG, then ``report.json`` atomically: a job whose report exists is finished and exported."""
     folder.mkdir(parents=True, exist_ok=True)
-    plot_losses({report["job_id"]: report["losses"]}, folder / "loss.png", title=f"job {report['job_id']}")
+    levels = {name: report[key] for key, name in (("kl_none", "held-out KL, no context"), ("kl_soft", "held-out KL with the soft prompt"))
+              if isinstance(report.get(key), float) and math.isfinite(report[key])}
+    plot_losses({"training loss": report["losses"]}, folder / "loss.png", title=f"job {report['job_id']}", levels=levels)
     tmp = folder / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, folder / "report.json")
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "", ylabel: str = "training loss (nats / token)") -> None:
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "", ylabel: str = "loss (nats / token)",
+                levels: dict[str, float] | None = None) -> None:
+    """Each curve raw (faint) and as a trailing mean over a twentieth of its steps; ``levels`` as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     for name, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=name, linewidth=1.4)
+        steps = range(1, len(losses) + 1)
+        window = max(1, len(losses) // 20)
+        (line,) = ax.plot(steps, moving_average(losses, window), label=name if window == 1 else f"{name} (mean of {window} steps)",
+                          linewidth=1.6)
+        if window > 1:
+            ax.plot(steps, losses, color=line.get_color(), linewidth=0.8, alpha=0.3)
+    for (name, value), style in zip((levels or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, color="black", linestyle=style, linewidth=1.0, label=f"{name} ({value:.3f})")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    if all(x > 0 for losses in curves.values() for x in losses):
+    if all(x > 0 for losses in curves.values() for x in losses) and all(v > 0 for v in (levels or {}).values()):
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    if len(curves) > 1:
-        ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
