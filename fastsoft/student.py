@@ -80,7 +80,7 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
     is_sigma = sigma_rows >= 0
     if bool((packed.sigma_rows >= 0).any()):  # on the host: no device sync
         flat = prompts.reshape(-1, prompts.shape[-1]).to(device=device, dtype=embeds.dtype)  # [S * P, H]
-        embeds = torch.where(is_sigma[:, None], flat[sigma_rows.clamp_min(0)], embeds)
+        embeds = torch.where(is_sigma[:, None], flat.index_select(0, sigma_rows.clamp_min(0)), embeds)
     attention = attention or packed_attention(loaded)
     extra = {}
     if attention in VARLEN_ATTENTIONS:
@@ -91,7 +91,7 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
         extra = dict(fastsoft_buckets=length_buckets(packed.cu_seq_lens, device))
     with attention_implementation(loaded, attention):
         hidden = loaded.hidden_states(inputs_embeds=embeds[None], position_ids=packed.position_ids.to(device)[None], **extra)[0]
-    return hidden[packed.scored.to(device)]
+    return hidden.index_select(0, packed.scored.to(device))
 
 
 # -- attention backends ---------------------------------------------------------------------------
@@ -150,10 +150,10 @@ def _bucket_attention(module, query, key, value, attention_mask, scaling=None, d
     heads, dim = q.shape[0], q.shape[-1]
     out = q.new_zeros(heads, q.shape[1], dim)
     for gather, real, where in fastsoft_buckets:
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[:, gather].transpose(0, 1), k[:, gather].transpose(0, 1), v[:, gather].transpose(0, 1),  # [B, H|KV, W, D]
-            is_causal=True, scale=scaling, enable_gqa=k.shape[0] != heads)
-        out = out.index_copy(1, real, o.transpose(0, 1).reshape(heads, -1, dim)[:, where])
+        take = lambda x: x.index_select(1, gather.flatten()).unflatten(1, gather.shape).transpose(0, 1)  # [B, H|KV, W, D]
+        o = torch.nn.functional.scaled_dot_product_attention(take(q), take(k), take(v), is_causal=True, scale=scaling,
+                                                             enable_gqa=k.shape[0] != heads)
+        out = out.index_copy(1, real, o.transpose(0, 1).reshape(heads, -1, dim).index_select(1, where))
     return out.transpose(0, 1)[None], None
 
 
