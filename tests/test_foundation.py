@@ -55,6 +55,9 @@ def test_read_jobs_reports_line_numbers(tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "context": "  "}) + "\n")
     with pytest.raises(FastsoftError, match="line 2: job 'a' has an empty context"):
         read_jobs(path)
+    path.write_text(json.dumps({**good, "queries": ["q1", " \t"]}) + "\n")
+    with pytest.raises(FastsoftError, match="line 1: job 'a': queries must be a list of non-empty strings"):
+        read_jobs(path)
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     with pytest.raises(FastsoftError, match="line 2 repeats the job id 'a' of line 1"):
         read_jobs(path)
