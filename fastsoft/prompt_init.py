@@ -16,7 +16,7 @@ def init_prompt(loaded, context_ids: list[int], length: int, method: str = "cont
 
     - ``context`` (the default): the embeddings of ``length`` of the context's tokens, evenly spaced. Real
       token rows start the student near the no-context KL; on the shipped example this closes 0.60 of the
-      gap in 100 steps where ``pooled`` closes 0.39 (its initial loss is several times the no-context one);
+      gap in 100 steps where ``pooled`` closes 0.39 (its first loss is 7-8 nats, the no-context KL 1.2);
     - ``pooled``: the context's token embeddings mean-pooled over ``length`` contiguous chunks, each
       rescaled to the mean embedding norm (a plain mean of many rows is far shorter than any real one);
     - ``vocab``: embeddings of tokens sampled uniformly from the vocabulary;
