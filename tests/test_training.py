@@ -130,3 +130,29 @@ def test_rouge_l():
     assert rouge_l("the doors are teal", "the doors are teal") == 1.0
     assert rouge_l("teal doors", "the doors are teal") == pytest.approx(2 * 0.5 * 0.25 / 0.75)
     assert rouge_l("", "x") == 0.0
+
+
+def test_the_readme_python_examples_run_as_written(tiny, tiny_job, tmp_path, monkeypatch, capsys):
+    """Both README code blocks, verbatim; the default model is swapped for the tiny one (no real weights in this test)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    api, loss = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[:2]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "doc.txt").write_text(tiny_job.context)
+    monkeypatch.setattr(fastsoft, "load_model", lambda *args, **kwargs: tiny)
+    scope = {}
+    exec(api, scope)
+    assert "error" not in scope["reports"][0] and scope["reports"][0]["steps"] >= 1
+    answer = fastsoft.generate(tiny, scope["template"], scope["prompt"], "Who founded it?")
+    assert isinstance(answer, str) and capsys.readouterr().out == answer + "\n"
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 5, 4
+    scope = {"hidden": torch.randn(n, 64, generator=gen, requires_grad=True), "lm_head": torch.nn.Linear(64, tiny.vocab_size, bias=False),
+             "teacher_logprobs": torch.log_softmax(torch.randn(n, tiny.vocab_size, generator=gen), -1),
+             "ids": torch.randint(0, tiny.vocab_size, (n, k), generator=gen), "probs": torch.full((n, k), 0.2), "tail": torch.full((n,), 0.2),
+             "labels": torch.randint(0, tiny.vocab_size, (n,), generator=gen), "teacher_hidden": torch.randn(n, 64, generator=gen)}
+    exec(loss, scope)
+    assert scope["loss"].ndim == 0 and torch.isfinite(scope["loss"]) and "LigerFusedLinearKLDivLoss" in scope
