@@ -1,9 +1,12 @@
 """Crash-safe checkpoints of a compression run: ``OUT/checkpoint.pt``, written atomically.
 
 Holds everything the loop needs to continue exactly where it stopped: the prompt bank (slots and
-per-slot Adam state), the scheduler's queues, every job's progress (step, losses, the minibatch
-drawn for its next step, its shuffle order and sampling-stream state) and the global RNG state.
-A resumed seeded run therefore ends with the same soft prompts as an uninterrupted one.
+per-slot Adam state), the scheduler's queues, every running job's progress (step, losses, the
+minibatch drawn for its next step, its shuffle order and sampling-stream state) and the global RNG
+state. A resumed seeded run therefore ends with the same soft prompts as an uninterrupted one.
+
+Its size follows the slots, not the jobs: a waiting job has no state yet (it is rebuilt from its
+seed), and a finished one is only its outcome, its report being on disk (``OUT/<job>/report.json``).
 """
 
 from __future__ import annotations
@@ -66,3 +69,16 @@ def restore_run(run, saved: dict, states) -> None:
     for key in RUN_FIELDS:
         setattr(run, key, saved[key])
     run.generator.set_state(saved["generator"])
+
+
+def finished_state(run, report_file: Path) -> dict:
+    """A finished job's outcome; its report only when it is not on disk (a split run's other ranks)."""
+    return {"state": run.state.value, "step": run.step, "error": run.error, "report": None if report_file.exists() else run.report}
+
+
+def restore_finished(run, saved: dict, report_file: Path, states) -> None:
+    run.state, run.step, run.error, run.report = states(saved["state"]), saved["step"], saved["error"], saved["report"]
+    if run.state is states.DONE and run.report is None:
+        if not report_file.is_file():
+            raise FastsoftError(f"{report_file} of the finished job {run.job.id!r} is missing; restore it, or run without --resume")
+        run.report = json.loads(report_file.read_text())

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from fastsoft.bank import PromptBank
 from fastsoft.cache import CacheSpec, TeacherCache, concat_teachers, make_targets, teacher_from
-from fastsoft.checkpoint import CHECKPOINT, jobs_digest, load_checkpoint, restore_run, run_state, save_checkpoint
+from fastsoft.checkpoint import (CHECKPOINT, finished_state, jobs_digest, load_checkpoint, restore_finished, restore_run, run_state,
+                                 save_checkpoint)
 from fastsoft.config import CompressConfig
 from fastsoft.distributed import Dist
 from fastsoft.errors import FastsoftError
@@ -223,12 +224,12 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _checkpoint(self, runs: dict[str, JobRun]) -> None:
+    def _checkpoint(self) -> None:
         s = self.scheduler
         save_checkpoint(self.out, {
             "jobs_digest": self.jobs_hash, "config": self.config.to_dict(), "bank": self.bank.state_dict(),
-            "waiting": [r.job.id for r in s.waiting], "running": [r.job.id for r in s.running], "finished": [r.job.id for r in s.finished],
-            "runs": {job_id: run_state(run) for job_id, run in runs.items()}, "token_budget": s.token_budget,
+            "waiting": [r.job.id for r in s.waiting], "running": {r.job.id: run_state(r) for r in s.running},
+            "finished": {r.job.id: finished_state(r, self.out / r.job.id / "report.json") for r in s.finished}, "token_budget": s.token_budget,
             "tokens_trained": self.tokens_trained, "loop_steps": self.loop_steps, "torch_rng": torch.get_rng_state(),
         }, self.dist.suffix(CHECKPOINT))
 
@@ -236,16 +237,17 @@ class Engine:
         """Continue a checkpointed run: slots, optimizer state, queues and every job's progress."""
         state = load_checkpoint(self.out, self.jobs_hash, self.config.to_dict(), self.dist.suffix(CHECKPOINT))
         self.bank.load_state_dict(state["bank"])
-        for job_id, saved in state["runs"].items():
-            restore_run(runs[job_id], saved, State)
         s = self.scheduler
-        s.waiting.extend(runs[i] for i in state["waiting"])
-        s.finished.extend(runs[i] for i in state["finished"])
+        s.waiting.extend(runs[i] for i in state["waiting"])  # not started: as built from their seeds
+        for job_id, saved in state["finished"].items():
+            restore_finished(runs[job_id], saved, self.out / job_id / "report.json", State)
+            s.finished.append(runs[job_id])
         s.token_budget = state["token_budget"]
         self.tokens_trained, self.loop_steps = state["tokens_trained"], state["loop_steps"]
         torch.set_rng_state(state["torch_rng"])
-        for job_id in state["running"]:
+        for job_id, saved in state["running"].items():
             run = runs[job_id]
+            restore_run(run, saved, State)
             s.running.append(run)
             report = self.out / job_id / "report.json"
             if report.exists():  # finished and exported after the last checkpoint: never redo it
@@ -306,15 +308,15 @@ class Engine:
                         self._fail(run, error)
                 self.loop_steps += 1
                 if self.loop_steps % self.checkpoint_every == 0:
-                    self._checkpoint(runs)
+                    self._checkpoint()
                 counts = self.scheduler.counts()
                 losses = {r.job.id: f"{r.losses[-1]:.3f}" for r in self.scheduler.running if r.losses}
                 bar.set_description("train")
                 rate = (self.tokens_trained - trained_before) / (time.perf_counter() - started)
                 bar.set_postfix(**counts, tok_s=f"{rate:.0f}", loss=" ".join(f"{k}={v}" for k, v in list(losses.items())[:4]))
-            self._checkpoint(runs)
+            self._checkpoint()
         except KeyboardInterrupt:
-            self._checkpoint(runs)
+            self._checkpoint()
             raise
         finally:
             bar.close()

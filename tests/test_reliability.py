@@ -224,3 +224,17 @@ def test_nan_in_the_models_student_outputs_fails_that_job_only(tiny, tiny_job, t
     for run, report in ((runs[0], clean[0]), (runs[2], clean[1])):  # packed with a NaN job, the others are untouched
         assert run.report["losses"] == pytest.approx(report["losses"], rel=1e-4, abs=1e-6)
         torch.testing.assert_close(prompts(tmp_path / "poisoned")[run.job.id], prompts(tmp_path / "clean")[run.job.id], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_grow_with_the_slots_not_with_the_jobs(tiny, tiny_job, tmp_path):
+    many = [fastsoft.Job(f"job{i}", j.context, j.queries, eval_queries=j.eval_queries) for i, j in enumerate(jobs(tiny_job.context) * 4)]
+    sizes = {}
+    for count in (3, 12):
+        fastsoft.compress(many[:count], tiny, tmp_path / str(count), **FAST)
+        state = torch.load(tmp_path / str(count) / "checkpoint.pt", weights_only=False)
+        assert not state["running"] and len(state["finished"]) == count
+        assert all(saved["report"] is None for saved in state["finished"].values())  # the reports are on disk
+        sizes[count] = (tmp_path / str(count) / "checkpoint.pt").stat().st_size
+    assert sizes[12] - sizes[3] < 9 * 400, sizes  # a few hundred bytes a finished job (its outcome), no reports or RNG states
+    resumed = fastsoft.compress(many[:12], tiny, tmp_path / "12", resume=True, **FAST)  # nothing left to do: reports come back from disk
+    assert [r["job_id"] for r in resumed] == [j.id for j in many] and all("kl_soft" in r for r in resumed)
