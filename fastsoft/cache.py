@@ -172,7 +172,11 @@ class TeacherCache:
     def has(self, job_id: str) -> bool:
         return job_id in self.index["jobs"]
 
-    def put(self, job_id: str, context_ids: list[int], train: list[Taught], targets: dict[str, torch.Tensor], eval: list[Taught]) -> None:
+    def put(self, job_id: str, context_ids: list[int], train: list[Taught], targets: dict[str, torch.Tensor], eval: list[Taught],
+            flush: bool = True) -> None:
+        """Write one job's shard atomically and index it. With ``flush=False`` the index is written by the next
+        :meth:`flush` (one index write per batch of jobs: the index is rewritten whole, so per-job writes would
+        cost O(jobs²) over a large run; a shard written but not yet indexed is simply taught again)."""
         tensors = {f"target.{name}": value.contiguous() for name, value in targets.items()}
         for split, taught in (("train", train), ("eval", eval)):
             for part in ("before", "after", "answer"):
@@ -183,6 +187,11 @@ class TeacherCache:
         _atomic_write(self.root / name, lambda tmp: save_file(tensors, str(tmp)))
         self.index["jobs"][job_id] = {"file": name, "queries": len(train), "rows": sum(len(t.answer) for t in train),
                                       "sha256": sha256_file(self.root / name)}
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the index (atomically)."""
         self._save_index()
 
     def get(self, job_id: str) -> JobTeacher:

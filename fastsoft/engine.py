@@ -100,7 +100,8 @@ class Engine:
                     continue
                 hidden = torch.cat([t.hidden for t in train])
                 targets = make_targets(self.loaded.lm_weight, hidden, self.spec, torch.Generator().manual_seed(run.seed))
-                self.cache.put(run.job.id, encode(self.loaded.tokenizer, run.job.context), train, targets, held)
+                self.cache.put(run.job.id, encode(self.loaded.tokenizer, run.job.context), train, targets, held, flush=False)
+            self.cache.flush()
         failed = []
         for run in runs:
             job = run.job

@@ -122,7 +122,9 @@ def test_cache_kinds_round_trip(tiny, tiny_job, tmp_path, kind):
     targets = make_targets(tiny.lm_weight, hidden, spec, torch.Generator().manual_seed(0))
     fingerprint = {"model": tiny.fingerprint, "template": template.fingerprint, "kind": kind, "params": spec.params()}
     cache = TeacherCache(tmp_path, fingerprint)
-    cache.put("j", [1, 2, 3], train, targets, held)
+    cache.put("j", [1, 2, 3], train, targets, held, flush=False)
+    assert not TeacherCache(tmp_path, fingerprint).has("j")  # written, not yet indexed: it would be taught again
+    cache.flush()
     got = TeacherCache(tmp_path, fingerprint).get("j")
     assert [t.answer for t in got.train] == [t.answer for t in train]
     assert got.row_offsets[-1] == len(hidden) and got.context_ids == [1, 2, 3]
