@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -66,8 +67,7 @@ class Engine:
     # -- job life cycle ---------------------------------------------------------------------------
 
     def _check_jobs(self, jobs: list[Job]) -> None:
-        ids = [job.id for job in jobs]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = sorted(i for i, n in Counter(job.id for job in jobs).items() if n > 1)
         if duplicates:
             raise FastsoftError(f"job ids must be unique; repeated: {', '.join(duplicates)}")
         for job in jobs:
