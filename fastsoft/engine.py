@@ -312,7 +312,7 @@ class Engine:
                     self._checkpoint()
                 counts = self.scheduler.counts()
                 losses = {r.job.id: f"{r.losses[-1]:.3f}" for r in self.scheduler.running if r.losses}
-                bar.set_description("train")
+                bar.set_description("train", refresh=False)
                 rate = (self.tokens_trained - trained_before) / (time.perf_counter() - started)
                 bar.set_postfix(**counts, tok_s=f"{rate:.0f}", loss=" ".join(f"{k}={v}" for k, v in list(losses.items())[:4]))
             self._checkpoint()
