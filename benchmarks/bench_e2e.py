@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import statistics
 import sys
@@ -51,8 +50,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):  # fastsoft from the checkout; device.py beside this script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from device import device_name  # noqa: E402
 
 VARIANTS = {
     "gpu": dict(
@@ -78,19 +80,6 @@ EOS, PAD = 1, 2  # ids of the end and padding tokens (0 is unknown); every other
 # ------------------------------------------------------------------------------------------------------
 # model, tokens, timing
 # ------------------------------------------------------------------------------------------------------
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
-        name = f"{model} x{os.cpu_count()}" if model else name
-    except OSError:
-        pass
-    return name
-
 
 def make_model(spec: dict, device: torch.device):
     """A random-init Llama of the variant's shape with a word-level tokenizer (the word ``t<id>`` is token id)."""
@@ -494,7 +483,7 @@ def main(argv=None) -> int:
         return 2
     spec = VARIANTS[variant]
     device = torch.device("cuda" if variant == "gpu" else "cpu")
-    name = device_name(device)
+    name = device_name(device.type)
     print(f"fastsoft end to end on {name} ({variant}): teacher against the naive per-query full-context forward, "
           f"training against PEFT prompt tuning")
     loaded = make_model(spec, device)

@@ -40,8 +40,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):  # fastsoft from the checkout; device.py beside this script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from device import device_name  # noqa: E402
 
 GPU_SHAPES = [(576, 49152), (896, 151936), (2048, 128256), (4096, 128256)]  # (H, V) of ANCHORS.md
 GPU_TOKENS = 8192
@@ -407,30 +410,21 @@ def main(argv=None):
     if args.quick:
         args.device = "cpu"
 
-    if args.device == "cuda":
-        device_name = torch.cuda.get_device_name()
-    else:
-        device_name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-        try:
-            with open("/proc/cpuinfo") as fh:
-                model = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), None)
-            device_name = f"{model} x{os.cpu_count()}" if model else device_name
-        except OSError:
-            pass
-    print(f"softmax_kl fwd+bwd, measured against the 2-GEMM floor (h W^T then dz W, {'cuBLAS' if args.device == 'cuda' else 'torch CPU matmul'}) on {device_name}")
+    name = device_name(args.device)
+    print(f"softmax_kl fwd+bwd, measured against the 2-GEMM floor (h W^T then dz W, {'cuBLAS' if args.device == 'cuda' else 'torch CPU matmul'}) on {name}")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.device == "cpu" and load_before and load_before[0] > 0.5 * (os.cpu_count() or 1):
         print(f"note: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other work shares this CPU, timings are inflated")
     rows = run_gpu(args) if args.device == "cuda" else run_cpu(args)
     add_ratios(rows)
-    print_table(rows, device_name)
+    print_table(rows, name)
 
     import triton
 
-    tag = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+    tag = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
     tag = f"{tag}{'-quick' if args.quick else ''}"
     result = {
-        "device": device_name, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "device": name, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "floor": "2 GEMMs: z = h W^T, then dz W",
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
         "load_average_before_after": [load_before, os.getloadavg() if hasattr(os, "getloadavg") else None],
@@ -439,7 +433,7 @@ def main(argv=None):
     for outdir in outdirs:
         outdir.mkdir(parents=True, exist_ok=True)
         (outdir / f"softmax_kl-{tag}.json").write_text(json.dumps(result, indent=1))
-        plot(rows, outdir / f"softmax_kl-{tag}.png", device_name)
+        plot(rows, outdir / f"softmax_kl-{tag}.png", name)
     print(f"\nwrote {outdirs[0] / f'softmax_kl-{tag}.json'} and .png")
     return 0
 
