@@ -71,9 +71,9 @@ def restore_run(run, saved: dict, states) -> None:
     run.generator.set_state(saved["generator"])
 
 
-def finished_state(run, report_file: Path) -> dict:
-    """A finished job's outcome; its report only when it is not on disk (a split run's other ranks)."""
-    return {"state": run.state.value, "step": run.step, "error": run.error, "report": None if report_file.exists() else run.report}
+def finished_state(run, report_on_disk: bool) -> dict:
+    """A finished job's outcome; its report only when this rank did not write it to disk (a split run's other ranks)."""
+    return {"state": run.state.value, "step": run.step, "error": run.error, "report": None if report_on_disk else run.report}
 
 
 def restore_finished(run, saved: dict, report_file: Path, states) -> None:

@@ -66,6 +66,14 @@ class Engine:
 
     # -- job life cycle ---------------------------------------------------------------------------
 
+    @property
+    def _writes_reports(self) -> bool:
+        """Whether this rank evaluates and exports finished jobs (in a split run only rank 0 does)."""
+        return not (self.dist.split and self.dist.rank != 0)
+
+    def _report_file(self, job_id: str) -> Path:
+        return self.out / job_id / "report.json"
+
     def _check_jobs(self, jobs: list[Job]) -> None:
         duplicates = sorted(i for i, n in Counter(job.id for job in jobs).items() if n > 1)
         if duplicates:
@@ -73,7 +81,7 @@ class Engine:
         for job in jobs:
             if "supervised" in self.objective and job.answers is None:
                 raise FastsoftError(f"job {job.id!r} has no answers, which the supervised objective needs")
-            done = self.out / job.id / "report.json"
+            done = self._report_file(job.id)
             if done.exists() and not self.overwrite and not self.resume:
                 raise FastsoftError(f"{done.parent} already holds a finished job {job.id!r}; pass --overwrite or choose another --out")
 
@@ -122,7 +130,7 @@ class Engine:
 
     def _finish(self, run: JobRun, reason: str) -> None:
         run.stop_reason = reason
-        if self.dist.split and self.dist.rank != 0:  # every rank holds the same σ; rank 0 evaluates and exports it
+        if not self._writes_reports:  # every rank holds the same σ; rank 0 evaluates and exports it
             run.report = {"job_id": run.job.id, "steps": run.step, "stop_reason": reason, "losses": run.losses}
             self.scheduler.retire(run, State.DONE)
             return
@@ -230,7 +238,8 @@ class Engine:
         save_checkpoint(self.out, {
             "jobs_digest": self.jobs_hash, "config": self.config.to_dict(), "bank": self.bank.state_dict(),
             "waiting": [r.job.id for r in s.waiting], "running": {r.job.id: run_state(r) for r in s.running},
-            "finished": {r.job.id: finished_state(r, self.out / r.job.id / "report.json") for r in s.finished}, "token_budget": s.token_budget,
+            "finished": {r.job.id: finished_state(r, self._writes_reports and r.state is State.DONE) for r in s.finished},
+            "token_budget": s.token_budget,
             "tokens_trained": self.tokens_trained, "loop_steps": self.loop_steps, "torch_rng": torch.get_rng_state(),
         }, self.dist.suffix(CHECKPOINT))
 
@@ -241,7 +250,7 @@ class Engine:
         s = self.scheduler
         s.waiting.extend(runs[i] for i in state["waiting"])  # not started: as built from their seeds
         for job_id, saved in state["finished"].items():
-            restore_finished(runs[job_id], saved, self.out / job_id / "report.json", State)
+            restore_finished(runs[job_id], saved, self._report_file(job_id), State)
             s.finished.append(runs[job_id])
         s.token_budget = state["token_budget"]
         self.tokens_trained, self.loop_steps = state["tokens_trained"], state["loop_steps"]
@@ -250,7 +259,7 @@ class Engine:
             run = runs[job_id]
             restore_run(run, saved, State)
             s.running.append(run)
-            report = self.out / job_id / "report.json"
+            report = self._report_file(job_id)
             if report.exists():  # finished and exported after the last checkpoint: never redo it
                 run.report = json.loads(report.read_text())
                 s.retire(run, State.DONE)
