@@ -1,0 +1,62 @@
+"""Held-out KL along short trainings of the shipped example, for choosing defaults (init, learning rate).
+
+One model load and one teacher cache serve every setting; every ``--every`` steps the held-out token
+KL with σ is measured against the no-context KL (``gap_closed``). This is how the defaults of command 1
+were chosen (the curves are in ``benchmarks/results/compress-example-amd-epyc-x2.json``, ``probes``)::
+
+    python benchmarks/probe_example.py '[{"init": "context", "lr": 0.03, "steps": 100}, {"init": "context", "lr": 0.1, "steps": 100}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fastsoft  # noqa: E402
+from fastsoft.config import CompressConfig  # noqa: E402
+from fastsoft.engine import Engine  # noqa: E402
+from fastsoft.evaluate import _token_kl  # noqa: E402
+from fastsoft.jobs import job_from_files  # noqa: E402
+from fastsoft.scheduler import JobRun, job_seed  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("settings", help='JSON list of CompressConfig overrides, e.g. \'[{"lr": 0.1, "steps": 100}]\'')
+    parser.add_argument("--every", type=int, default=25, help="steps between held-out measurements (default: 25)")
+    args = parser.parse_args(argv)
+    example = ROOT / "examples" / "marrowick_island"
+    job = job_from_files(f"{example}.txt", f"{example}.queries.txt", f"{example}.eval.txt")
+    loaded = fastsoft.load_model()
+    work = Path(tempfile.mkdtemp(prefix="fastsoft-probe-"))
+    for overrides in json.loads(args.settings):
+        config = CompressConfig(**overrides)
+        engine = Engine(loaded, config, work / "out", cache_dir=work / "cache", progress=False, overwrite=True)
+        run = JobRun(job.with_eval_split(config.eval_fraction, config.seed), job_seed(config.seed, job.id))
+        engine.scheduler.submit(run)
+        engine._teach(engine.scheduler.admit())  # the engine's own teacher pass and cache (taught once, then reused)
+        held_out = run.teacher.eval
+        kl_none = float(_token_kl(loaded, None, held_out, 1.0)[0].mean())
+        started, curve = time.perf_counter(), []
+        while run.step < config.steps:
+            engine.step()
+            if run.step == 1 or run.step % args.every == 0:
+                kl = float(_token_kl(loaded, engine.bank.get(run.slot), held_out, 1.0)[0].mean())
+                recent = run.losses[-5:]
+                curve.append({"step": run.step, "train_loss_last5": round(sum(recent) / len(recent), 3), "heldout_kl": round(kl, 3),
+                              "gap_closed": round(1 - kl / kl_none, 3), "seconds": round(time.perf_counter() - started)})
+                print(json.dumps({"settings": overrides, **curve[-1]}), flush=True)
+        print(json.dumps({"settings": overrides, "kl_none": round(kl_none, 3), "curve": curve}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
