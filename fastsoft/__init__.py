@@ -5,9 +5,9 @@ __version__ = "0.1.0"
 from fastsoft.api import compress
 from fastsoft.config import CompressConfig
 from fastsoft.errors import FastsoftError
-from fastsoft.export import load_prompt, save_prompt
-from fastsoft.generate import generate
-from fastsoft.jobs import Job, read_jobs
+from fastsoft.io.export import load_prompt, save_prompt
+from fastsoft.eval.generate import generate
+from fastsoft.data.jobs import Job, read_jobs
 from fastsoft.models import load_model
 from fastsoft.ops import HiddenTarget, SparseTarget, softmax_kl
 

@@ -13,20 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastsoft.config import CompressConfig
-from fastsoft.engine import Engine
-from fastsoft.jobs import Job
+from fastsoft.train.engine import Engine
+from fastsoft.data.jobs import Job
 
 
 def compress(jobs: list[Job], model, out: str | Path, *, cache: str | Path | None = None, overwrite: bool = False,
              progress: bool = True, resume: bool = False, checkpoint_every: int = 10, rebuild_cache: bool = False,
-             dist=None, **config) -> list[dict]:
+             dist=None, on_step=None, **config) -> list[dict]:
     """Learn one soft prompt per job; each is exported to ``out/<job id>/`` with its ``report.json``.
 
     ``config`` takes the fields of :class:`fastsoft.config.CompressConfig`. ``resume`` continues the run
     checkpointed in ``out`` (written every ``checkpoint_every`` steps and on Ctrl-C). ``dist`` is this
-    process's :class:`fastsoft.distributed.Dist` under torchrun (``jobs`` are then this rank's). Returns one dict
-    per job: the report of a finished job, or ``{"job_id", "error"}`` for a failed one.
+    process's :class:`fastsoft.distributed.Dist` under torchrun (``jobs`` are then this rank's). ``on_step(runs)`` is
+    called at every training step with the jobs it trains (see :class:`fastsoft.train.engine.Engine`). Returns one
+    dict per job: the report of a finished job, or ``{"job_id", "error"}`` for a failed one.
     """
     engine = Engine(model, CompressConfig(**config), out, cache_dir=cache, overwrite=overwrite, progress=progress, resume=resume,
-                    checkpoint_every=checkpoint_every, rebuild_cache=rebuild_cache, dist=dist)
+                    checkpoint_every=checkpoint_every, rebuild_cache=rebuild_cache, dist=dist, on_step=on_step)
     return [run.report if run.report is not None else {"job_id": run.job.id, "error": run.error} for run in engine.run(jobs)]

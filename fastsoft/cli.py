@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastsoft.config import CompressConfig
 from fastsoft.errors import FastsoftError
+from fastsoft.io.checkpoint import CHECKPOINT
 
 HELP = {
     "prompt_length": "soft prompt length P (virtual tokens)", "steps": "step budget per job", "lr": "Adam learning rate",
@@ -83,8 +84,8 @@ def _load(args, local_rank: int = 0):
 def _compress(args) -> int:
     from fastsoft.api import compress
     from fastsoft.distributed import Dist, init_from_env, shutdown
-    from fastsoft.jobs import job_from_files, read_jobs
-    from fastsoft.report import format_table
+    from fastsoft.data.jobs import job_from_files, read_jobs
+    from fastsoft.io.report import format_table
 
     if args.context:
         if not args.queries:
@@ -133,9 +134,9 @@ def _compress(args) -> int:
 
 
 def _generate(args) -> int:
-    from fastsoft.export import load_prompt
-    from fastsoft.generate import generate
-    from fastsoft.templates import make_template
+    from fastsoft.io.export import load_prompt
+    from fastsoft.eval.generate import generate
+    from fastsoft.data.templates import make_template
 
     prompt, template, meta = load_prompt(args.prompt)
     loaded = _load(args)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastsoft: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resumable = args.command == "compress" and (Path(args.out) / "checkpoint.pt").exists()
+        resumable = args.command == "compress" and (Path(args.out) / CHECKPOINT).exists()
         print("fastsoft: interrupted" + ("; checkpoint saved, continue with --resume" if resumable else ""), file=sys.stderr)
         return 130
 

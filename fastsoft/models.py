@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -78,6 +79,13 @@ class LoadedModel:
     @property
     def max_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
+
+    def kv_cache_of(self, output) -> dict:
+        """The keyword that hands ``output``'s KV cache to the next decoder call: ``cache=`` in transformers
+        5.24 and later (``past_key_values`` is deprecated there), ``past_key_values=`` before."""
+        if "cache" in inspect.signature(self.decoder.forward).parameters:
+            return {"cache": output.cache}
+        return {"past_key_values": output.past_key_values}
 
     def hidden_states(self, **inputs) -> torch.Tensor:
         """Final hidden states ``[B, L, H]``; packed rows need ``position_ids`` (``use_cache`` is forced off)."""

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsoft.ops.targets import HiddenTarget, SparseTarget
+from fastsoft.ops.targets import HiddenTarget, SparseTarget, as_target
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -431,7 +431,7 @@ def _prepare_teacher(teacher, n: int, device: torch.device):
         return SPARSE, None, sparse
     if isinstance(teacher, HiddenTarget):
         return HIDDEN, teacher.hidden, None
-    return DENSE, teacher, None
+    return DENSE, teacher.logprobs, None
 
 
 def softmax_kl_rows(
@@ -461,6 +461,7 @@ def softmax_kl_rows(
     fp16 for 16-bit inputs, fp32 otherwise) plus ``[C, V/128]`` fp32 statistics; never ``[N, V]``; no
     ``[V, H]`` gradient. No host synchronisation.
     """
+    teacher = as_target(teacher)
     n, hsize = hidden.shape
     vocab = lm_weight.shape[0]
     device = hidden.device

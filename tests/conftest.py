@@ -86,7 +86,7 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture
 def tiny_job():
-    from fastsoft.jobs import Job
+    from fastsoft.data.jobs import Job
 
     return Job(
         id="velmora",

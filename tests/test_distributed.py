@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastsoft.cli import main
-from fastsoft.export import load_prompt
+from fastsoft.io.export import load_prompt
 
 FLAGS = ["--steps", "6", "--prompt-length", "4", "--max-new-tokens", "4", "--lr", "0.05", "--tol", "0", "--batch-queries", "4",
          "--slots", "2", "--no-progress"]

@@ -13,15 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import fastsoft
-import fastsoft.student as student
-import fastsoft.teacher as teacher_mod
-from fastsoft.export import load_prompt
-from fastsoft.jobs import Job
+import fastsoft.attention as attention_mod
+from fastsoft.io.export import load_prompt
+from fastsoft.data.jobs import Job
 from fastsoft.ops import softmax_kl
-from fastsoft.scheduler import JobRun, Scheduler, State
-from fastsoft.student import Segment, pack, scored_hidden
-from fastsoft.teacher import TeachRequest, teach, teach_jobs, tokenize_query
-from fastsoft.templates import encode, end_token_ids, make_template
+from fastsoft.train.scheduler import JobRun, Scheduler, State
+from fastsoft.train.packing import Segment, pack, scored_hidden
+from fastsoft.teacher.batching import teach, teach_jobs
+from fastsoft.data.templates import encode, end_token_ids, make_template, tokenize_query
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = [
@@ -65,9 +64,9 @@ def _run_alone(loaded, template, context, query, answer, max_new_tokens):
 
 def _requests():
     return [
-        TeachRequest("greedy", CONTEXTS[0], QUERIES, None, ["Name the mayor."]),
-        TeachRequest("forced", CONTEXTS[1], QUERIES[:3], ["teal", "Odile Varsk", "seventeen goats and Comet"], QUERIES[3:]),
-        TeachRequest("short", CONTEXTS[2], QUERIES[::-1]),
+        Job("greedy", CONTEXTS[0], QUERIES, None, ["Name the mayor."]),
+        Job("forced", CONTEXTS[1], QUERIES[:3], ["teal", "Odile Varsk", "seventeen goats and Comet"], QUERIES[3:]),
+        Job("short", CONTEXTS[2], QUERIES[::-1]),
     ]
 
 
@@ -80,9 +79,9 @@ def test_shared_context_teacher_equals_each_query_alone(tiny, budget, rows, jobs
     template = make_template(tiny.tokenizer)
     requests = _requests()
     taught = teach_jobs(tiny, template, requests, 5, token_budget=budget, max_rows=rows, max_jobs=jobs)
-    assert list(taught) == [r.job_id for r in requests]
+    assert list(taught) == [r.id for r in requests]
     for request in requests:
-        train, held = taught[request.job_id]
+        train, held = taught[request.id]
         assert len(train) == len(request.queries) and len(held) == len(request.eval_queries)
         answers = request.answers or [None] * len(request.queries)
         for got, query, answer in [*zip(train, request.queries, answers), *((t, q, None) for t, q in zip(held, request.eval_queries))]:
@@ -97,12 +96,12 @@ def test_shared_context_teacher_equals_each_query_alone(tiny, budget, rows, jobs
 def test_teach_single_job_api_and_errors(tiny):
     template = make_template(tiny.tokenizer)
     single = teach(tiny, template, "one", CONTEXTS[0], QUERIES[:2], max_new_tokens=5, batch_size=1)
-    together = teach_jobs(tiny, template, [TeachRequest("one", CONTEXTS[0], QUERIES[:2]), TeachRequest("two", CONTEXTS[1], QUERIES)], 5)
+    together = teach_jobs(tiny, template, [Job("one", CONTEXTS[0], QUERIES[:2]), Job("two", CONTEXTS[1], QUERIES)], 5)
     for a, b in zip(single, together["one"][0]):
         assert a.answer == b.answer and a.before == b.before and a.after == b.after
         torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-6)
     # a job too long for the model fails alone; the others are taught
-    results = teach_jobs(tiny, template, [TeachRequest("long", "word " * 3000, QUERIES[:1]), TeachRequest("ok", CONTEXTS[2], QUERIES[:1])], 5)
+    results = teach_jobs(tiny, template, [Job("long", "word " * 3000, QUERIES[:1]), Job("ok", CONTEXTS[2], QUERIES[:1])], 5)
     assert isinstance(results["long"], fastsoft.FastsoftError) and "longer than the model's maximum" in str(results["long"])
     assert len(results["ok"][0]) == 1
     with pytest.raises(fastsoft.FastsoftError, match="longer than"):
@@ -113,8 +112,8 @@ def test_teach_single_job_api_and_errors(tiny):
 def test_attention_with_log_sum_exp_matches_its_reference(causal):
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 4, 7, 16), torch.randn(3, 4, 7 if causal else 11, 16), torch.randn(3, 4, 7 if causal else 11, 16)
-    out, lse = teacher_mod._attention_lse(q, k, v, 0.3, causal)
-    ref_out, ref_lse = teacher_mod._attention_lse_reference(q, k, v, 0.3, causal)
+    out, lse = attention_mod.attention_lse(q, k, v, 0.3, causal)
+    ref_out, ref_lse = attention_mod.attention_lse_reference(q, k, v, 0.3, causal)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.3), rtol=1e-5, atol=1e-5)
@@ -123,7 +122,7 @@ def test_attention_with_log_sum_exp_matches_its_reference(causal):
 def test_teacher_reference_attention_path_gives_the_same_answers(tiny, monkeypatch):
     template = make_template(tiny.tokenizer)
     fused = teach_jobs(tiny, template, _requests()[:2], 5, token_budget=32, max_rows=2)
-    monkeypatch.setattr(teacher_mod, "_LSE_FAILED", {("cpu", torch.float32)})
+    monkeypatch.setattr(attention_mod, "LSE_FAILED", {("cpu", torch.float32)})
     slow = teach_jobs(tiny, template, _requests()[:2], 5, token_budget=32, max_rows=2)
     for job in fused:
         for a, b in zip(fused[job][0] + fused[job][1], slow[job][0] + slow[job][1]):
@@ -141,11 +140,11 @@ def test_gpu_teacher_matches_each_query_alone(tiny_model_dir, dtype):
     template = make_template(loaded.tokenizer)
     requests = _requests()
     taught = teach_jobs(loaded, template, requests, 5, token_budget=24, max_rows=3, max_jobs=2)
-    assert ("cuda", loaded.dtype) not in teacher_mod._LSE_FAILED
+    assert ("cuda", loaded.dtype) not in attention_mod.LSE_FAILED
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "fp32" else dict(rtol=0.05, atol=0.1)
     for request in requests:
         answers = request.answers or [None] * len(request.queries)
-        for got, query, answer in zip(taught[request.job_id][0], request.queries, answers):
+        for got, query, answer in zip(taught[request.id][0], request.queries, answers):
             ids, hidden = _run_alone(loaded, template, request.context, query, answer, 5)
             if dtype == "fp32":
                 assert got.answer == ids
@@ -183,10 +182,10 @@ ATTENTIONS = ["sdpa", "fastsoft_buckets", "fastsoft_varlen:new", "fastsoft_varle
 
 
 def _attention(name, monkeypatch):
-    if not name.startswith(student.VARLEN_ATTENTION):
+    if not name.startswith(attention_mod.VARLEN_ATTENTION):
         return name
-    monkeypatch.setattr(student, "_torch_varlen", lambda: _fake_varlen(name.endswith("new")))
-    return student.VARLEN_ATTENTION
+    monkeypatch.setattr(attention_mod, "_torch_varlen", lambda: _fake_varlen(name.endswith("new")))
+    return attention_mod.VARLEN_ATTENTION
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -223,10 +222,10 @@ def test_packed_losses_and_gradients_equal_separate_runs(tiny, attention, monkey
 
 def test_packed_attention_choice(tiny):
     assert tiny.model.config._attn_implementation == "sdpa"
-    assert student.packed_attention(tiny) == student.BUCKETS_ATTENTION  # CPU: sdpa per length bucket
-    for name, match in ((student.VARLEN_ATTENTION, "cu_seq_lens"), (student.BUCKETS_ATTENTION, "length buckets")):
+    assert attention_mod.packed_attention(tiny) == attention_mod.BUCKETS_ATTENTION  # CPU: sdpa per length bucket
+    for name, match in ((attention_mod.VARLEN_ATTENTION, "cu_seq_lens"), (attention_mod.BUCKETS_ATTENTION, "length buckets")):
         with pytest.raises(RuntimeError, match=match):
-            with student.attention_implementation(tiny, name):
+            with attention_mod.attention_implementation(tiny, name):
                 tiny.hidden_states(input_ids=torch.tensor([[5, 6, 7]]))
         assert tiny.model.config._attn_implementation == "sdpa"  # restored after the error
 
@@ -237,8 +236,8 @@ def test_gpu_packed_attention_matches_sdpa(tiny_model_dir):
     from fastsoft.models import load_model
 
     loaded = load_model(tiny_model_dir, dtype="bf16", device="cuda")
-    choice = student.packed_attention(loaded)
-    if choice not in student.VARLEN_ATTENTIONS:
+    choice = attention_mod.packed_attention(loaded)
+    if choice not in attention_mod.VARLEN_ATTENTIONS:
         pytest.skip(f"no varlen attention in this install (packed steps use {choice})")
     torch.manual_seed(0)
     prompts = torch.randn(3, 4, 64, device="cuda", requires_grad=True)
@@ -316,24 +315,14 @@ def _jobs():
             for i in range(4)]
 
 
-def test_a_jobs_result_does_not_depend_on_its_neighbours(tiny, tmp_path, monkeypatch):
+def test_a_jobs_result_does_not_depend_on_its_neighbours(tiny, tmp_path):
     """Same seed, same σ (fp32, rtol 1e-4) whether a job runs alone or among others with slots=3 and a token
     budget that lets only two jobs' minibatches into a step (so jobs wait for slots and for steps)."""
-    from fastsoft.engine import Engine
-
-    steps_of = {}
-    original = Engine.step
-
-    def recording(self):
-        chosen = original(self)
-        steps_of.setdefault(id(self), []).append([r.job.id for r in chosen])
-        return chosen
-
-    monkeypatch.setattr(Engine, "step", recording)
+    together_steps = []
     jobs = _jobs()
-    reports = fastsoft.compress(jobs, tiny, tmp_path / "together", slots=3, token_budget=250, **SMALL)
+    reports = fastsoft.compress(jobs, tiny, tmp_path / "together", slots=3, token_budget=250,
+                                on_step=lambda runs: together_steps.append([r.job.id for r in runs]), **SMALL)
     assert all("error" not in r for r in reports)
-    (together_steps,) = steps_of.values()
     assert max(len(s) for s in together_steps) == 2  # the budget never lets a third job in: jobs waited
     assert "job3" not in together_steps[0]  # the fourth job waited for a slot
     for job, report in zip(jobs, reports):
@@ -344,20 +333,10 @@ def test_a_jobs_result_does_not_depend_on_its_neighbours(tiny, tmp_path, monkeyp
         assert report["losses"] == pytest.approx(alone["losses"], rel=1e-4, abs=1e-6)
 
 
-def test_a_waiting_job_starts_only_when_a_slot_frees(tiny, tmp_path, monkeypatch):
-    from fastsoft.engine import Engine
-
+def test_a_waiting_job_starts_only_when_a_slot_frees(tiny, tmp_path):
     log = []
-    original = Engine.step
-
-    def recording(self):
-        chosen = original(self)
-        log.append([r.job.id for r in chosen])
-        return chosen
-
-    monkeypatch.setattr(Engine, "step", recording)
     jobs = _jobs()[:3]
-    fastsoft.compress(jobs, tiny, tmp_path, slots=2, **SMALL)
+    fastsoft.compress(jobs, tiny, tmp_path, slots=2, on_step=lambda runs: log.append([r.job.id for r in runs]), **SMALL)
     first = {j.id: next(i for i, s in enumerate(log) if j.id in s) for j in jobs}
     last = {j.id: max(i for i, s in enumerate(log) if j.id in s) for j in jobs}
     assert first["job0"] == first["job1"] == 0
@@ -396,7 +375,7 @@ def test_bench_e2e_cpu_small_runs(tmp_path):
 _GRADIENT_BYTES = """
 import hashlib, sys, torch
 from fastsoft.models import load_model
-from fastsoft.student import Segment, pack, scored_hidden
+from fastsoft.train.packing import Segment, pack, scored_hidden
 tiny = load_model(sys.argv[1])
 torch.manual_seed(0)
 prompts = torch.randn(2, 16, 64, requires_grad=True)  # 64 segments share slot 0: σ's rows gathered 64 times each

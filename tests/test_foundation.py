@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsoft.bank import PromptBank
-from fastsoft.cache import CacheSpec, TeacherCache, make_targets, teacher_from
+from fastsoft.train.bank import PromptBank
+from fastsoft.teacher.cache import TeacherCache
+from fastsoft.teacher.targets import CacheSpec
 from fastsoft.errors import FastsoftError
-from fastsoft.jobs import job_from_files, read_jobs
+from fastsoft.data.jobs import job_from_files, read_jobs
 from fastsoft.models import load_model
-from fastsoft.objectives import parse_objective
-from fastsoft.prompt_init import init_prompt
-from fastsoft.schedule import lr_at
-from fastsoft.teacher import teach
-from fastsoft.templates import encode, make_template
+from fastsoft.train.objectives import parse_objective
+from fastsoft.train.prompt_init import init_prompt
+from fastsoft.train.lr_schedule import lr_at
+from fastsoft.teacher.batching import teach
+from fastsoft.data.templates import encode, make_template
 
 
 def test_model_is_frozen_and_fingerprinted(tiny, tiny_model_dir):
@@ -119,20 +120,20 @@ def test_cache_kinds_round_trip(tiny, tiny_job, tmp_path, kind):
     held = teach(tiny, template, "j", tiny_job.context, tiny_job.eval_queries, None, max_new_tokens=4)
     spec = CacheSpec(kind=kind, top_k=8, samples=32)
     hidden = torch.cat([t.hidden for t in train])
-    targets = make_targets(tiny.lm_weight, hidden, spec, torch.Generator().manual_seed(0))
+    targets = spec.build(tiny.lm_weight, hidden, torch.Generator().manual_seed(0))
     fingerprint = {"model": tiny.fingerprint, "template": template.fingerprint, "kind": kind, "params": spec.params()}
-    cache = TeacherCache(tmp_path, fingerprint)
+    cache = TeacherCache(tmp_path, fingerprint, spec.target_type)
     cache.put("j", [1, 2, 3], train, targets, held, flush=False)
-    assert not TeacherCache(tmp_path, fingerprint).has("j")  # written, not yet indexed: it would be taught again
+    assert not TeacherCache(tmp_path, fingerprint, spec.target_type).has("j")  # written, not yet indexed: it would be taught again
     cache.flush()
-    got = TeacherCache(tmp_path, fingerprint).get("j")
+    got = TeacherCache(tmp_path, fingerprint, spec.target_type).get("j")
     assert [t.answer for t in got.train] == [t.answer for t in train]
     assert got.row_offsets[-1] == len(hidden) and got.context_ids == [1, 2, 3]
     torch.testing.assert_close(torch.cat([t.hidden for t in got.eval]), torch.cat([t.hidden for t in held]))
-    teacher = teacher_from(kind, got.targets)
+    teacher = got.targets
     probs = torch.softmax(tiny.logits(hidden), -1)
     if kind == "dense":
-        torch.testing.assert_close(teacher.exp(), probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(teacher.logprobs.exp(), probs, rtol=1e-5, atol=1e-6)
     elif kind == "hidden":
         torch.testing.assert_close(teacher.hidden, hidden)
     elif kind == "topk":
@@ -144,11 +145,11 @@ def test_cache_kinds_round_trip(tiny, tiny_job, tmp_path, kind):
         assert ((teacher.probs * 32) - (teacher.probs * 32).round()).abs().max() < 1e-5  # counts / samples
     other = {**fingerprint, "template": "something-else"}
     with pytest.raises(FastsoftError, match="another prompt template"):
-        TeacherCache(tmp_path, other)
+        TeacherCache(tmp_path, other, spec.target_type)
     shard = tmp_path / "j.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(FastsoftError, match="truncated or corrupted"):
-        TeacherCache(tmp_path, fingerprint).get("j")
+        TeacherCache(tmp_path, fingerprint, spec.target_type).get("j")
 
 
 @pytest.mark.parametrize("method", ["context", "pooled", "vocab", "text", "random"])

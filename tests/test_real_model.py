@@ -9,8 +9,8 @@ import torch
 
 import fastsoft
 from fastsoft.models import default_model_path, load_model
-from fastsoft.teacher import teach
-from fastsoft.templates import make_template
+from fastsoft.teacher.batching import teach
+from fastsoft.data.templates import make_template
 
 pytestmark = pytest.mark.real_model
 

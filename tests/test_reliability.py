@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import fastsoft
-from fastsoft.cache import TeacherCache
-from fastsoft.engine import Engine
-from fastsoft.export import load_prompt
+from fastsoft.teacher.cache import TeacherCache
+from fastsoft.train.engine import Engine
+from fastsoft.io.checkpoint import read_checkpoint
+from fastsoft.io.export import load_prompt
 from fastsoft.models import load_model
 
 FAST = dict(steps=10, prompt_length=4, max_new_tokens=4, lr=0.05, tol=0.0, batch_queries=3, slots=2, progress=False)
@@ -49,7 +50,7 @@ def test_sigkill_several_times_then_resume_matches_an_uninterrupted_run(tiny_mod
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", tiny_job.context)
     assert main(cli_args(jobs_file, tiny_model_dir, tmp_path / "ref")) == 0
     out, kills, first_reports = tmp_path / "killed", 0, {}
-    checkpoint = out / "checkpoint.pt"
+    checkpoint = out / "checkpoint.safetensors"
     for attempt in range(12):
         argv = cli_args(jobs_file, tiny_model_dir, out) + (["--resume"] if checkpoint.exists() else [])
         proc = subprocess.Popen([sys.executable, "-m", "fastsoft", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -80,21 +81,18 @@ def test_sigkill_several_times_then_resume_matches_an_uninterrupted_run(tiny_mod
         assert json.loads(report.read_text())["steps"] == json.loads((tmp_path / "ref" / name / "report.json").read_text())["steps"]
 
 
-def test_ctrl_c_checkpoints_and_resume_finishes_identically(tiny, tiny_job, tmp_path, monkeypatch):
+def test_ctrl_c_checkpoints_and_resume_finishes_identically(tiny, tiny_job, tmp_path):
     reference = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "ref", **FAST)
-    real_step, calls = Engine.step, {"n": 0}
+    calls = {"n": 0}
 
-    def interrupted(self):
+    def interrupted(runs):
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt
-        return real_step(self)
 
-    monkeypatch.setattr(Engine, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, **FAST)
-    assert (tmp_path / "run" / "checkpoint.pt").exists()
-    monkeypatch.setattr(Engine, "step", real_step)
+        fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, on_step=interrupted, **FAST)
+    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
     resumed = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", resume=True, **FAST)
     assert [r["losses"] for r in resumed] == [r["losses"] for r in reference]
     for name, prompt in prompts(tmp_path / "ref").items():
@@ -111,18 +109,16 @@ def test_resume_refuses_other_jobs_or_settings(tiny, tiny_job, tmp_path):
         fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "fresh", resume=True, **FAST)
 
 
-def test_out_of_memory_lowers_the_token_budget_and_keeps_results(tiny, tiny_job, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_lowers_the_token_budget_and_keeps_results(tiny, tiny_job, tmp_path, capsys):
     reference = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "ref", **FAST)
-    real_step, calls = Engine.step, {"n": 0}
+    calls = {"n": 0}
 
-    def oom_once(self):
+    def oom_once(runs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_step(self)
 
-    monkeypatch.setattr(Engine, "step", oom_once)
-    got = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "oom", **{**FAST, "token_budget": 4096})
+    got = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "oom", on_step=oom_once, **{**FAST, "token_budget": 4096})
     assert "token budget lowered from 4096 to 2048" in capsys.readouterr().err
     assert [r["losses"] for r in got] == [r["losses"] for r in reference]
 
@@ -131,8 +127,8 @@ def test_nan_in_one_jobs_cache_leaves_the_others_running(tiny, tiny_job, tmp_pat
     all_jobs = jobs(tiny_job.context)
     engine = Engine(tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path, progress=False)
     fastsoft.compress(all_jobs[1:2], tiny, tmp_path / "probe", **FAST)
-    shard = TeacherCache(tmp_path / "probe" / "cache", engine.cache.fingerprint).get("job1")
-    shard.targets["logprobs"][0, 3] = float("nan")
+    shard = TeacherCache(tmp_path / "probe" / "cache", engine.cache.fingerprint, engine.spec.target_type).get("job1")
+    shard.targets.logprobs[0, 3] = float("nan")
     engine.cache.put("job1", shard.context_ids, shard.train, shard.targets, shard.eval)
     runs = engine.run(all_jobs)
     assert [r.state.value for r in runs] == ["done", "failed", "done"]
@@ -200,23 +196,18 @@ def test_nan_in_the_models_teacher_outputs_fails_that_job_only(tiny, tiny_job, t
         torch.testing.assert_close(prompts(tmp_path / "poisoned")[name], prompts(tmp_path / "clean")[name], rtol=1e-4, atol=1e-5)
 
 
-def test_nan_in_the_models_student_outputs_fails_that_job_only(tiny, tiny_job, tmp_path, monkeypatch):
-    import fastsoft.engine
-
+def test_nan_in_the_models_student_outputs_fails_that_job_only(tiny, tiny_job, tmp_path):
     all_jobs = jobs(tiny_job.context)
     clean = fastsoft.compress([all_jobs[0], all_jobs[2]], tiny, tmp_path / "clean", **FAST)
-    engine = Engine(tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path / "poisoned", progress=False)
-    real = fastsoft.engine.scored_hidden
 
-    def overflowing(loaded, prompts, packed, *args, **kwargs):  # from its 3rd step on, job1's forward pass overflows
-        run = next((r for r in engine.scheduler.running if r.job.id == "job1"), None)
-        if run is not None and run.step >= 2:
-            poison = torch.ones(prompts.shape[0], 1, 1)
-            poison[run.slot] = float("inf")
-            prompts = prompts * poison
-        return real(loaded, prompts, packed, *args, **kwargs)
+    def overflowing(runs):  # from its 3rd step on, job1's forward pass overflows
+        for run in runs:
+            if run.job.id == "job1" and run.step >= 2:
+                with torch.no_grad():
+                    engine.bank.prompts[run.slot] = float("inf")
 
-    monkeypatch.setattr(fastsoft.engine, "scored_hidden", overflowing)
+    engine = Engine(tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path / "poisoned", progress=False,
+                    on_step=overflowing)
     runs = engine.run(all_jobs)
     assert [r.state.value for r in runs] == ["done", "failed", "done"]
     assert runs[1].error == "the loss of job 'job1' became nan at step 3"
@@ -231,10 +222,10 @@ def test_checkpoints_grow_with_the_slots_not_with_the_jobs(tiny, tiny_job, tmp_p
     sizes = {}
     for count in (3, 12):
         fastsoft.compress(many[:count], tiny, tmp_path / str(count), **FAST)
-        state = torch.load(tmp_path / str(count) / "checkpoint.pt", weights_only=False)
+        state = read_checkpoint(tmp_path / str(count) / "checkpoint.safetensors")
         assert not state["running"] and len(state["finished"]) == count
         assert all(saved["report"] is None for saved in state["finished"].values())  # the reports are on disk
-        sizes[count] = (tmp_path / str(count) / "checkpoint.pt").stat().st_size
+        sizes[count] = (tmp_path / str(count) / "checkpoint.safetensors").stat().st_size
     assert sizes[12] - sizes[3] < 9 * 400, sizes  # a few hundred bytes a finished job (its outcome), no reports or RNG states
     resumed = fastsoft.compress(many[:12], tiny, tmp_path / "12", resume=True, **FAST)  # nothing left to do: reports come back from disk
     assert [r["job_id"] for r in resumed] == [j.id for j in many] and all("kl_soft" in r for r in resumed)

@@ -13,27 +13,9 @@ import torch
 
 from fastsoft.ops import BackendUnavailable, HiddenTarget, SoftmaxKLLoss, SparseTarget, softmax_kl
 from fastsoft.ops import reference
+from fastsoft.ops.reference import softmax_kl_naive
 from softmax_kl_cases import KINDS, make_teacher
 from softmax_kl_cases import cast_teacher as cast
-
-
-def naive_rows(h, W, teacher, T):
-    """Unfused, unchunked per-row loss in the dtype of ``h`` (autograd gives the gradient)."""
-    z = (h @ W.T) / T
-    logp = torch.log_softmax(z, -1)
-    if isinstance(teacher, SparseTarget):
-        w, ids = teacher.probs.to(z.dtype), teacher.ids.long()
-        loss = (torch.xlogy(w, w) - w * logp.gather(1, ids)).sum(-1)
-        if teacher.tail is not None:
-            r = teacher.tail.to(z.dtype)
-            outside = torch.logsumexp(logp.scatter(1, ids, float("-inf")), -1)
-            loss = loss + torch.xlogy(r, r) - r * outside
-        return loss
-    logits = teacher.hidden.to(z.dtype) @ W.T if isinstance(teacher, HiddenTarget) else teacher.to(z.dtype)
-    q = torch.log_softmax(logits / T, -1)
-    return (q.exp() * (q - logp)).sum(-1)
-
-
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -56,7 +38,7 @@ def test_reference_matches_naive_fp64(kind, temperature, reduction, weighted):
     got_value, got_grad = out.detach(), h.grad.clone()
 
     h.grad = None
-    rows = naive_rows(h, W, teacher, temperature) * (tw if weighted else 1)
+    rows = softmax_kl_naive(h, W, teacher, temperature) * (tw if weighted else 1)
     want = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / (tw.sum() if weighted else n)}[reduction]
     (want * grad_out).sum().backward()
     torch.testing.assert_close(got_value, want.detach(), rtol=1e-10, atol=1e-12)
@@ -71,8 +53,8 @@ def test_reference_fp32_error_within_twice_naive(kind):
     h64 = torch.randn(n, hd, generator=gen, dtype=torch.float64)
     W64 = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * 4
     t64 = make_teacher(kind, n, v, hd, gen)
-    truth = naive_rows(h64, W64, t64, 1.0)
-    naive32 = naive_rows(h64.float(), W64.float(), cast(t64, torch.float32), 1.0).double()
+    truth = softmax_kl_naive(h64, W64, t64, 1.0)
+    naive32 = softmax_kl_naive(h64.float(), W64.float(), cast(t64, torch.float32), 1.0).double()
     ours = softmax_kl(h64.float(), W64.float(), cast(t64, torch.float32), reduction="none", backend="reference").double()
     assert (ours - truth).abs().max() <= 2 * (naive32 - truth).abs().max() + 1e-5
 
@@ -161,5 +143,5 @@ def test_extreme_temperatures_stay_finite_and_exact(kind, temperature):
     loss = softmax_kl(h, W, teacher, temperature=temperature, backend="reference", reduction="sum")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
-    want = naive_rows(h.detach(), W, teacher, temperature).sum()
+    want = softmax_kl_naive(h.detach(), W, teacher, temperature).sum()
     torch.testing.assert_close(loss.detach(), want, rtol=1e-9, atol=1e-9)

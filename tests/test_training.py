@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import fastsoft
-from fastsoft.export import load_prompt
-from fastsoft.generate import generate, rouge_l
-from fastsoft.student import Segment, pack, scored_hidden
+from fastsoft.io.export import load_prompt
+from fastsoft.eval.generate import generate
+from fastsoft.eval.metrics import rouge_l
+from fastsoft.train.packing import Segment, pack, scored_hidden
 
 TRAIN = dict(steps=12, prompt_length=4, max_new_tokens=5, lr=0.05, tol=0.0, batch_queries=5, progress=False)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher
+from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher, as_target
 
 _SOURCE = "softmax_kl.cpp"
 _FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]  # as ext_modules in setup.py; lets the exp loops vectorise
@@ -84,6 +84,7 @@ def softmax_kl_rows(
     ``d loss_n / d hidden_n`` ``[N, H]`` in ``hidden.dtype`` (or None). Memory: O(threads x tile),
     never ``[N, V]``; no gradient for ``lm_weight``.
     """
+    teacher = as_target(teacher)
     ok, why = is_available()
     if not ok:
         from fastsoft.ops.softmax_kl import BackendUnavailable
@@ -100,6 +101,6 @@ def softmax_kl_rows(
         loss, grad = ops.softmax_kl_rows_hidden(hidden, lm_weight, teacher.hidden.detach().contiguous(), float(temperature),
                                                 token_weight, need_grad)
     else:
-        loss, grad = ops.softmax_kl_rows_dense(hidden, lm_weight, teacher.detach().contiguous(), float(temperature),
+        loss, grad = ops.softmax_kl_rows_dense(hidden, lm_weight, teacher.logprobs.detach().contiguous(), float(temperature),
                                                token_weight, need_grad)
     return loss, (grad if need_grad else None)

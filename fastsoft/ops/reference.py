@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher
+from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher, as_target
 
 # Bytes of one [C, V] temporary; the chunk loop keeps about five of them alive.
 CHUNK_BYTES = 16 * 2**20
@@ -73,6 +73,7 @@ def softmax_kl_rows(
     Returns:
         ``loss [N]`` fp32 (fp64 for fp64 inputs; unweighted per-row loss) and ``grad [N, H]`` in ``hidden.dtype`` or None.
     """
+    teacher = as_target(teacher)
     n, _ = hidden.shape
     cd = _compute_dtype(hidden, lm_weight)
     loss_out = torch.zeros(n, dtype=cd, device=hidden.device)
@@ -91,7 +92,7 @@ def softmax_kl_rows(
         elif isinstance(teacher, HiddenTarget):
             loss, dz = _dense_rows(z - lse[:, None], teacher.hidden[rows].to(cd) @ weight.T, temperature)
         else:
-            loss, dz = _dense_rows(z - lse[:, None], teacher[rows].to(cd), temperature)
+            loss, dz = _dense_rows(z - lse[:, None], teacher.logprobs[rows].to(cd), temperature)
         if token_weight is not None:
             keep = token_weight[rows] != 0
             loss = torch.where(keep, loss, torch.zeros_like(loss))
@@ -100,3 +101,26 @@ def softmax_kl_rows(
         if need_grad:
             grad_out[rows] = ((dz @ weight) / temperature).to(hidden.dtype)
     return loss_out, grad_out
+
+
+def softmax_kl_naive(hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temperature: float = 1.0) -> torch.Tensor:
+    """The loss written plainly, unfused and unchunked: per-row ``L_n`` ``[N]``, differentiable by autograd.
+
+    The ground truth of the tests (in fp64) and the "torch eager" provider of the benchmarks. Logits are
+    formed in the inputs' dtype and the softmax runs in at least fp32. Memory: several ``[N, V]`` tensors.
+    """
+    teacher = as_target(teacher)
+    z = hidden @ lm_weight.T
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+    logp = torch.log_softmax(z, -1)
+    if isinstance(teacher, SparseTarget):
+        w, ids = teacher.probs.to(z.dtype), teacher.ids.long()
+        loss = (torch.xlogy(w, w) - w * logp.gather(1, ids)).sum(-1)
+        if teacher.tail is not None:
+            r = teacher.tail.to(z.dtype)
+            outside = torch.logsumexp(logp.scatter(1, ids, float("-inf")), -1)
+            loss = loss + torch.xlogy(r, r) - r * outside
+        return loss
+    logits = teacher.hidden.to(lm_weight.dtype) @ lm_weight.T if isinstance(teacher, HiddenTarget) else teacher.logprobs
+    q = torch.log_softmax(logits.to(z.dtype) / temperature, -1)
+    return (q.exp() * (q - logp)).sum(-1)

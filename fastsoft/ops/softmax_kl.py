@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from fastsoft.ops import reference
-from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher
+from fastsoft.ops.targets import DenseTarget, HiddenTarget, Teacher, as_target
 
 BACKENDS = ("triton", "cpp", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -107,18 +107,11 @@ def _check(hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temp
     if hidden.dim() != 2 or lm_weight.dim() != 2 or hidden.shape[1] != lm_weight.shape[1]:
         raise ValueError(f"softmax_kl needs hidden [N, H] and lm_weight [V, H], got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}")
     n, v = hidden.shape[0], lm_weight.shape[0]
-    if isinstance(teacher, SparseTarget):
-        rows = len(teacher)
-    elif isinstance(teacher, HiddenTarget):
-        rows = len(teacher)
-        if teacher.hidden.shape[1] != hidden.shape[1]:
-            raise ValueError(f"HiddenTarget has hidden size {teacher.hidden.shape[1]}, the student {hidden.shape[1]}")
-    elif isinstance(teacher, torch.Tensor):
-        if teacher.dim() != 2 or teacher.shape[1] != v:
-            raise ValueError(f"a dense teacher must be log-probs of shape [N, V] = [{n}, {v}], got {tuple(teacher.shape)}")
-        rows = teacher.shape[0]
-    else:
-        raise TypeError(f"teacher must be a [N, V] tensor, SparseTarget or HiddenTarget, got {type(teacher).__name__}")
+    if isinstance(teacher, HiddenTarget) and teacher.hidden.shape[1] != hidden.shape[1]:
+        raise ValueError(f"HiddenTarget has hidden size {teacher.hidden.shape[1]}, the student {hidden.shape[1]}")
+    if isinstance(teacher, DenseTarget) and teacher.logprobs.shape[1] != v:
+        raise ValueError(f"a dense teacher must be log-probs of shape [N, V] = [{n}, {v}], got {tuple(teacher.logprobs.shape)}")
+    rows = len(teacher)
     if rows != n:
         raise ValueError(f"teacher has {rows} rows but hidden has {n}")
     if not temperature > 0:
@@ -148,7 +141,8 @@ def softmax_kl(
         lm_weight: ``[V, H]`` lm_head weight. Treated as frozen: no gradient for it is ever allocated
             or computed, whatever its ``requires_grad`` says.
         teacher: one of
-            - a dense ``[N, V]`` tensor of teacher log-probs; tempered as ``log_softmax(teacher / T)``;
+            - :class:`DenseTarget` (or a bare ``[N, V]`` tensor) of teacher log-probs; tempered as
+              ``log_softmax(teacher / T)``;
             - :class:`SparseTarget` ``(ids [N, K], probs [N, K], tail [N] | None)``: top-k (with the
               exact ``K + 1``-bucket KL when ``tail`` is given) or sampled ids with count weights, used
               as given; ``K = 1`` with prob 1 is plain cross-entropy;
@@ -165,6 +159,7 @@ def softmax_kl(
     Memory: never materialises the ``[N, V]`` logits (the reference keeps one token chunk of them);
     the forward pass stores one ``[N, H]`` gradient in ``hidden.dtype``; no ``[V, H]`` gradient.
     """
+    teacher = as_target(teacher)
     _check(hidden, lm_weight, teacher, temperature, token_weight, reduction)
     _, rows_fn = resolve_backend(backend, hidden.device)
     loss = SoftmaxKLFunction.apply(hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn)

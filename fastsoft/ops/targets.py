@@ -1,7 +1,14 @@
-"""Teacher targets accepted by ``fastsoft.ops.softmax_kl``.
+"""Teacher targets accepted by ``fastsoft.ops.softmax_kl``: one small type per kind, one protocol.
 
-A dense teacher is a plain ``[N, V]`` tensor of log-probs (or logits: it is renormalised at the
-loss temperature). The two structured kinds are below; both index by rows like a tensor.
+Every kind indexes by rows like a tensor and shares the same protocol, so code that moves teachers
+around (the cache, the packed step) never switches on the kind:
+
+- ``len(t)``, ``t[rows]``: the number of rows, a row slice (or index tensor);
+- ``t.to(device)``;
+- ``Kind.concat(parts)``: one target from row blocks of the same kind;
+- ``t.tensors()`` / ``Kind.from_tensors(d)``: the named tensors a cache stores, and back.
+
+A bare ``[N, V]`` tensor passed to ``softmax_kl`` is read as a :class:`DenseTarget` (:func:`as_target`).
 """
 
 from __future__ import annotations
@@ -10,6 +17,37 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
+
+
+@dataclass(frozen=True)
+class DenseTarget:
+    """Teacher log-probs ``[N, V]`` (or logits: they are renormalised at the loss temperature)."""
+
+    logprobs: torch.Tensor
+
+    def __post_init__(self):
+        if self.logprobs.dim() != 2:
+            raise ValueError(f"a dense teacher must be log-probs of shape [N, V], got {tuple(self.logprobs.shape)}")
+
+    def __getitem__(self, rows) -> "DenseTarget":
+        return DenseTarget(self.logprobs[rows])
+
+    def __len__(self) -> int:
+        return self.logprobs.shape[0]
+
+    def to(self, device) -> "DenseTarget":
+        return DenseTarget(self.logprobs.to(device))
+
+    @classmethod
+    def concat(cls, parts: list["DenseTarget"]) -> "DenseTarget":
+        return cls(torch.cat([p.logprobs for p in parts]))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"logprobs": self.logprobs}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "DenseTarget":
+        return cls(tensors["logprobs"])
 
 
 @dataclass(frozen=True)
@@ -45,6 +83,24 @@ class SparseTarget:
     def to(self, device) -> "SparseTarget":
         return SparseTarget(self.ids.to(device), self.probs.to(device), None if self.tail is None else self.tail.to(device))
 
+    @classmethod
+    def concat(cls, parts: list["SparseTarget"]) -> "SparseTarget":
+        """Rows of several targets; narrower rows are padded with weight-0 ids (they change nothing)."""
+        width = max(p.ids.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        tail = torch.cat([p.tail for p in parts]) if parts[0].tail is not None else None
+        return cls(torch.cat([pad(p.ids, 0) for p in parts]), torch.cat([pad(p.probs, 0.0) for p in parts]), tail)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"ids": self.ids, "probs": self.probs, **({} if self.tail is None else {"tail": self.tail})}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SparseTarget":
+        return cls(tensors["ids"], tensors["probs"], tensors.get("tail"))
+
     @staticmethod
     def one_hot(ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> "SparseTarget":
         """Hard targets ``ids [N]``: the loss becomes plain cross-entropy (log-likelihood objectives)."""
@@ -70,5 +126,26 @@ class HiddenTarget:
     def to(self, device) -> "HiddenTarget":
         return HiddenTarget(self.hidden.to(device))
 
+    @classmethod
+    def concat(cls, parts: list["HiddenTarget"]) -> "HiddenTarget":
+        return cls(torch.cat([p.hidden for p in parts]))
 
-Teacher = Union[torch.Tensor, SparseTarget, HiddenTarget]
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"hidden": self.hidden}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "HiddenTarget":
+        return cls(tensors["hidden"])
+
+
+Target = Union[DenseTarget, SparseTarget, HiddenTarget]
+Teacher = Union[torch.Tensor, Target]  # what softmax_kl accepts: a bare tensor is dense
+
+
+def as_target(teacher: Teacher) -> Target:
+    """The target object for what a caller passed: a bare ``[N, V]`` tensor becomes a :class:`DenseTarget`."""
+    if isinstance(teacher, torch.Tensor):
+        return DenseTarget(teacher)
+    if isinstance(teacher, (DenseTarget, SparseTarget, HiddenTarget)):
+        return teacher
+    raise TypeError(f"teacher must be a [N, V] tensor, DenseTarget, SparseTarget or HiddenTarget, got {type(teacher).__name__}")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from fastsoft.generate import answer_text, generate_ids, rouge_l
-from fastsoft.student import Segment, pack, scored_hidden
-from fastsoft.teacher import Taught
+from fastsoft.eval.generate import answer_text, generate_ids
+from fastsoft.eval.metrics import rouge_l
+from fastsoft.train.packing import Segment, pack, scored_hidden
+from fastsoft.teacher.batching import Taught
 
 
 @torch.no_grad()

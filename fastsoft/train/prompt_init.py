@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastsoft.errors import FastsoftError
-from fastsoft.templates import encode
+from fastsoft.data.templates import encode
 
 INITS = ("context", "pooled", "vocab", "text", "random")
 

@@ -74,3 +74,9 @@ def end_token_ids(loaded) -> list[int]:
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of a template piece, without the tokenizer adding special tokens of its own."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def tokenize_query(tokenizer, template: Template, query: str) -> tuple[list[int], list[int]]:
+    """Token ids before the context slot and after it (the query) for one query."""
+    before, after = template.split(query)
+    return encode(tokenizer, before), encode(tokenizer, after)

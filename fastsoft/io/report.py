@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
+
+from fastsoft.io.atomic import atomic_write, write_json
 
 TABLE_COLUMNS = ("kl_soft", "kl_none", "gap_closed", "top1_agreement", "exact_match", "rouge_l", "compression_ratio", "steps", "seconds")
 
@@ -16,9 +16,7 @@ def write_report(folder: Path, report: dict) -> None:
     levels = {name: report[key] for key, name in (("kl_none", "held-out KL, no context"), ("kl_soft", "held-out KL with the soft prompt"))
               if isinstance(report.get(key), float) and math.isfinite(report[key])}
     plot_losses({"training loss": report["losses"]}, folder / "loss.png", title=f"job {report['job_id']}", levels=levels)
-    tmp = folder / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, folder / "report.json")
+    write_json(folder / "report.json", report)
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -60,7 +58,7 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "", yla
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 

@@ -18,10 +18,11 @@ import enum
 import hashlib
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from fastsoft.jobs import Job
+from fastsoft.data.jobs import Job
 
 
 class State(enum.Enum):
@@ -43,7 +44,7 @@ class JobRun:
     seed: int
     state: State = State.WAITING
     slot: int | None = None
-    teacher: object = None  # cache.JobTeacher once taught
+    teacher: object = None  # fastsoft.teacher.cache.JobTeacher once taught
     step: int = 0
     losses: list[float] = field(default_factory=list)
     stop_reason: str = ""
@@ -53,7 +54,7 @@ class JobRun:
     report: dict | None = None
     generator: torch.Generator = None
     waited: int = 0  # training steps in a row this job was left out of (packing priority)
-    _order: list[int] = field(default_factory=list)
+    _order: list[int] = field(default_factory=list)  # the rest of the current epoch's shuffle, drawn from the end
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -67,6 +68,32 @@ class JobRun:
                 self._order = torch.randperm(count, generator=self.generator).tolist()
             chosen.append(self._order.pop())
         return chosen
+
+    # -- checkpoints: plain values and tensors only (no pickle) ----------------------------------------
+
+    _PROGRESS = ("slot", "step", "waited", "losses", "stop_reason", "error", "seconds", "pending", "report")
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue this job exactly (its teacher comes back from the cache)."""
+        return {"state": self.state.value, **{k: getattr(self, k) for k in self._PROGRESS}, "order": list(self._order),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state = State(saved["state"])
+        for key in self._PROGRESS:
+            setattr(self, key, saved[key])
+        self._order = list(saved["order"])
+        self.generator.set_state(saved["generator"])
+
+    def outcome_dict(self, report_on_disk: bool) -> dict:
+        """A finished job's outcome; its report only when it is not on disk (a split run's other ranks)."""
+        return {"state": self.state.value, "step": self.step, "error": self.error, "report": None if report_on_disk else self.report}
+
+    def load_outcome(self, saved: dict, report: Callable[[], dict]) -> None:
+        """Restore a finished job; ``report()`` reads its report from disk when the checkpoint does not hold it."""
+        self.state, self.step, self.error, self.report = State(saved["state"]), saved["step"], saved["error"], saved["report"]
+        if self.state is State.DONE and self.report is None:
+            self.report = report()
 
 
 class Scheduler:

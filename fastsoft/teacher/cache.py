@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,43 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastsoft.errors import FastsoftError
-from fastsoft.ops import HiddenTarget, SparseTarget
-from fastsoft.teacher import Taught
+from fastsoft.io.atomic import atomic_write, write_json
+from fastsoft.ops import Target
+from fastsoft.teacher.batching import Taught
 
-KINDS = ("dense", "topk", "sampled", "hidden")
 INDEX = "index.json"
-CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """What a cache holds: its kind and the parameters that change its contents."""
-
-    kind: str = "dense"
-    top_k: int = 64
-    samples: int = 64
-    temperature: float = 1.0  # sparse kinds are truncated/sampled at this temperature
-    dtype: str = "fp32"  # storage of dense log-probs and hidden states
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise FastsoftError(f"unknown teacher cache kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if self.dtype not in CACHE_DTYPES:
-            raise FastsoftError(f"unknown cache dtype {self.dtype!r}; choose bf16 or fp32")
-        if self.top_k < 1 or self.samples < 1:
-            raise FastsoftError("top-k and the number of samples must be at least 1")
-
-    def params(self) -> dict:
-        relevant = {"dense": ("dtype",), "hidden": ("dtype",), "topk": ("top_k", "temperature"), "sampled": ("samples", "temperature")}
-        return {name: getattr(self, name) for name in relevant[self.kind]}
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def sha256_file(path: Path) -> str:
@@ -78,43 +45,13 @@ def _unflat(values: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
     return [values[a:b].tolist() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
-def make_targets(lm_weight: torch.Tensor, hidden: torch.Tensor, spec: CacheSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Teacher target tensors of ``spec.kind`` from teacher final hidden states ``[R, H]``."""
-    if spec.kind == "hidden":
-        return {"hidden": hidden.to(CACHE_DTYPES[spec.dtype]).cpu()}
-    logits = hidden.float() @ lm_weight.float().T  # [R, V]; R is one job's answer tokens
-    if spec.kind == "dense":
-        return {"logprobs": torch.log_softmax(logits, -1).to(CACHE_DTYPES[spec.dtype]).cpu()}
-    logp = torch.log_softmax(logits / spec.temperature, -1)
-    if spec.kind == "topk":
-        k = min(spec.top_k, logp.shape[1])
-        values, ids = logp.topk(k, dim=-1)
-        outside = logp.scatter(1, ids, float("-inf"))
-        tail = torch.logsumexp(outside, -1).exp() if k < logp.shape[1] else torch.zeros(len(logp))
-        return {"ids": ids.to(torch.int32).cpu(), "probs": values.exp().cpu(), "tail": tail.cpu()}
-    draws = torch.multinomial(logp.exp().cpu(), spec.samples, replacement=True, generator=generator)  # [R, S]
-    counts = torch.zeros(len(logp), logp.shape[1]).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float32))
-    width = int((counts > 0).sum(-1).max()) if len(logp) else 1
-    weights, ids = counts.topk(width, dim=-1)  # unsampled ids (weight 0) only pad the rows
-    return {"ids": ids.to(torch.int32), "probs": weights / spec.samples}
-
-
-def teacher_from(kind: str, tensors: dict[str, torch.Tensor], rows=slice(None)):
-    """The ``softmax_kl`` teacher object for some rows of a shard's target tensors."""
-    if kind == "dense":
-        return tensors["logprobs"][rows]
-    if kind == "hidden":
-        return HiddenTarget(tensors["hidden"][rows])
-    return SparseTarget(tensors["ids"][rows], tensors["probs"][rows], tensors["tail"][rows] if "tail" in tensors else None)
-
-
 @dataclass
 class JobTeacher:
     """One job's cached teacher: tokenised training queries with their targets, and eval queries."""
 
     context_ids: list[int]
     train: list[Taught]  # hidden is empty here: the targets below carry the teacher
-    targets: dict[str, torch.Tensor]  # rows in query order, one per answer token
+    targets: Target  # rows in query order, one per answer token
     row_offsets: list[int]  # query i owns rows row_offsets[i]:row_offsets[i + 1]
     eval: list[Taught]  # with fp32 teacher hidden states (exact evaluation)
 
@@ -122,11 +59,11 @@ class JobTeacher:
 class TeacherCache:
     """A folder of per-job shards and an index, bound to one fingerprint."""
 
-    def __init__(self, root: str | Path, fingerprint: dict, rebuild: bool = False):
-        """Open (or create) the cache at ``root``. With ``rebuild``, a mismatched or corrupted cache is
-        emptied, and shards that fail their checksum are dropped so their jobs are taught again."""
+    def __init__(self, root: str | Path, fingerprint: dict, target_type: type, rebuild: bool = False):
+        """Open (or create) the cache at ``root`` for targets of ``target_type``. With ``rebuild``, a mismatched
+        or corrupted cache is emptied, and shards that fail their checksum are dropped so their jobs are taught again."""
         self.root = Path(root)
-        self.fingerprint = fingerprint
+        self.fingerprint, self.target_type = fingerprint, target_type
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / INDEX
         self.index = None
@@ -167,24 +104,24 @@ class TeacherCache:
                                     "use another --cache folder or pass --rebuild-cache")
 
     def _save_index(self) -> None:
-        _atomic_write(self.root / INDEX, lambda tmp: tmp.write_text(json.dumps(self.index, indent=1)))
+        write_json(self.root / INDEX, self.index, indent=1)
 
     def has(self, job_id: str) -> bool:
         return job_id in self.index["jobs"]
 
-    def put(self, job_id: str, context_ids: list[int], train: list[Taught], targets: dict[str, torch.Tensor], eval: list[Taught],
+    def put(self, job_id: str, context_ids: list[int], train: list[Taught], targets: Target, eval: list[Taught],
             flush: bool = True) -> None:
         """Write one job's shard atomically and index it. With ``flush=False`` the index is written by the next
         :meth:`flush` (one index write per batch of jobs: the index is rewritten whole, so per-job writes would
         cost O(jobs²) over a large run; a shard written but not yet indexed is simply taught again)."""
-        tensors = {f"target.{name}": value.contiguous() for name, value in targets.items()}
+        tensors = {f"target.{name}": value.contiguous() for name, value in targets.tensors().items()}
         for split, taught in (("train", train), ("eval", eval)):
             for part in ("before", "after", "answer"):
                 tensors[f"{split}.{part}"], tensors[f"{split}.{part}_offsets"] = _flat([getattr(t, part) for t in taught])
         tensors["eval.hidden"] = torch.cat([t.hidden.float().cpu() for t in eval]) if eval else torch.zeros(0)
         tensors["context"] = torch.tensor(context_ids, dtype=torch.int32)
         name = f"{job_id}.safetensors"
-        _atomic_write(self.root / name, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(self.root / name, lambda tmp: save_file(tensors, str(tmp)))
         self.index["jobs"][job_id] = {"file": name, "queries": len(train), "rows": sum(len(t.answer) for t in train),
                                       "sha256": sha256_file(self.root / name)}
         if flush:
@@ -219,19 +156,4 @@ class TeacherCache:
             bad = torch.isnan(value) | (value == float("inf")) | ((value == float("-inf")) if name != "logprobs" else False)
             if bool(bad.any()):
                 raise FastsoftError(f"the teacher cache of job {job_id!r} holds NaN or infinite values ({name}); pass --rebuild-cache")
-        return JobTeacher(tensors["context"].tolist(), splits["train"], targets, offsets, splits["eval"])
-
-
-def concat_teachers(parts: list):
-    """One teacher object from row blocks of the same kind (sparse widths are padded with weight 0)."""
-    first = parts[0]
-    if isinstance(first, HiddenTarget):
-        return HiddenTarget(torch.cat([p.hidden for p in parts]))
-    if isinstance(first, SparseTarget):
-        width = max(p.ids.shape[1] for p in parts)
-        pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-        ids = torch.cat([pad(p.ids, 0) for p in parts])
-        probs = torch.cat([pad(p.probs, 0.0) for p in parts])
-        tail = torch.cat([p.tail for p in parts]) if first.tail is not None else None
-        return SparseTarget(ids, probs, tail)
-    return torch.cat(parts)
+        return JobTeacher(tensors["context"].tolist(), splits["train"], self.target_type.from_tensors(targets), offsets, splits["eval"])

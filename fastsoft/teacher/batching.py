@@ -17,8 +17,8 @@ tokens) once, then S row slots of width W (one per query in flight). Never a cop
 Attention of a query token = (its job's prefix, all of it) ⊕ (its own row, causally), computed as two
 attentions merged exactly through their log-sum-exp (as ring attention does): no padding of prefixes,
 no masked-out work on other rows or other jobs. A prefix chunk is the same with "the prefix before the
-chunk" ⊕ "the chunk, causally". The merge runs inside a custom attention function registered with
-transformers (``fastsoft_teacher``), switched on only for the teacher's forward calls.
+chunk" ⊕ "the chunk, causally". The merge runs inside a custom attention function (``fastsoft_teacher``), registered with transformers
+and switched on only for the teacher's forward calls (``fastsoft/attention.py``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from fastsoft.errors import FastsoftError
-from fastsoft.student import attention_implementation
-from fastsoft.templates import Template, encode, end_token_ids
+from fastsoft.attention import attention_implementation, attention_lse, bucket_index, group_by_length
+from fastsoft.data.jobs import Job
+from fastsoft.data.templates import Template, encode, end_token_ids, tokenize_query
 
 TEACHER_ATTENTION = "fastsoft_teacher"
 
@@ -53,23 +54,6 @@ class Taught:
     hidden: torch.Tensor
 
 
-@dataclass
-class TeachRequest:
-    """One job for :func:`teach_jobs`: its context, training queries (with optional given answers) and
-    held-out queries (always answered greedily)."""
-
-    job_id: str
-    context: str
-    queries: list[str]
-    answers: list[str] | None = None
-    eval_queries: list[str] = field(default_factory=list)
-
-
-def tokenize_query(tokenizer, template: Template, query: str) -> tuple[list[int], list[int]]:
-    before, after = template.split(query)
-    return encode(tokenizer, before), encode(tokenizer, after)
-
-
 def check_length(loaded, job_id: str, length: int, what: str) -> None:
     limit = loaded.max_length
     if limit is not None and length > limit:
@@ -82,20 +66,20 @@ def teach(loaded, template: Template, job_id: str, context: str, queries: list[s
 
     The simple single-job API over :func:`teach_jobs`; ``batch_size`` is the number of queries in flight.
     """
-    result = teach_jobs(loaded, template, [TeachRequest(job_id, context, queries, answers)], max_new_tokens, max_rows=batch_size)[job_id]
+    result = teach_jobs(loaded, template, [Job(job_id, context, queries, answers)], max_new_tokens, max_rows=batch_size)[job_id]
     if isinstance(result, FastsoftError):
         raise result
     return result[0]
 
 
 @torch.no_grad()
-def teach_jobs(loaded, template: Template, requests: list[TeachRequest], max_new_tokens: int = 64, *, token_budget: int = 8192,
+def teach_jobs(loaded, template: Template, jobs: list[Job], max_new_tokens: int = 64, *, use_answers: bool = True, token_budget: int = 8192,
                max_rows: int = 64, max_jobs: int = 8) -> dict[str, tuple[list[Taught], list[Taught]] | FastsoftError]:
     """Teach several jobs in one continuous batch.
 
     Args:
-        requests: the jobs (unique ids). Training queries are teacher-forced on their answers when given,
-            else answered greedily; eval queries are always answered greedily.
+        jobs: the jobs (unique ids). Training queries are teacher-forced on their answers when given and
+            ``use_answers``, else answered greedily; eval queries are always answered greedily.
         max_new_tokens: greedy answer budget (an answer ends at an end token or after this many tokens).
         token_budget: new tokens per forward step (a longer prefix is encoded in chunks; a longer single
             query suffix still runs, alone).
@@ -112,18 +96,18 @@ def teach_jobs(loaded, template: Template, requests: list[TeachRequest], max_new
     ends = end_token_ids(loaded)
     results: dict = {}
     pending: deque[_Job] = deque()
-    for serial, request in enumerate(requests):
+    for serial, request in enumerate(jobs):
         try:
-            job = _Job.build(serial, loaded, template, request, ends, max_new_tokens, max_rows)
+            job = _Job.build(serial, loaded, template, request, request.answers if use_answers else None, ends, max_new_tokens, max_rows)
         except FastsoftError as error:
-            results[request.job_id] = error
+            results[request.id] = error
             continue
         if job.rows:
             pending.append(job)
         else:
-            results[request.job_id] = ([], [])
+            results[request.id] = ([], [])
     active: list[_Job] = []
-    with attention_implementation(loaded, TEACHER_ATTENTION):
+    with attention_implementation(loaded, TEACHER_ATTENTION, _teacher_attention):
         while pending or active:
             while pending and len(active) < max_jobs:
                 active.append(pending.popleft())
@@ -135,7 +119,7 @@ def teach_jobs(loaded, template: Template, requests: list[TeachRequest], max_new
                 active.remove(job)
                 results[job.id] = job.result()
                 job.arena_k = job.arena_v = None
-    return {request.job_id: results[request.job_id] for request in requests}
+    return {request.id: results[request.id] for request in jobs}
 
 
 # -- host-side state --------------------------------------------------------------------------------
@@ -169,25 +153,25 @@ class _Job:
             row.job = self
 
     @classmethod
-    def build(cls, serial, loaded, template, request: TeachRequest, ends, max_new_tokens, max_rows) -> "_Job":
+    def build(cls, serial, loaded, template, request: Job, answers: list[str] | None, ends, max_new_tokens, max_rows) -> "_Job":
         tokenizer = loaded.tokenizer
-        if request.answers is not None and len(request.answers) != len(request.queries):
-            raise FastsoftError(f"job {request.job_id!r}: {len(request.answers)} answers for {len(request.queries)} queries")
+        if answers is not None and len(answers) != len(request.queries):
+            raise FastsoftError(f"job {request.id!r}: {len(answers)} answers for {len(request.queries)} queries")
         split = [tokenize_query(tokenizer, template, q) for q in [*request.queries, *request.eval_queries]]
         before = split[0][0] if split else []
         prefix = before + encode(tokenizer, request.context)
         rows = []
         for i, (_, after) in enumerate(split):
             if not after:
-                raise FastsoftError(f"job {request.job_id!r}: the template leaves nothing between the context and the answer")
+                raise FastsoftError(f"job {request.id!r}: the template leaves nothing between the context and the answer")
             forced = None
-            if request.answers is not None and i < len(request.queries):
-                forced = encode(tokenizer, request.answers[i]) + [ends[0]]
+            if answers is not None and i < len(request.queries):
+                forced = encode(tokenizer, answers[i]) + [ends[0]]
             total = len(prefix) + len(after) + (len(forced) if forced else max_new_tokens)
-            check_length(loaded, request.job_id, total, "context + query + answer" if forced else "context + query + answer budget")
+            check_length(loaded, request.id, total, "context + query + answer" if forced else "context + query + answer budget")
             rows.append(_Row(None, i, after, forced))
         width = max((len(r.after) + (len(r.forced) - 1 if r.forced else max_new_tokens - 1) for r in rows), default=1)
-        return cls(serial, request.job_id, before, prefix, rows, width, min(len(rows), max_rows), len(request.queries))
+        return cls(serial, request.id, before, prefix, rows, width, min(len(rows), max_rows), len(request.queries))
 
     def arena_length(self) -> int:
         return len(self.prefix) + self.slots * self.width
@@ -356,7 +340,7 @@ def _teacher_attention(module, query, key, value, attention_mask, scaling=None, 
             spans.append((part.rows_start, part.end, len(part.job.prefix)))
         for lo, hi, visible in spans:
             qf = q[:, lo:hi].reshape(kv_heads, groups * (hi - lo), dim)[None]  # GQA folded into the query length
-            o, s = _attention_lse(qf, k[:, :, :visible], v[:, :, :visible], scale)
+            o, s = attention_lse(qf, k[:, :, :visible], v[:, :, :visible], scale)
             out_a[:, lo:hi] = o[0].reshape(heads, hi - lo, dim)
             lse_a[:, lo:hi] = s[0].reshape(heads, hi - lo)
 
@@ -366,10 +350,7 @@ def _teacher_attention(module, query, key, value, attention_mask, scaling=None, 
         if part.chunk is not None:
             pieces.append((part.start, part.chunk[1]))
         pieces += [(offset, count) for _, offset, count in part.joins]
-    buckets: dict[int, list] = {}  # lengths within a factor of 2 share a padded batch
-    for piece in pieces:
-        buckets.setdefault(piece[1].bit_length(), []).append(piece)
-    for group in buckets.values():
+    for group in group_by_length(pieces):
         _causal_pieces(step, q, key[0], value[0], group, groups, scale, out_b, lse_b)
 
     # (B2) decoding rows: their one new token against their own row in the arena
@@ -393,20 +374,16 @@ def _on(step: _Step, name, tensor: torch.Tensor, device) -> torch.Tensor:
 
 def _causal_pieces(step, q, key, value, pieces, groups, scale, out_b, lse_b) -> None:
     """Causal self-attention of several runs of consecutive step tokens, padded to one batch."""
-    width = max(n for _, n in pieces)
     key_name = ("causal", tuple(pieces))
     index = step.device_cache.get(key_name)
     if index is None:
-        rows = [list(range(o, o + n)) + [o] * (width - n) for o, n in pieces]
-        real = torch.tensor([o + i for o, n in pieces for i in range(n)], dtype=torch.int64)
-        where = torch.tensor([b * width + i for b, (_, n) in enumerate(pieces) for i in range(n)], dtype=torch.int64)
-        index = step.device_cache[key_name] = tuple(t.to(q.device) for t in (torch.tensor(rows, dtype=torch.int64), real, where))
+        index = step.device_cache[key_name] = bucket_index(pieces, q.device)
     gather, real, where = index
     heads, dim = q.shape[0], q.shape[-1]
     qb = q[:, gather].transpose(0, 1)  # [B, H, W, D]
     kb = key[:, gather].transpose(0, 1).repeat_interleave(groups, 1)  # [B, H, W, D]
     vb = value[:, gather].transpose(0, 1).repeat_interleave(groups, 1)
-    o, s = _attention_lse(qb, kb, vb, scale, causal=True)  # right padding is never seen by a real (causal) query
+    o, s = attention_lse(qb, kb, vb, scale, causal=True)  # right padding is never seen by a real (causal) query
     out_b[:, real] = o.transpose(0, 1).reshape(heads, -1, dim)[:, where].float()
     lse_b[:, real] = s.transpose(0, 1).reshape(heads, -1)[:, where]
 
@@ -440,55 +417,3 @@ def _decode_rows(step, q, layer, decodes, kv_heads, groups, scale, out_b, lse_b)
     o = torch.einsum("kgrl,krld->kgrd", torch.softmax(scores, -1), v)
     out_b[:, at] = o.reshape(heads, len(order), dim)
     lse_b[:, at] = s.reshape(heads, len(order))
-
-
-_LSE_FAILED: set = set()
-
-
-def _attention_lse(q, k, v, scale: float, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output ``[B, H, Q, D]`` and its fp32 log-sum-exp ``[B, H, Q]`` (causal: top-left aligned).
-
-    Uses the fused kernels that return the log-sum-exp (flash / memory-efficient on CUDA, flash on CPU);
-    falls back, with one warning, to a chunked fp32 reference.
-    """
-    kind = (q.device.type, q.dtype)
-    if kind not in _LSE_FAILED:
-        try:
-            if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-                o, s = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
-            elif q.device.type == "cuda":
-                o, s = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
-            elif q.device.type == "cpu":
-                o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-            else:
-                raise RuntimeError(f"no fused attention with log-sum-exp on {q.device.type}")
-            return o, s[..., : q.shape[2]].float()
-        except (RuntimeError, NotImplementedError) as error:
-            _LSE_FAILED.add(kind)
-            warnings.warn(f"fastsoft: the teacher's fused attention is not available for {kind} ({str(error).splitlines()[0]}); "
-                          "using the slower fp32 reference", stacklevel=2)
-    return _attention_lse_reference(q, k, v, scale, causal)
-
-
-def _attention_lse_reference(q, k, v, scale: float, causal: bool = False, chunk_bytes: int = 1 << 28):
-    batch, heads, length, dim = q.shape
-    keys = k.shape[2]
-    step = max(1, chunk_bytes // max(1, 4 * batch * heads * keys))
-    outs, lses = [], []
-    for lo in range(0, length, step):
-        scores = (q[:, :, lo : lo + step].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, c, K]
-        if causal:
-            rows = torch.arange(lo, min(length, lo + step), device=q.device)[:, None]
-            scores = scores.masked_fill(torch.arange(keys, device=q.device)[None, :] > rows, -math.inf)
-        lses.append(torch.logsumexp(scores, -1))
-        outs.append((torch.softmax(scores, -1) @ v.float()).to(q.dtype))
-    return torch.cat(outs, 2), torch.cat(lses, 2)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(TEACHER_ATTENTION, _teacher_attention)
-
-
-_register()

@@ -1,11 +1,10 @@
-"""Greedy answers with a soft prompt in place of the context (and ROUGE-L for comparing them)."""
+"""Greedy answers with a soft prompt in place of the context."""
 
 from __future__ import annotations
 
 import torch
 
-from fastsoft.templates import Template, end_token_ids
-from fastsoft.teacher import tokenize_query
+from fastsoft.data.templates import Template, end_token_ids, tokenize_query
 
 
 @torch.no_grad()
@@ -23,7 +22,7 @@ def generate_ids(loaded, prompt: torch.Tensor | None, before: list[int], after: 
         answer.append(token)
         if token in ends:
             break
-        out = loaded.decoder(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+        out = loaded.decoder(input_ids=torch.tensor([[token]], device=device), use_cache=True, **loaded.kv_cache_of(out))
     return answer
 
 
@@ -36,21 +35,3 @@ def generate(loaded, template: Template, prompt: torch.Tensor | None, query: str
     """The model's greedy answer to ``query`` with ``prompt [P, H]`` standing in the context's place."""
     before, after = tokenize_query(loaded.tokenizer, template, query)
     return answer_text(loaded, generate_ids(loaded, prompt, before, after, max_new_tokens))
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased whitespace tokens."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return float(a == b)
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)

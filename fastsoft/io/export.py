@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastsoft.errors import FastsoftError
-from fastsoft.templates import Template
+from fastsoft.io.atomic import atomic_write, write_json
+from fastsoft.data.templates import Template
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FASTSOFT_META = "adapter_model.safetensors", "adapter_config.json", "fastsoft.json"
 
@@ -26,7 +27,8 @@ def save_prompt(folder: str | Path, prompt: torch.Tensor, *, model_path: str, mo
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     length, hidden = prompt.shape
-    save_file({"prompt_embeddings": prompt.detach().float().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS))
+    weights = {"prompt_embeddings": prompt.detach().float().cpu().contiguous()}
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
     config = {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
@@ -37,11 +39,11 @@ def save_prompt(folder: str | Path, prompt: torch.Tensor, *, model_path: str, mo
         "base_model_name_or_path": model_path,
         "inference_mode": True,
     }
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    write_json(folder / ADAPTER_CONFIG, config)
     meta = {"placement": template.placement, "template": {"head": template.head, "middle": template.middle, "tail": template.tail,
             "kind": template.kind}, "model_fingerprint": model_fingerprint, "peft_equivalent": template.placement == "first",
             **(extra or {})}
-    (folder / FASTSOFT_META).write_text(json.dumps(meta, indent=2))
+    write_json(folder / FASTSOFT_META, meta)
     return folder
 
 

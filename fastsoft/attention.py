@@ -1,0 +1,209 @@
+"""Attention implementations fastsoft runs the frozen model with, and the one switch that selects them.
+
+Three packed layouts, all exact (no segment ever sees another's tokens):
+
+- ``fastsoft_varlen``: torch's varlen flash kernel (``torch.nn.attention.varlen``) on CUDA in fp16/bf16,
+  segments given by ``cu_seq_lens_*`` — as flash-attn's own ``flash_attention_2`` is when installed;
+- ``fastsoft_buckets``: one causal sdpa call per *length bucket* (segments within a factor 2 of each other's
+  length, right-padded into one batch) — ``O(sum segment^2)`` work where a block-diagonal mask over the
+  whole row would cost ``O(row^2)``. The student's path on CPU and for fp32 on GPU;
+- ``fastsoft_teacher`` (``fastsoft/teacher/batching.py``): prefix ⊕ own row merged through their log-sum-exp,
+  with :func:`attention_lse` (fused kernels that return the log-sum-exp) and the same length buckets.
+
+Nothing is registered with transformers at import: :func:`attention_implementation` registers the
+implementation it switches to, the first time it is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import warnings
+from typing import Callable
+
+import torch
+
+VARLEN_ATTENTION = "fastsoft_varlen"
+VARLEN_ATTENTIONS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTENTION)
+BUCKETS_ATTENTION = "fastsoft_buckets"
+
+
+@contextlib.contextmanager
+def attention_implementation(loaded, name: str, function: Callable | None = None):
+    """Run the model with attention implementation ``name`` inside the block.
+
+    ``name`` is one of transformers' own implementations, one of this module's, or a new one given as
+    ``function`` (transformers' attention signature); fastsoft's are registered here on first use.
+    """
+    register(name, function)
+    config = loaded.model.config
+    previous = config._attn_implementation
+    if name == previous:
+        yield
+        return
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+_REGISTERED: dict[str, Callable] = {}
+
+
+def register(name: str, function: Callable | None = None) -> None:
+    """Register a fastsoft attention implementation with transformers (once; other names pass through)."""
+    function = function or {VARLEN_ATTENTION: _varlen_attention, BUCKETS_ATTENTION: _bucket_attention}.get(name)
+    if function is None or _REGISTERED.get(name) is function:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, function)
+    _REGISTERED[name] = function
+
+
+def group_by_length(pieces: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """``(offset, length)`` runs of a row grouped into length buckets (lengths within a factor of 2), in order."""
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for piece in pieces:
+        groups.setdefault(piece[1].bit_length(), []).append(piece)
+    return list(groups.values())
+
+
+def bucket_index(pieces: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index tensors that right-pad one bucket of runs into a batch ``[B, W]``: ``gather [B, W]`` (row positions;
+    padding repeats a run's first token, never seen by a real query under causal attention), ``real [n]`` (row
+    positions of the real tokens) and ``where [n]`` (their places in the flattened ``[B * W]`` batch)."""
+    width = max(n for _, n in pieces)
+    gather = [list(range(o, o + n)) + [o] * (width - n) for o, n in pieces]
+    real = [o + i for o, n in pieces for i in range(n)]
+    where = [b * width + i for b, (_, n) in enumerate(pieces) for i in range(n)]
+    return tuple(torch.tensor(x, dtype=torch.int64).to(device) for x in (gather, real, where))
+
+
+def length_buckets(cu_seq_lens: torch.Tensor, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The packed row's segments (``cu_seq_lens [B + 1]``, on the host) as :func:`bucket_index` batches."""
+    bounds = cu_seq_lens.tolist()
+    pieces = [(start, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
+    return [bucket_index(group, device) for group in group_by_length(pieces)]
+
+
+# -- the student's packed attention ---------------------------------------------------------------
+
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_attention(loaded) -> str:
+    """The attention implementation a packed step runs with (see the module docstring)."""
+    current = loaded.model.config._attn_implementation
+    if current in VARLEN_ATTENTIONS:
+        return current
+    if loaded.device.type == "cuda" and loaded.dtype in (torch.float16, torch.bfloat16) and _torch_varlen() is not None:
+        return VARLEN_ATTENTION
+    if current == "sdpa":
+        return BUCKETS_ATTENTION
+    return current
+
+
+def _bucket_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fastsoft_buckets=None, **kwargs):
+    """Packed causal attention as one sdpa call per length bucket. ``query [1, H, L, D]``, ``key/value
+    [1, KV, L, D]``; returns ``[1, L, H, D]``. Right padding is never seen by a real query (causal)."""
+    if fastsoft_buckets is None:
+        raise RuntimeError("fastsoft_buckets attention needs the packed row's length buckets (a packed student step)")
+    if kwargs.get("sliding_window") is not None:
+        raise RuntimeError("fastsoft_buckets attention does not support sliding-window layers")
+    q, k, v = query[0], key[0], value[0]  # [H, L, D], [KV, L, D]
+    heads, dim = q.shape[0], q.shape[-1]
+    out = q.new_zeros(heads, q.shape[1], dim)
+    for gather, real, where in fastsoft_buckets:
+        take = lambda x: x.index_select(1, gather.flatten()).unflatten(1, gather.shape).transpose(0, 1)  # [B, H|KV, W, D]
+        o = torch.nn.functional.scaled_dot_product_attention(take(q), take(k), take(v), is_causal=True, scale=scaling,
+                                                             enable_gqa=k.shape[0] != heads)
+        out = out.index_copy(1, real, o.transpose(0, 1).reshape(heads, -1, dim).index_select(1, where))
+    return out.transpose(0, 1)[None], None
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, cu_seq_lens_k=None,
+                      max_length_q=None, max_length_k=None, **kwargs):
+    """Packed causal attention with torch's varlen flash kernel. ``query [1, H, L, D]``, ``key/value
+    [1, KV, L, D]`` (one packed row), segments given by ``cu_seq_lens_*``; returns ``[1, L, H, D]``."""
+    if cu_seq_lens_q is None:
+        raise RuntimeError("fastsoft_varlen attention needs cu_seq_lens_q/k and max_length_q/k (a packed student step)")
+    if kwargs.get("sliding_window") is not None:
+        raise RuntimeError("fastsoft_varlen attention does not support sliding-window layers")
+    varlen_attn = _torch_varlen()
+    params = inspect.signature(varlen_attn).parameters
+    heads, dim = query.shape[1], query.shape[-1]
+    q = query[0].transpose(0, 1)  # [L, H, D]
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [L, KV, D]
+    extra = {}
+    if k.shape[1] != heads:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(heads // k.shape[1], 1), v.repeat_interleave(heads // v.shape[1], 1)
+    if "is_causal" in params:  # torch 2.10
+        extra["is_causal"] = True
+    else:  # torch >= 2.11: causal is a (left, right) = (-1, 0) window
+        extra["window_size"] = (-1, 0)
+    if scaling is not None and not math.isclose(scaling, dim**-0.5):
+        if "scale" in params:
+            extra["scale"] = scaling
+        else:
+            q = q * (scaling * dim**0.5)
+    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
+    return out[None], None
+
+
+# -- attention with its log-sum-exp (the teacher's merge) ---------------------------------------
+
+
+LSE_FAILED: set = set()
+
+
+def attention_lse(q, k, v, scale: float, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output ``[B, H, Q, D]`` and its fp32 log-sum-exp ``[B, H, Q]`` (causal: top-left aligned).
+
+    Uses the fused kernels that return the log-sum-exp (flash / memory-efficient on CUDA, flash on CPU);
+    falls back, with one warning, to a chunked fp32 reference.
+    """
+    kind = (q.device.type, q.dtype)
+    if kind not in LSE_FAILED:
+        try:
+            if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+                o, s = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+            elif q.device.type == "cuda":
+                o, s = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+            elif q.device.type == "cpu":
+                o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+            else:
+                raise RuntimeError(f"no fused attention with log-sum-exp on {q.device.type}")
+            return o, s[..., : q.shape[2]].float()
+        except (RuntimeError, NotImplementedError) as error:
+            LSE_FAILED.add(kind)
+            warnings.warn(f"fastsoft: the teacher's fused attention is not available for {kind} ({str(error).splitlines()[0]}); "
+                          "using the slower fp32 reference", stacklevel=2)
+    return attention_lse_reference(q, k, v, scale, causal)
+
+
+def attention_lse_reference(q, k, v, scale: float, causal: bool = False, chunk_bytes: int = 1 << 28):
+    batch, heads, length, dim = q.shape
+    keys = k.shape[2]
+    step = max(1, chunk_bytes // max(1, 4 * batch * heads * keys))
+    outs, lses = [], []
+    for lo in range(0, length, step):
+        scores = (q[:, :, lo : lo + step].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, c, K]
+        if causal:
+            rows = torch.arange(lo, min(length, lo + step), device=q.device)[:, None]
+            scores = scores.masked_fill(torch.arange(keys, device=q.device)[None, :] > rows, -math.inf)
+        lses.append(torch.logsumexp(scores, -1))
+        outs.append((torch.softmax(scores, -1) @ v.float()).to(q.dtype))
+    return torch.cat(outs, 2), torch.cat(lses, 2)

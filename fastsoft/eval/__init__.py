@@ -1,0 +1,1 @@
+"""Stage 4: held-out metrics of a soft prompt against the full-context teacher, and generation with it."""

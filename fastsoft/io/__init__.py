@@ -1,0 +1,1 @@
+"""What a run writes and reads back: atomic files, checkpoints, PEFT exports, reports."""

@@ -1,0 +1,96 @@
+"""Teacher kinds: what the cache keeps per scored position, built from the teacher's final hidden states.
+
+One table, :data:`KINDS`, says for each kind which target type (``fastsoft/ops/targets.py``) it yields,
+which parameters change its contents, and how to build it; the cache and the packed step only use the
+targets' shared protocol (slice, move, concatenate, serialise).
+
+- ``dense``: log-probs ``[V]`` a token (exact);
+- ``topk``: the top-k ids and probabilities plus the tail mass (the exact ``K + 1``-bucket KL);
+- ``sampled``: ids drawn from the teacher with count weights (unbiased; Anshumann et al. 2025);
+- ``hidden``: the teacher's final hidden states ``[H]`` (exact; logits recomputed inside the loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastsoft.errors import FastsoftError
+from fastsoft.ops import DenseTarget, HiddenTarget, SparseTarget, Target
+
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds: its kind and the parameters that change its contents."""
+
+    kind: str = "dense"
+    top_k: int = 64
+    samples: int = 64
+    temperature: float = 1.0  # sparse kinds are truncated/sampled at this temperature
+    dtype: str = "fp32"  # storage of dense log-probs and hidden states
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise FastsoftError(f"unknown teacher cache kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.dtype not in CACHE_DTYPES:
+            raise FastsoftError(f"unknown cache dtype {self.dtype!r}; choose bf16 or fp32")
+        if self.top_k < 1 or self.samples < 1:
+            raise FastsoftError("top-k and the number of samples must be at least 1")
+
+    @property
+    def target_type(self) -> type:
+        return KINDS[self.kind].target_type
+
+    def params(self) -> dict:
+        """The parameters that change this kind's contents (part of the cache fingerprint)."""
+        return {name: getattr(self, name) for name in KINDS[self.kind].params}
+
+    def build(self, lm_weight: torch.Tensor, hidden: torch.Tensor, generator: torch.Generator | None = None) -> Target:
+        """The target of this kind from teacher final hidden states ``[R, H]`` (on the host)."""
+        return KINDS[self.kind].build(self, lm_weight, hidden, generator)
+
+
+def _hidden(spec: CacheSpec, lm_weight, hidden, generator) -> HiddenTarget:
+    return HiddenTarget(hidden.to(CACHE_DTYPES[spec.dtype]).cpu())
+
+
+def _dense(spec: CacheSpec, lm_weight, hidden, generator) -> DenseTarget:
+    logits = hidden.float() @ lm_weight.float().T  # [R, V]; R is one job's answer tokens
+    return DenseTarget(torch.log_softmax(logits, -1).to(CACHE_DTYPES[spec.dtype]).cpu())
+
+
+def _topk(spec: CacheSpec, lm_weight, hidden, generator) -> SparseTarget:
+    logp = torch.log_softmax((hidden.float() @ lm_weight.float().T) / spec.temperature, -1)
+    k = min(spec.top_k, logp.shape[1])
+    values, ids = logp.topk(k, dim=-1)
+    outside = logp.scatter(1, ids, float("-inf"))
+    tail = torch.logsumexp(outside, -1).exp() if k < logp.shape[1] else torch.zeros(len(logp))
+    return SparseTarget(ids.to(torch.int32).cpu(), values.exp().cpu(), tail.cpu())
+
+
+def _sampled(spec: CacheSpec, lm_weight, hidden, generator) -> SparseTarget:
+    logp = torch.log_softmax((hidden.float() @ lm_weight.float().T) / spec.temperature, -1)
+    draws = torch.multinomial(logp.exp().cpu(), spec.samples, replacement=True, generator=generator)  # [R, S]
+    counts = torch.zeros(len(logp), logp.shape[1]).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float32))
+    width = int((counts > 0).sum(-1).max()) if len(logp) else 1
+    weights, ids = counts.topk(width, dim=-1)  # unsampled ids (weight 0) only pad the rows
+    return SparseTarget(ids.to(torch.int32), weights / spec.samples)
+
+
+@dataclass(frozen=True)
+class Kind:
+    target_type: type
+    params: tuple[str, ...]
+    build: Callable[[CacheSpec, torch.Tensor, torch.Tensor, torch.Generator | None], Target]
+
+
+KINDS: dict[str, Kind] = {
+    "dense": Kind(DenseTarget, ("dtype",), _dense),
+    "topk": Kind(SparseTarget, ("top_k", "temperature"), _topk),
+    "sampled": Kind(SparseTarget, ("samples", "temperature"), _sampled),
+    "hidden": Kind(HiddenTarget, ("dtype",), _hidden),
+}

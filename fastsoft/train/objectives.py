@@ -1,0 +1,80 @@
+"""Training objectives, all run through ``fastsoft.ops.softmax_kl``.
+
+- ``kl``: forward KL(teacher || student) against the cached teacher distributions;
+- ``answer``: log-likelihood of the teacher's own greedy answer (one-hot targets);
+- ``supervised``: log-likelihood of the given answers (plain prompt tuning).
+
+A mixture is written ``kl:0.7,answer:0.3``. ``answer`` and ``supervised`` score different token
+sequences, so they cannot be mixed with each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastsoft.errors import FastsoftError
+from fastsoft.ops import SparseTarget, Target, softmax_kl
+from fastsoft.train.packing import Segment, pack, scored_hidden
+
+OBJECTIVES = ("kl", "answer", "supervised")
+
+
+def parse_objective(text: str) -> dict[str, float]:
+    """``"kl"`` -> ``{"kl": 1.0}``; ``"kl:0.7,answer:0.3"`` -> ``{"kl": 0.7, "answer": 0.3}``."""
+    weights = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in OBJECTIVES:
+            raise FastsoftError(f"unknown objective {name!r}; choose kl, answer or supervised, or a mixture like kl:0.7,answer:0.3")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise FastsoftError(f"objective weight {weight!r} of {name!r} is not a number") from None
+        if value < 0 or name in weights:
+            raise FastsoftError(f"objective {name!r} is repeated or has a negative weight")
+        weights[name] = value
+    if "answer" in weights and "supervised" in weights:
+        raise FastsoftError("the answer and supervised objectives score different answers and cannot be mixed")
+    if not any(weights.values()):
+        raise FastsoftError("the objective weights are all zero")
+    return weights
+
+
+def job_loss_sums(loaded, prompts: torch.Tensor, segments: list[Segment], job_of_segment: list[int], jobs: int, teacher: Target | None,
+                  objective: dict[str, float], *, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """One packed student step's summed token losses per job, for any objective mixture.
+
+    Args:
+        loaded: the frozen model (:class:`fastsoft.models.LoadedModel`).
+        prompts: ``[S, P, H]`` fp32 soft-prompt slots (normally requiring grad); segment ``i`` uses slot ``segments[i].slot``.
+        segments: the step's sequences, packed into one padding-free row.
+        job_of_segment: for each segment, its job's index in ``0 .. jobs - 1``.
+        jobs: the number of jobs in the step.
+        teacher: the KL targets of every scored token, in segment order (``len(teacher) = sum(len(s.answer))``); only
+            read when the mixture has ``kl``. The ``answer`` and ``supervised`` terms score each segment's own
+            answer tokens (the teacher's greedy answer, or the given one).
+        objective: weights by name, as :func:`parse_objective` returns them.
+
+    Returns:
+        ``[jobs]`` fp32 sums of the weighted token losses (differentiable w.r.t. ``prompts``); divide by each job's
+        scored token count (:func:`tokens_per_job`) for its mean. Logits ``[N, V]`` are never materialised.
+    """
+    device = loaded.device
+    row_job = [job for seg, job in zip(segments, job_of_segment) for _ in seg.answer]
+    hidden = scored_hidden(loaded, prompts, pack(segments, prompts.shape[1]))  # [N, H]
+    row_loss = torch.zeros(hidden.shape[0], device=device)
+    for name, weight in objective.items():
+        if weight == 0:
+            continue
+        if name == "kl":
+            target = teacher.to(device)
+        else:
+            target = SparseTarget.one_hot(torch.tensor([t for s in segments for t in s.answer], device=device))
+        row_loss = row_loss + weight * softmax_kl(hidden, loaded.lm_weight, target, temperature=temperature, reduction="none", backend=backend)
+    return torch.zeros(jobs, device=device).index_add(0, torch.tensor(row_job, device=device), row_loss)
+
+
+def tokens_per_job(segments: list[Segment], job_of_segment: list[int], jobs: int) -> torch.Tensor:
+    """``[jobs]`` fp32 scored-token counts of a packed step (the denominators of the per-job mean losses)."""
+    row_job = [job for seg, job in zip(segments, job_of_segment) for _ in seg.answer]
+    return torch.bincount(torch.tensor(row_job, dtype=torch.long), minlength=jobs).to(torch.float32)
