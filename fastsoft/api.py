@@ -1,11 +1,11 @@
 """The Python API in a few lines::
 
-    import fastsoft
-    model = fastsoft.load_model()                      # SmolLM2-135M-Instruct, offline
-    job = fastsoft.Job("doc", context, queries=[...])
-    reports = fastsoft.compress([job], model, out="runs/doc", prompt_length=16, steps=150)
-    prompt, template, meta = fastsoft.load_prompt("runs/doc/doc")
-    print(fastsoft.generate(model, template, prompt, "Who founded it?"))
+import fastsoft
+model = fastsoft.load_model()                      # SmolLM2-135M-Instruct, offline
+job = fastsoft.Job("doc", context, queries=[...])
+reports = fastsoft.compress([job], model, out="runs/doc", prompt_length=16, steps=150)
+prompt, template, meta = fastsoft.load_prompt("runs/doc/doc")
+print(fastsoft.generate(model, template, prompt, "Who founded it?"))
 """
 
 from __future__ import annotations
@@ -13,13 +13,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastsoft.config import CompressConfig
-from fastsoft.train.engine import Engine
 from fastsoft.data.jobs import Job
+from fastsoft.train.engine import Engine
 
 
-def compress(jobs: list[Job], model, out: str | Path, *, cache: str | Path | None = None, overwrite: bool = False,
-             progress: bool = True, resume: bool = False, checkpoint_every: int = 10, rebuild_cache: bool = False,
-             dist=None, on_step=None, **config) -> list[dict]:
+def compress(
+    jobs: list[Job],
+    model,
+    out: str | Path,
+    *,
+    cache: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: bool = False,
+    checkpoint_every: int = 10,
+    rebuild_cache: bool = False,
+    dist=None,
+    on_step=None,
+    **config,
+) -> list[dict]:
     """Learn one soft prompt per job; each is exported to ``out/<job id>/`` with its ``report.json``.
 
     ``config`` takes the fields of :class:`fastsoft.config.CompressConfig`. ``resume`` continues the run
@@ -28,6 +40,19 @@ def compress(jobs: list[Job], model, out: str | Path, *, cache: str | Path | Non
     called at every training step with the jobs it trains (see :class:`fastsoft.train.engine.Engine`). Returns one
     dict per job: the report of a finished job, or ``{"job_id", "error"}`` for a failed one.
     """
-    engine = Engine(model, CompressConfig(**config), out, cache_dir=cache, overwrite=overwrite, progress=progress, resume=resume,
-                    checkpoint_every=checkpoint_every, rebuild_cache=rebuild_cache, dist=dist, on_step=on_step)
-    return [run.report if run.report is not None else {"job_id": run.job.id, "error": run.error} for run in engine.run(jobs)]
+    engine = Engine(
+        model,
+        CompressConfig(**config),
+        out,
+        cache_dir=cache,
+        overwrite=overwrite,
+        progress=progress,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        rebuild_cache=rebuild_cache,
+        dist=dist,
+        on_step=on_step,
+    )
+    return [
+        run.report if run.report is not None else {"job_id": run.job.id, "error": run.error} for run in engine.run(jobs)
+    ]

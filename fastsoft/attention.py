@@ -20,7 +20,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -92,7 +92,6 @@ def length_buckets(cu_seq_lens: torch.Tensor, device) -> list[tuple[torch.Tensor
 # -- the student's packed attention ---------------------------------------------------------------
 
 
-
 def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -113,7 +112,9 @@ def packed_attention(loaded) -> str:
     return current
 
 
-def _bucket_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fastsoft_buckets=None, **kwargs):
+def _bucket_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, fastsoft_buckets=None, **kwargs
+):
     """Packed causal attention as one sdpa call per length bucket. ``query [1, H, L, D]``, ``key/value
     [1, KV, L, D]``; returns ``[1, L, H, D]``. Right padding is never seen by a real query (causal)."""
     if fastsoft_buckets is None:
@@ -124,15 +125,30 @@ def _bucket_attention(module, query, key, value, attention_mask, scaling=None, d
     heads, dim = q.shape[0], q.shape[-1]
     out = q.new_zeros(heads, q.shape[1], dim)
     for gather, real, where in fastsoft_buckets:
-        take = lambda x: x.index_select(1, gather.flatten()).unflatten(1, gather.shape).transpose(0, 1)  # [B, H|KV, W, D]
-        o = torch.nn.functional.scaled_dot_product_attention(take(q), take(k), take(v), is_causal=True, scale=scaling,
-                                                             enable_gqa=k.shape[0] != heads)
+        take = lambda x: (
+            x.index_select(1, gather.flatten()).unflatten(1, gather.shape).transpose(0, 1)
+        )  # [B, H|KV, W, D]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            take(q), take(k), take(v), is_causal=True, scale=scaling, enable_gqa=k.shape[0] != heads
+        )
         out = out.index_copy(1, real, o.transpose(0, 1).reshape(heads, -1, dim).index_select(1, where))
     return out.transpose(0, 1)[None], None
 
 
-def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, cu_seq_lens_k=None,
-                      max_length_q=None, max_length_k=None, **kwargs):
+def _varlen_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
+    **kwargs,
+):
     """Packed causal attention with torch's varlen flash kernel. ``query [1, H, L, D]``, ``key/value
     [1, KV, L, D]`` (one packed row), segments given by ``cu_seq_lens_*``; returns ``[1, L, H, D]``."""
     if cu_seq_lens_q is None:
@@ -159,7 +175,16 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
             extra["scale"] = scaling
         else:
             q = q * (scaling * dim**0.5)
-    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
+    out = varlen_attn(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        cu_seq_lens_q,
+        cu_seq_lens_k,
+        max_length_q,
+        max_length_k,
+        **extra,
+    )
     return out[None], None
 
 
@@ -181,7 +206,9 @@ def attention_lse(q, k, v, scale: float, causal: bool = False) -> tuple[torch.Te
             if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
                 o, s = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
             elif q.device.type == "cuda":
-                o, s = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+                o, s = torch.ops.aten._scaled_dot_product_efficient_attention(
+                    q, k, v, None, True, 0.0, causal, scale=scale
+                )[:2]
             elif q.device.type == "cpu":
                 o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
             else:
@@ -189,8 +216,11 @@ def attention_lse(q, k, v, scale: float, causal: bool = False) -> tuple[torch.Te
             return o, s[..., : q.shape[2]].float()
         except (RuntimeError, NotImplementedError) as error:
             LSE_FAILED.add(kind)
-            warnings.warn(f"fastsoft: the teacher's fused attention is not available for {kind} ({str(error).splitlines()[0]}); "
-                          "using the slower fp32 reference", stacklevel=2)
+            warnings.warn(
+                f"fastsoft: the teacher's fused attention is not available for {kind} ({str(error).splitlines()[0]}); "
+                "using the slower fp32 reference",
+                stacklevel=2,
+            )
     return attention_lse_reference(q, k, v, scale, causal)
 
 

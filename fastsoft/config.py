@@ -34,7 +34,17 @@ class CompressConfig:
     backend: str = "auto"  # softmax_kl backend
 
     def validate(self) -> None:
-        positive = ("prompt_length", "steps", "batch_queries", "max_new_tokens", "slots", "token_budget", "top_k", "samples", "patience")
+        positive = (
+            "prompt_length",
+            "steps",
+            "batch_queries",
+            "max_new_tokens",
+            "slots",
+            "token_budget",
+            "top_k",
+            "samples",
+            "patience",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise FastsoftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

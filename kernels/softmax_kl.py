@@ -64,8 +64,12 @@ def _bwd_configs():
     return [
         triton.Config({"BN": BN, "BH": BH, "BV": BV}, num_warps=w, num_stages=s)
         for BN, BH, BV, w, s in [
-            (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-            (128, 256, 64, 8, 3), (64, 64, 128, 4, 4),
+            (128, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 256, 64, 8, 3),
+            (64, 64, 128, 4, 4),
         ]
     ]
 
@@ -98,12 +102,40 @@ def _lower_bound(ids_ptr, o_n, m_n, K, target, LOG2K: tl.constexpr):
 @triton.autotune(configs=_fwd_configs(), key=["V", "H", "TEACHER", "HAS_TAIL", "STORE"])
 @triton.jit
 def _softmax_kl_fwd_kernel(
-    h_ptr, w_ptr, t_ptr, tw_ptr, ids_ptr, zk_ptr, e_ptr, f_ptr, stats_ptr,
-    C, V, H, K, NVT, SS, inv_temp,
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_tn, stride_tc, stride_tw, stride_en,
-    TEACHER: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_WEIGHT: tl.constexpr, STORE: tl.constexpr,
-    LOG2K: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    t_ptr,
+    tw_ptr,
+    ids_ptr,
+    zk_ptr,
+    e_ptr,
+    f_ptr,
+    stats_ptr,
+    C,
+    V,
+    H,
+    K,
+    NVT,
+    SS,
+    inv_temp,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_tn,
+    stride_tc,
+    stride_tw,
+    stride_en,
+    TEACHER: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    STORE: tl.constexpr,
+    LOG2K: tl.constexpr,
+    DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BV: tl.constexpr,
+    BH: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(C, BN)
@@ -187,10 +219,24 @@ def _softmax_kl_fwd_kernel(
 
 @triton.jit
 def _softmax_kl_row_kernel(
-    stats_ptr, loss_ptr, tw_ptr, ids_ptr, wk_ptr, zk_ptr, corr_ptr, tail_ptr,
-    K, NVT, SS, stride_tw,
-    TEACHER: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_GRAD: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
+    stats_ptr,
+    loss_ptr,
+    tw_ptr,
+    ids_ptr,
+    wk_ptr,
+    zk_ptr,
+    corr_ptr,
+    tail_ptr,
+    K,
+    NVT,
+    SS,
+    stride_tw,
+    TEACHER: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     if HAS_WEIGHT:
@@ -277,12 +323,40 @@ def _softmax_kl_row_kernel(
 @triton.autotune(configs=_bwd_configs(), key=["V", "H", "TEACHER", "FILTER"])
 @triton.jit
 def _softmax_kl_bwd_kernel(
-    e_ptr, f_ptr, stats_ptr, w_ptr, g_ptr, ids_ptr, corr_ptr, tw_ptr,
-    C, V, H, K, NVT, SS, V_SPLIT, inv_temp, filter_eps,
-    stride_en, stride_wv, stride_wh, stride_gs, stride_gn, stride_gh, stride_tw,
-    TEACHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, FILTER: tl.constexpr, LOG2K: tl.constexpr,
-    BV_STATS: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BN: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
+    e_ptr,
+    f_ptr,
+    stats_ptr,
+    w_ptr,
+    g_ptr,
+    ids_ptr,
+    corr_ptr,
+    tw_ptr,
+    C,
+    V,
+    H,
+    K,
+    NVT,
+    SS,
+    V_SPLIT,
+    inv_temp,
+    filter_eps,
+    stride_en,
+    stride_wv,
+    stride_wh,
+    stride_gs,
+    stride_gn,
+    stride_gh,
+    stride_tw,
+    TEACHER: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    FILTER: tl.constexpr,
+    LOG2K: tl.constexpr,
+    BV_STATS: tl.constexpr,
+    DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BH: tl.constexpr,
+    BV: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
@@ -394,8 +468,9 @@ def _split_v(rows: int, vocab: int, hidden_size: int, device: torch.device) -> i
     return max(1, min(want, triton.cdiv(vocab, 4 * BV_STATS)))
 
 
-def memory_estimate(n: int, vocab: int, hidden_size: int, *, sparse: bool = False, k: int = 64, itemsize: int = 2,
-                    sm_count: int = 132) -> int:
+def memory_estimate(
+    n: int, vocab: int, hidden_size: int, *, sparse: bool = False, k: int = 64, itemsize: int = 2, sm_count: int = 132
+) -> int:
     """Peak extra bytes of one call with a gradient: chunk buffers, statistics, split-V partials, sparse id
     tables, the gradient."""
     nbuf_bytes = (1 if sparse else 2) * (2 if itemsize < 4 else 4)
@@ -516,32 +591,97 @@ def softmax_kl_rows(
             return (triton.cdiv(c, meta["BN"]) * nvt,)
 
         _softmax_kl_fwd_kernel[fwd_grid](
-            h, lm_weight, t, tw_c, ids, zk, e_buf, f_buf, stats,
-            c, vocab, hsize, k, nvt, rows * nvt, inv_temp,
-            h.stride(0), h.stride(1), lm_weight.stride(0), lm_weight.stride(1), stride_t[0], stride_t[1], stride_tw, stride_e,
-            HAS_TAIL=bool(sparse and sparse["tail"] is not None), STORE=need_grad, LOG2K=log2k, DOT=dot,
-            DOT_PRECISION=precision, BV=BV_STATS, **common,
+            h,
+            lm_weight,
+            t,
+            tw_c,
+            ids,
+            zk,
+            e_buf,
+            f_buf,
+            stats,
+            c,
+            vocab,
+            hsize,
+            k,
+            nvt,
+            rows * nvt,
+            inv_temp,
+            h.stride(0),
+            h.stride(1),
+            lm_weight.stride(0),
+            lm_weight.stride(1),
+            stride_t[0],
+            stride_t[1],
+            stride_tw,
+            stride_e,
+            HAS_TAIL=bool(sparse and sparse["tail"] is not None),
+            STORE=need_grad,
+            LOG2K=log2k,
+            DOT=dot,
+            DOT_PRECISION=precision,
+            BV=BV_STATS,
+            **common,
         )
         tail = sparse["tail"][r0:r1] if sparse and sparse["tail"] is not None else loss
         _softmax_kl_row_kernel[(c,)](
-            stats, loss[r0:r1], tw_c, ids, sparse["probs"][r0:r1] if sparse else loss, zk, corr, tail,
-            k, nvt, rows * nvt, stride_tw,
-            HAS_TAIL=bool(sparse and sparse["tail"] is not None), NEED_GRAD=need_grad,
-            BT=min(1024, triton.next_power_of_2(nvt)), BK=max(1, triton.next_power_of_2(k)), **common,
+            stats,
+            loss[r0:r1],
+            tw_c,
+            ids,
+            sparse["probs"][r0:r1] if sparse else loss,
+            zk,
+            corr,
+            tail,
+            k,
+            nvt,
+            rows * nvt,
+            stride_tw,
+            HAS_TAIL=bool(sparse and sparse["tail"] is not None),
+            NEED_GRAD=need_grad,
+            BT=min(1024, triton.next_power_of_2(nvt)),
+            BK=max(1, triton.next_power_of_2(k)),
+            **common,
         )
         if not need_grad:
             continue
         out = grad[r0:r1] if partial is None else partial[:, :c]
-        stride_out = (0, out.stride(0), out.stride(1)) if partial is None else (out.stride(0), out.stride(1), out.stride(2))
+        stride_out = (
+            (0, out.stride(0), out.stride(1)) if partial is None else (out.stride(0), out.stride(1), out.stride(2))
+        )
 
         def bwd_grid(meta):
             return (triton.cdiv(c, meta["BN"]) * triton.cdiv(hsize, meta["BH"]), split)
 
         _softmax_kl_bwd_kernel[bwd_grid](
-            e_buf, f_buf, stats, lm_weight, out, ids, corr, tw_c,
-            c, vocab, hsize, k, nvt, rows * nvt, v_split, inv_temp, filter_eps or 0.0,
-            stride_e, lm_weight.stride(0), lm_weight.stride(1), *stride_out, stride_tw,
-            FILTER=filter_eps is not None, LOG2K=log2k, BV_STATS=BV_STATS, DOT=dot, DOT_PRECISION=precision, **common,
+            e_buf,
+            f_buf,
+            stats,
+            lm_weight,
+            out,
+            ids,
+            corr,
+            tw_c,
+            c,
+            vocab,
+            hsize,
+            k,
+            nvt,
+            rows * nvt,
+            v_split,
+            inv_temp,
+            filter_eps or 0.0,
+            stride_e,
+            lm_weight.stride(0),
+            lm_weight.stride(1),
+            *stride_out,
+            stride_tw,
+            FILTER=filter_eps is not None,
+            LOG2K=log2k,
+            BV_STATS=BV_STATS,
+            DOT=dot,
+            DOT_PRECISION=precision,
+            **common,
         )
         if partial is not None:
             grad[r0:r1].copy_(partial[:, :c].sum(0))

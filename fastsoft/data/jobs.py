@@ -23,7 +23,9 @@ class Job:
     def validate(self, where: str = "") -> None:
         at = f"{where}: " if where else ""
         if not self.id or not isinstance(self.id, str) or "/" in self.id or self.id.startswith("."):
-            raise FastsoftError(f"{at}job id {self.id!r} must be a non-empty string without '/' that does not start with '.'")
+            raise FastsoftError(
+                f"{at}job id {self.id!r} must be a non-empty string without '/' that does not start with '.'"
+            )
         if not isinstance(self.context, str) or not self.context.strip():
             raise FastsoftError(f"{at}job {self.id!r} has an empty context")
         for name in ("queries", "eval_queries"):
@@ -36,9 +38,11 @@ class Job:
             if not isinstance(self.answers, list) or not all(isinstance(a, str) and a.strip() for a in self.answers):
                 raise FastsoftError(f"{at}job {self.id!r}: answers must be a list of non-empty strings")
             if len(self.answers) != len(self.queries):
-                raise FastsoftError(f"{at}job {self.id!r} has {len(self.answers)} answers for {len(self.queries)} queries")
+                raise FastsoftError(
+                    f"{at}job {self.id!r} has {len(self.answers)} answers for {len(self.queries)} queries"
+                )
 
-    def with_eval_split(self, fraction: float = 0.2, seed: int = 0) -> "Job":
+    def with_eval_split(self, fraction: float = 0.2, seed: int = 0) -> Job:
         """Hold out a share of the queries for evaluation when no eval queries were given."""
         if self.eval_queries or len(self.queries) < 2:
             return self
@@ -46,9 +50,13 @@ class Job:
         random.Random(f"{seed}:{self.id}").shuffle(order)
         held = set(order[: max(1, round(fraction * len(order)))])
         keep = [i for i in range(len(self.queries)) if i not in held]
-        return Job(self.id, self.context, [self.queries[i] for i in keep],
-                   None if self.answers is None else [self.answers[i] for i in keep],
-                   [self.queries[i] for i in sorted(held)])
+        return Job(
+            self.id,
+            self.context,
+            [self.queries[i] for i in keep],
+            None if self.answers is None else [self.answers[i] for i in keep],
+            [self.queries[i] for i in sorted(held)],
+        )
 
 
 def _read_text(path: str | Path, what: str) -> str:
@@ -68,8 +76,13 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     return [line.strip() for line in _read_text(path, what).splitlines() if line.strip()]
 
 
-def job_from_files(context: str | Path, queries: str | Path, eval_queries: str | Path | None = None,
-                   answers: str | Path | None = None, job_id: str | None = None) -> Job:
+def job_from_files(
+    context: str | Path,
+    queries: str | Path,
+    eval_queries: str | Path | None = None,
+    answers: str | Path | None = None,
+    job_id: str | None = None,
+) -> Job:
     """One job from a context file and a queries file (one query per line)."""
     text = _read_text(context, "context")
     if not text.strip():
@@ -106,8 +119,13 @@ def read_jobs(path: str | Path) -> list[Job]:
         unknown = record.keys() - JOB_KEYS
         if unknown:
             raise FastsoftError(f"{where} has unknown key(s) {', '.join(sorted(unknown))}")
-        job = Job(id=record["id"], context=record["context"], queries=record["queries"],
-                  answers=record.get("answers"), eval_queries=record.get("eval_queries") or [])
+        job = Job(
+            id=record["id"],
+            context=record["context"],
+            queries=record["queries"],
+            answers=record.get("answers"),
+            eval_queries=record.get("eval_queries") or [],
+        )
         job.validate(where)
         if job.id in seen:
             raise FastsoftError(f"{where} repeats the job id {job.id!r} of line {seen[job.id]}")

@@ -13,25 +13,35 @@ import torch
 
 from fastsoft.eval.generate import answer_text, generate_ids
 from fastsoft.eval.metrics import rouge_l
-from fastsoft.train.packing import Segment, pack, scored_hidden
 from fastsoft.teacher.batching import Taught
+from fastsoft.train.packing import Segment, pack, scored_hidden
 
 
 @torch.no_grad()
-def _token_kl(loaded, prompt: torch.Tensor | None, queries: list[Taught], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_kl(
+    loaded, prompt: torch.Tensor | None, queries: list[Taught], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL(teacher || student) and student argmax ids at every eval answer position."""
     slot = None if prompt is None else 0
     length = 0 if prompt is None else prompt.shape[0]
     packed = pack([Segment(slot, q.before, q.after, q.answer) for q in queries], length)
     prompts = torch.zeros(1, 0, loaded.hidden_size) if prompt is None else prompt[None]
     student = torch.log_softmax(loaded.logits(scored_hidden(loaded, prompts, packed)) / temperature, -1)  # [N, V]
-    teacher = torch.log_softmax(loaded.logits(torch.cat([q.hidden for q in queries]).to(loaded.device)) / temperature, -1)
+    teacher = torch.log_softmax(
+        loaded.logits(torch.cat([q.hidden for q in queries]).to(loaded.device)) / temperature, -1
+    )
     kl = (teacher.exp() * (teacher - student)).sum(-1)
     return kl, student.argmax(-1), teacher.argmax(-1)
 
 
-def evaluate(loaded, prompt: torch.Tensor, queries: list[Taught], context_length: int, temperature: float = 1.0,
-             max_new_tokens: int = 64) -> dict:
+def evaluate(
+    loaded,
+    prompt: torch.Tensor,
+    queries: list[Taught],
+    context_length: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+) -> dict:
     """Metrics of ``prompt [P, H]`` on teacher-answered held-out ``queries`` (with teacher hidden states)."""
     if not queries:
         return {"eval_queries": 0, "compression_ratio": context_length / prompt.shape[0]}

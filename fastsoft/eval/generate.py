@@ -8,7 +8,9 @@ from fastsoft.data.templates import Template, end_token_ids, tokenize_query
 
 
 @torch.no_grad()
-def generate_ids(loaded, prompt: torch.Tensor | None, before: list[int], after: list[int], max_new_tokens: int = 64) -> list[int]:
+def generate_ids(
+    loaded, prompt: torch.Tensor | None, before: list[int], after: list[int], max_new_tokens: int = 64
+) -> list[int]:
     """Greedy answer ids for ``before + prompt + after`` (``prompt [P, H]`` or None for no context)."""
     device, embed = loaded.device, loaded.embed
     parts = [embed(torch.tensor(before, dtype=torch.long, device=device))]
@@ -22,7 +24,9 @@ def generate_ids(loaded, prompt: torch.Tensor | None, before: list[int], after: 
         answer.append(token)
         if token in ends:
             break
-        out = loaded.decoder(input_ids=torch.tensor([[token]], device=device), use_cache=True, **loaded.kv_cache_of(out))
+        out = loaded.decoder(
+            input_ids=torch.tensor([[token]], device=device), use_cache=True, **loaded.kv_cache_of(out)
+        )
     return answer
 
 

@@ -50,7 +50,9 @@ def _split(value, path: str, tensors: dict[str, torch.Tensor]):
         return [_split(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"checkpoint state holds a {type(value).__name__} at {path}; only plain values and tensors are stored")
+    raise TypeError(
+        f"checkpoint state holds a {type(value).__name__} at {path}; only plain values and tensors are stored"
+    )
 
 
 def _join(value, tensors: dict[str, torch.Tensor]):
@@ -67,7 +69,9 @@ def save_checkpoint(out: Path, state: dict, name: str = CHECKPOINT) -> None:
     """Write ``state`` (nested dicts/lists of plain values and tensors) to ``out/name`` atomically."""
     tensors: dict[str, torch.Tensor] = {}
     plain = _split(state, "", tensors)
-    atomic_write(out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "state": json.dumps(plain)}))
+    atomic_write(
+        out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "state": json.dumps(plain)})
+    )
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -79,19 +83,27 @@ def read_checkpoint(path: Path) -> dict:
             raise ValueError("not a fastsoft checkpoint")
         return _join(json.loads(metadata["state"]), load_file(str(path)))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
-        raise FastsoftError(f"checkpoint {path} is damaged or not a fastsoft checkpoint ({type(error).__name__}); "
-                            "delete it to start over") from error
+        raise FastsoftError(
+            f"checkpoint {path} is damaged or not a fastsoft checkpoint ({type(error).__name__}); "
+            "delete it to start over"
+        ) from error
 
 
 def load_checkpoint(out: Path, jobs_hash: str, config: dict, name: str = CHECKPOINT) -> dict:
     """The checkpoint in ``out``, checked to belong to the same jobs and settings."""
     path = out / name
     if not path.is_file():
-        raise FastsoftError(f"there is no checkpoint to resume in {out} (no {name}); run without --resume, or with the same number of ranks")
+        raise FastsoftError(
+            f"there is no checkpoint to resume in {out} (no {name}); run without --resume, or with the same number of ranks"
+        )
     state = read_checkpoint(path)
     if state.get("jobs_digest") != jobs_hash:
-        raise FastsoftError(f"the jobs differ from those of the checkpointed run in {out}; resume with the same jobs file")
+        raise FastsoftError(
+            f"the jobs differ from those of the checkpointed run in {out}; resume with the same jobs file"
+        )
     changed = sorted(k for k, v in config.items() if k not in NON_SEMANTIC and state["config"].get(k) != v)
     if changed:
-        raise FastsoftError(f"these settings differ from the checkpointed run's: {', '.join('--' + c.replace('_', '-') for c in changed)}")
+        raise FastsoftError(
+            f"these settings differ from the checkpointed run's: {', '.join('--' + c.replace('_', '-') for c in changed)}"
+        )
     return state

@@ -14,15 +14,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastsoft.data.templates import Template
 from fastsoft.errors import FastsoftError
 from fastsoft.io.atomic import atomic_write, write_json
-from fastsoft.data.templates import Template
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FASTSOFT_META = "adapter_model.safetensors", "adapter_config.json", "fastsoft.json"
 
 
-def save_prompt(folder: str | Path, prompt: torch.Tensor, *, model_path: str, model_fingerprint: str, template: Template,
-                extra: dict | None = None) -> Path:
+def save_prompt(
+    folder: str | Path,
+    prompt: torch.Tensor,
+    *,
+    model_path: str,
+    model_fingerprint: str,
+    template: Template,
+    extra: dict | None = None,
+) -> Path:
     """Write ``prompt [P, H]`` as a PEFT prompt-tuning adapter into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -40,9 +47,13 @@ def save_prompt(folder: str | Path, prompt: torch.Tensor, *, model_path: str, mo
         "inference_mode": True,
     }
     write_json(folder / ADAPTER_CONFIG, config)
-    meta = {"placement": template.placement, "template": {"head": template.head, "middle": template.middle, "tail": template.tail,
-            "kind": template.kind}, "model_fingerprint": model_fingerprint, "peft_equivalent": template.placement == "first",
-            **(extra or {})}
+    meta = {
+        "placement": template.placement,
+        "template": {"head": template.head, "middle": template.middle, "tail": template.tail, "kind": template.kind},
+        "model_fingerprint": model_fingerprint,
+        "peft_equivalent": template.placement == "first",
+        **(extra or {}),
+    }
     write_json(folder / FASTSOFT_META, meta)
     return folder
 

@@ -30,11 +30,15 @@ class RunFolder:
     def read_report(self, job_id: str) -> dict:
         path = self.job(job_id) / REPORT
         if not path.is_file():
-            raise FastsoftError(f"{path} of the finished job {job_id!r} is missing; restore it, or run without --resume")
+            raise FastsoftError(
+                f"{path} of the finished job {job_id!r} is missing; restore it, or run without --resume"
+            )
         try:
             return json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise FastsoftError(f"{path} of the finished job {job_id!r} is damaged; restore it, or run without --resume") from error
+            raise FastsoftError(
+                f"{path} of the finished job {job_id!r} is damaged; restore it, or run without --resume"
+            ) from error
 
     def write_done(self, job_id: str, prompt: torch.Tensor, report: dict, **export) -> None:
         """Export ``prompt [P, H]`` (``export``: :func:`fastsoft.io.export.save_prompt`'s keywords), then the report."""

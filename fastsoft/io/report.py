@@ -7,15 +7,30 @@ from pathlib import Path
 
 from fastsoft.io.atomic import atomic_write, write_json
 
-TABLE_COLUMNS = ("kl_soft", "kl_none", "gap_closed", "top1_agreement", "exact_match", "rouge_l", "compression_ratio", "steps", "seconds")
+TABLE_COLUMNS = (
+    "kl_soft",
+    "kl_none",
+    "gap_closed",
+    "top1_agreement",
+    "exact_match",
+    "rouge_l",
+    "compression_ratio",
+    "steps",
+    "seconds",
+)
 
 
 def write_report(folder: Path, report: dict) -> None:
     """The loss PNG, then ``report.json`` atomically: a job whose report exists is finished and exported."""
     folder.mkdir(parents=True, exist_ok=True)
-    levels = {name: report[key] for key, name in (("kl_none", "held-out KL, no context"), ("kl_soft", "held-out KL with the soft prompt"))
-              if isinstance(report.get(key), float) and math.isfinite(report[key])}
-    plot_losses({"training loss": report["losses"]}, folder / "loss.png", title=f"job {report['job_id']}", levels=levels)
+    levels = {
+        name: report[key]
+        for key, name in (("kl_none", "held-out KL, no context"), ("kl_soft", "held-out KL with the soft prompt"))
+        if isinstance(report.get(key), float) and math.isfinite(report[key])
+    }
+    plot_losses(
+        {"training loss": report["losses"]}, folder / "loss.png", title=f"job {report['job_id']}", levels=levels
+    )
     write_json(folder / "report.json", report)
 
 
@@ -28,8 +43,13 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "", ylabel: str = "loss (nats / token)",
-                levels: dict[str, float] | None = None) -> None:
+def plot_losses(
+    curves: dict[str, list[float]],
+    path: Path,
+    title: str = "",
+    ylabel: str = "loss (nats / token)",
+    levels: dict[str, float] | None = None,
+) -> None:
     """Each curve raw (faint) and as a trailing mean over a twentieth of its steps; ``levels`` as dashed lines."""
     import matplotlib
 
@@ -41,8 +61,12 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "", yla
     for name, losses in curves.items():
         steps = range(1, len(losses) + 1)
         window = max(1, len(losses) // 20)
-        (line,) = ax.plot(steps, moving_average(losses, window), label=name if window == 1 else f"{name} (mean of {window} steps)",
-                          linewidth=1.6)
+        (line,) = ax.plot(
+            steps,
+            moving_average(losses, window),
+            label=name if window == 1 else f"{name} (mean of {window} steps)",
+            linewidth=1.6,
+        )
         if window > 1:
             ax.plot(steps, losses, color=line.get_color(), linewidth=0.8, alpha=0.3)
     for (name, value), style in zip((levels or {}).items(), ("--", ":", "-.")):
@@ -71,11 +95,19 @@ def format_table(reports: list[dict]) -> str:
         for column in TABLE_COLUMNS:
             value = report.get(column)
             if isinstance(value, float):
-                cells.append("nan" if math.isnan(value) else f"{value:.1f}" if column in ("seconds", "compression_ratio") else f"{value:.3f}")
+                cells.append(
+                    "nan"
+                    if math.isnan(value)
+                    else f"{value:.1f}"
+                    if column in ("seconds", "compression_ratio")
+                    else f"{value:.3f}"
+                )
             else:
                 cells.append("-" if value is None else str(value))
         rows.append(tuple(cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

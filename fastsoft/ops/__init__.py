@@ -3,5 +3,14 @@
 from fastsoft.ops.softmax_kl import BackendUnavailable, SoftmaxKLLoss, resolve_backend, softmax_kl
 from fastsoft.ops.targets import DenseTarget, HiddenTarget, SparseTarget, Target, as_target
 
-__all__ = ["softmax_kl", "SoftmaxKLLoss", "DenseTarget", "SparseTarget", "HiddenTarget", "Target", "as_target", "BackendUnavailable",
-           "resolve_backend"]
+__all__ = [
+    "softmax_kl",
+    "SoftmaxKLLoss",
+    "DenseTarget",
+    "SparseTarget",
+    "HiddenTarget",
+    "Target",
+    "as_target",
+    "BackendUnavailable",
+    "resolve_backend",
+]

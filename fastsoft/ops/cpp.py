@@ -19,7 +19,12 @@ import torch
 from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher, as_target
 
 _SOURCE = "softmax_kl.cpp"
-_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]  # as ext_modules in setup.py; lets the exp loops vectorise
+_FLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+]  # as ext_modules in setup.py; lets the exp loops vectorise
 
 
 def _source() -> Path | None:
@@ -37,7 +42,7 @@ def _build_dir() -> Path:
     return Path(root) / tag
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[bool, str]:
     if os.environ.get("FASTSOFT_SKIP_EXT") == "1":
         return False, "the C++ backend is turned off (FASTSOFT_SKIP_EXT=1)"
@@ -47,18 +52,29 @@ def _load() -> tuple[bool, str]:
     if built is not None and not (source and built.origin and source.stat().st_mtime > os.path.getmtime(built.origin)):
         try:
             import fastsoft._C  # noqa: F401  (registers torch.ops.fastsoft.softmax_kl_rows_*)
+
             return True, ""
         except (ImportError, OSError):  # e.g. built against another torch: build just in time instead
             pass
     if source is None:
-        return False, f"the C++ backend was not built at install and its source {_SOURCE} is not shipped with this install"
+        return (
+            False,
+            f"the C++ backend was not built at install and its source {_SOURCE} is not shipped with this install",
+        )
     try:
         from torch.utils.cpp_extension import load
 
         build_dir = _build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
-        load(name="fastsoft_softmax_kl", sources=[str(source)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-             build_directory=str(build_dir), is_python_module=False, verbose=False)
+        load(
+            name="fastsoft_softmax_kl",
+            sources=[str(source)],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
     except Exception as error:  # no compiler, no ninja, a compile error: the dispatcher falls back
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         return False, f"the C++ backend failed to build just in time ({type(error).__name__}: {first_line})"
@@ -95,12 +111,22 @@ def softmax_kl_rows(
     token_weight = None if token_weight is None else token_weight.detach().contiguous()
     if isinstance(teacher, SparseTarget):
         tail = None if teacher.tail is None else teacher.tail.detach().contiguous()
-        loss, grad = ops.softmax_kl_rows_sparse(hidden, lm_weight, teacher.ids.contiguous(), teacher.probs.detach().contiguous(),
-                                                tail, float(temperature), token_weight, need_grad)
+        loss, grad = ops.softmax_kl_rows_sparse(
+            hidden,
+            lm_weight,
+            teacher.ids.contiguous(),
+            teacher.probs.detach().contiguous(),
+            tail,
+            float(temperature),
+            token_weight,
+            need_grad,
+        )
     elif isinstance(teacher, HiddenTarget):
-        loss, grad = ops.softmax_kl_rows_hidden(hidden, lm_weight, teacher.hidden.detach().contiguous(), float(temperature),
-                                                token_weight, need_grad)
+        loss, grad = ops.softmax_kl_rows_hidden(
+            hidden, lm_weight, teacher.hidden.detach().contiguous(), float(temperature), token_weight, need_grad
+        )
     else:
-        loss, grad = ops.softmax_kl_rows_dense(hidden, lm_weight, teacher.logprobs.detach().contiguous(), float(temperature),
-                                               token_weight, need_grad)
+        loss, grad = ops.softmax_kl_rows_dense(
+            hidden, lm_weight, teacher.logprobs.detach().contiguous(), float(temperature), token_weight, need_grad
+        )
     return loss, (grad if need_grad else None)

@@ -29,8 +29,6 @@ Liger computes one when ``student_weight.requires_grad``. Use Liger itself to tr
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from fastsoft.ops.softmax_kl import softmax_kl
@@ -53,17 +51,19 @@ class LigerFusedLinearKLDivLoss(torch.nn.Module):
 
     def __init__(
         self,
-        reduction: Optional[str] = "batchmean",
+        reduction: str | None = "batchmean",
         ignore_index: int = -100,
         temperature: float = 1.0,
         eps: float = 1e-10,
-        accum_dtype: Optional[torch.dtype] = None,
+        accum_dtype: torch.dtype | None = None,
         backend: str = "auto",
     ):
         super().__init__()
         assert temperature != 0, "temperature cannot be 0."
         if reduction not in ("batchmean", "mean", "sum"):
-            raise ValueError(f"reduction must be one of ('batchmean', 'mean', 'sum'), got {reduction!r}; 'none' is not supported")
+            raise ValueError(
+                f"reduction must be one of ('batchmean', 'mean', 'sum'), got {reduction!r}; 'none' is not supported"
+            )
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.temperature = temperature
@@ -76,7 +76,7 @@ class LigerFusedLinearKLDivLoss(torch.nn.Module):
         student_input: torch.Tensor,
         student_weight: torch.Tensor,
         target: torch.Tensor,
-        shift_labels: Optional[torch.LongTensor] = None,
+        shift_labels: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """Scalar loss; the gradient flows to ``student_input`` only.
 
@@ -97,10 +97,17 @@ class LigerFusedLinearKLDivLoss(torch.nn.Module):
         total = student_input.new_zeros((), dtype=torch.promote_types(student_input.dtype, torch.float32))
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            teacher = target[start:stop].to(work, copy=True).log_().mul_(self.temperature)  # log_softmax(teacher / T) == log q
+            teacher = (
+                target[start:stop].to(work, copy=True).log_().mul_(self.temperature)
+            )  # log_softmax(teacher / T) == log q
             total = total + softmax_kl(
-                student_input[start:stop], student_weight, teacher, temperature=self.temperature,
-                token_weight=None if token_weight is None else token_weight[start:stop], reduction="sum", backend=self.backend,
+                student_input[start:stop],
+                student_weight,
+                teacher,
+                temperature=self.temperature,
+                token_weight=None if token_weight is None else token_weight[start:stop],
+                reduction="sum",
+                backend=self.backend,
             )
         if self.reduction == "sum":
             return total
@@ -110,5 +117,7 @@ class LigerFusedLinearKLDivLoss(torch.nn.Module):
         return torch.where(kept > 0, total / kept.clamp_min(1), torch.zeros_like(total))
 
     def extra_repr(self) -> str:
-        return (f"reduction={self.reduction}, ignore_index={self.ignore_index}, temperature={self.temperature}, "
-                f"eps={self.eps}, accum_dtype={self.accum_dtype}, backend={self.backend!r}")
+        return (
+            f"reduction={self.reduction}, ignore_index={self.ignore_index}, temperature={self.temperature}, "
+            f"eps={self.eps}, accum_dtype={self.accum_dtype}, backend={self.backend!r}"
+        )

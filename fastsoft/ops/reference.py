@@ -103,7 +103,9 @@ def softmax_kl_rows(
     return loss_out, grad_out
 
 
-def softmax_kl_naive(hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temperature: float = 1.0) -> torch.Tensor:
+def softmax_kl_naive(
+    hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temperature: float = 1.0
+) -> torch.Tensor:
     """The loss written plainly, unfused and unchunked: per-row ``L_n`` ``[N]``, differentiable by autograd.
 
     The ground truth of the tests (in fp64) and the "torch eager" provider of the benchmarks. Logits are

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +37,10 @@ class BackendUnavailable(RuntimeError):
 def _triton_status(device: torch.device) -> tuple[RowsFn | None, str]:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not (device.type == "cpu" and interpret):
-        return None, f"the Triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+        return (
+            None,
+            f"the Triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)",
+        )
     try:
         module = importlib.import_module("fastsoft.kernels.softmax_kl")
     except ImportError as error:  # triton missing or broken
@@ -80,7 +83,10 @@ def resolve_backend(backend: str, device: torch.device) -> tuple[str, RowsFn]:
         if fn is not None:
             if reasons and device.type not in _warned:
                 _warned.add(device.type)
-                warnings.warn(f"fastsoft: softmax_kl falls back to the {name} backend on {device.type}: {'; '.join(reasons)}", stacklevel=3)
+                warnings.warn(
+                    f"fastsoft: softmax_kl falls back to the {name} backend on {device.type}: {'; '.join(reasons)}",
+                    stacklevel=3,
+                )
             return name, fn
         reasons.append(why)
     raise AssertionError("unreachable: the reference backend is always available")
@@ -103,14 +109,20 @@ class SoftmaxKLFunction(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None  # never a gradient for lm_weight
 
 
-def _check(hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temperature: float, token_weight, reduction: str):
+def _check(
+    hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temperature: float, token_weight, reduction: str
+):
     if hidden.dim() != 2 or lm_weight.dim() != 2 or hidden.shape[1] != lm_weight.shape[1]:
-        raise ValueError(f"softmax_kl needs hidden [N, H] and lm_weight [V, H], got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}")
+        raise ValueError(
+            f"softmax_kl needs hidden [N, H] and lm_weight [V, H], got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}"
+        )
     n, v = hidden.shape[0], lm_weight.shape[0]
     if isinstance(teacher, HiddenTarget) and teacher.hidden.shape[1] != hidden.shape[1]:
         raise ValueError(f"HiddenTarget has hidden size {teacher.hidden.shape[1]}, the student {hidden.shape[1]}")
     if isinstance(teacher, DenseTarget) and teacher.logprobs.shape[1] != v:
-        raise ValueError(f"a dense teacher must be log-probs of shape [N, V] = [{n}, {v}], got {tuple(teacher.logprobs.shape)}")
+        raise ValueError(
+            f"a dense teacher must be log-probs of shape [N, V] = [{n}, {v}], got {tuple(teacher.logprobs.shape)}"
+        )
     rows = len(teacher)
     if rows != n:
         raise ValueError(f"teacher has {rows} rows but hidden has {n}")
@@ -183,8 +195,15 @@ class SoftmaxKLLoss(torch.nn.Module):
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
 
     def forward(self, hidden, lm_weight, teacher, token_weight=None):
-        return softmax_kl(hidden, lm_weight, teacher, temperature=self.temperature, token_weight=token_weight,
-                          reduction=self.reduction, backend=self.backend)
+        return softmax_kl(
+            hidden,
+            lm_weight,
+            teacher,
+            temperature=self.temperature,
+            token_weight=token_weight,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"

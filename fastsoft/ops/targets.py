@@ -29,24 +29,24 @@ class DenseTarget:
         if self.logprobs.dim() != 2:
             raise ValueError(f"a dense teacher must be log-probs of shape [N, V], got {tuple(self.logprobs.shape)}")
 
-    def __getitem__(self, rows) -> "DenseTarget":
+    def __getitem__(self, rows) -> DenseTarget:
         return DenseTarget(self.logprobs[rows])
 
     def __len__(self) -> int:
         return self.logprobs.shape[0]
 
-    def to(self, device) -> "DenseTarget":
+    def to(self, device) -> DenseTarget:
         return DenseTarget(self.logprobs.to(device))
 
     @classmethod
-    def concat(cls, parts: list["DenseTarget"]) -> "DenseTarget":
+    def concat(cls, parts: list[DenseTarget]) -> DenseTarget:
         return cls(torch.cat([p.logprobs for p in parts]))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"logprobs": self.logprobs}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "DenseTarget":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> DenseTarget:
         return cls(tensors["logprobs"])
 
 
@@ -68,23 +68,29 @@ class SparseTarget:
 
     def __post_init__(self):
         if self.ids.dim() != 2 or self.ids.shape != self.probs.shape:
-            raise ValueError(f"SparseTarget needs ids and probs of the same shape [N, K], got {tuple(self.ids.shape)} and {tuple(self.probs.shape)}")
+            raise ValueError(
+                f"SparseTarget needs ids and probs of the same shape [N, K], got {tuple(self.ids.shape)} and {tuple(self.probs.shape)}"
+            )
         if self.ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"SparseTarget ids must be int32 or int64, got {self.ids.dtype}")
         if self.tail is not None and self.tail.shape != self.ids.shape[:1]:
-            raise ValueError(f"SparseTarget tail must have shape [N] = [{self.ids.shape[0]}], got {tuple(self.tail.shape)}")
+            raise ValueError(
+                f"SparseTarget tail must have shape [N] = [{self.ids.shape[0]}], got {tuple(self.tail.shape)}"
+            )
 
-    def __getitem__(self, rows) -> "SparseTarget":
+    def __getitem__(self, rows) -> SparseTarget:
         return SparseTarget(self.ids[rows], self.probs[rows], None if self.tail is None else self.tail[rows])
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def to(self, device) -> "SparseTarget":
-        return SparseTarget(self.ids.to(device), self.probs.to(device), None if self.tail is None else self.tail.to(device))
+    def to(self, device) -> SparseTarget:
+        return SparseTarget(
+            self.ids.to(device), self.probs.to(device), None if self.tail is None else self.tail.to(device)
+        )
 
     @classmethod
-    def concat(cls, parts: list["SparseTarget"]) -> "SparseTarget":
+    def concat(cls, parts: list[SparseTarget]) -> SparseTarget:
         """Rows of several targets; narrower rows are padded with weight-0 ids (they change nothing)."""
         width = max(p.ids.shape[1] for p in parts)
 
@@ -98,11 +104,11 @@ class SparseTarget:
         return {"ids": self.ids, "probs": self.probs, **({} if self.tail is None else {"tail": self.tail})}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SparseTarget":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SparseTarget:
         return cls(tensors["ids"], tensors["probs"], tensors.get("tail"))
 
     @staticmethod
-    def one_hot(ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> "SparseTarget":
+    def one_hot(ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> SparseTarget:
         """Hard targets ``ids [N]``: the loss becomes plain cross-entropy (log-likelihood objectives)."""
         return SparseTarget(ids[:, None], torch.ones(ids.shape[0], 1, dtype=dtype, device=ids.device))
 
@@ -117,24 +123,24 @@ class HiddenTarget:
         if self.hidden.dim() != 2:
             raise ValueError(f"HiddenTarget needs hidden states of shape [N, H], got {tuple(self.hidden.shape)}")
 
-    def __getitem__(self, rows) -> "HiddenTarget":
+    def __getitem__(self, rows) -> HiddenTarget:
         return HiddenTarget(self.hidden[rows])
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def to(self, device) -> "HiddenTarget":
+    def to(self, device) -> HiddenTarget:
         return HiddenTarget(self.hidden.to(device))
 
     @classmethod
-    def concat(cls, parts: list["HiddenTarget"]) -> "HiddenTarget":
+    def concat(cls, parts: list[HiddenTarget]) -> HiddenTarget:
         return cls(torch.cat([p.hidden for p in parts]))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"hidden": self.hidden}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "HiddenTarget":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> HiddenTarget:
         return cls(tensors["hidden"])
 
 
@@ -148,4 +154,6 @@ def as_target(teacher: Teacher) -> Target:
         return DenseTarget(teacher)
     if isinstance(teacher, (DenseTarget, SparseTarget, HiddenTarget)):
         return teacher
-    raise TypeError(f"teacher must be a [N, V] tensor, DenseTarget, SparseTarget or HiddenTarget, got {type(teacher).__name__}")
+    raise TypeError(
+        f"teacher must be a [N, V] tensor, DenseTarget, SparseTarget or HiddenTarget, got {type(teacher).__name__}"
+    )

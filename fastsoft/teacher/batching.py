@@ -17,24 +17,23 @@ tokens) once, then S row slots of width W (one per query in flight). Never a cop
 Attention of a query token = (its job's prefix, all of it) ⊕ (its own row, causally), computed as two
 attentions merged exactly through their log-sum-exp (as ring attention does): no padding of prefixes,
 no masked-out work on other rows or other jobs. A prefix chunk is the same with "the prefix before the
-chunk" ⊕ "the chunk, causally". The merge runs inside a custom attention function (``fastsoft_teacher``), registered with transformers
-and switched on only for the teacher's forward calls (``fastsoft/attention.py``).
+chunk" ⊕ "the chunk, causally". The merge runs inside a custom attention function (``fastsoft_teacher``),
+registered with transformers and switched on only for the teacher's forward calls (``fastsoft/attention.py``).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from fastsoft.errors import FastsoftError
 from fastsoft.attention import attention_implementation, attention_lse, bucket_index, group_by_length
 from fastsoft.data.jobs import Job
 from fastsoft.data.templates import Template, encode, end_token_ids, tokenize_query
+from fastsoft.errors import FastsoftError
 
 TEACHER_ATTENTION = "fastsoft_teacher"
 
@@ -60,21 +59,40 @@ def check_length(loaded, job_id: str, length: int, what: str) -> None:
         raise FastsoftError(f"job {job_id!r}: {what} is {length} tokens, longer than the model's maximum of {limit}")
 
 
-def teach(loaded, template: Template, job_id: str, context: str, queries: list[str], answers: list[str] | None = None,
-          max_new_tokens: int = 64, batch_size: int = 32) -> list[Taught]:
+def teach(
+    loaded,
+    template: Template,
+    job_id: str,
+    context: str,
+    queries: list[str],
+    answers: list[str] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+) -> list[Taught]:
     """Teacher hidden states at the answer positions of every query of one job (greedy answers when none are given).
 
     The simple single-job API over :func:`teach_jobs`; ``batch_size`` is the number of queries in flight.
     """
-    result = teach_jobs(loaded, template, [Job(job_id, context, queries, answers)], max_new_tokens, max_rows=batch_size)[job_id]
+    result = teach_jobs(
+        loaded, template, [Job(job_id, context, queries, answers)], max_new_tokens, max_rows=batch_size
+    )[job_id]
     if isinstance(result, FastsoftError):
         raise result
     return result[0]
 
 
 @torch.no_grad()
-def teach_jobs(loaded, template: Template, jobs: list[Job], max_new_tokens: int = 64, *, use_answers: bool = True, token_budget: int = 8192,
-               max_rows: int = 64, max_jobs: int = 8) -> dict[str, tuple[list[Taught], list[Taught]] | FastsoftError]:
+def teach_jobs(
+    loaded,
+    template: Template,
+    jobs: list[Job],
+    max_new_tokens: int = 64,
+    *,
+    use_answers: bool = True,
+    token_budget: int = 8192,
+    max_rows: int = 64,
+    max_jobs: int = 8,
+) -> dict[str, tuple[list[Taught], list[Taught]] | FastsoftError]:
     """Teach several jobs in one continuous batch.
 
     Args:
@@ -98,7 +116,16 @@ def teach_jobs(loaded, template: Template, jobs: list[Job], max_new_tokens: int 
     pending: deque[_Job] = deque()
     for serial, request in enumerate(jobs):
         try:
-            job = _Job.build(serial, loaded, template, request, request.answers if use_answers else None, ends, max_new_tokens, max_rows)
+            job = _Job.build(
+                serial,
+                loaded,
+                template,
+                request,
+                request.answers if use_answers else None,
+                ends,
+                max_new_tokens,
+                max_rows,
+            )
         except FastsoftError as error:
             results[request.id] = error
             continue
@@ -112,8 +139,12 @@ def teach_jobs(loaded, template: Template, jobs: list[Job], max_new_tokens: int 
             while pending and len(active) < max_jobs:
                 active.append(pending.popleft())
             step = _plan(active, token_budget, max_rows)
-            hidden = loaded.decoder(input_ids=step.ids[None].to(loaded.device), position_ids=step.positions[None].to(loaded.device),
-                                    use_cache=False, fastsoft_step=step).last_hidden_state[0]
+            hidden = loaded.decoder(
+                input_ids=step.ids[None].to(loaded.device),
+                position_ids=step.positions[None].to(loaded.device),
+                use_cache=False,
+                fastsoft_step=step,
+            ).last_hidden_state[0]
             _advance(loaded, step, hidden, ends, max_new_tokens)
             for job in [j for j in active if j.unfinished == 0]:
                 active.remove(job)
@@ -127,7 +158,7 @@ def teach_jobs(loaded, template: Template, jobs: list[Job], max_new_tokens: int 
 
 @dataclass(eq=False)
 class _Row:
-    job: "_Job"
+    job: _Job
     index: int  # position in the job's output (train queries first, then eval queries)
     after: list[int]
     forced: list[int] | None  # the given answer (+ end token), teacher-forced
@@ -138,8 +169,17 @@ class _Row:
 
 
 class _Job:
-    def __init__(self, serial: int, job_id: str, before: list[int], prefix: list[int], rows: list[_Row], width: int, slots: int,
-                 train_count: int):
+    def __init__(
+        self,
+        serial: int,
+        job_id: str,
+        before: list[int],
+        prefix: list[int],
+        rows: list[_Row],
+        width: int,
+        slots: int,
+        train_count: int,
+    ):
         self.serial, self.id, self.before, self.prefix = serial, job_id, before, prefix
         self.rows, self.width, self.slots, self.train_count = rows, width, slots, train_count
         self.waiting = deque(rows)
@@ -153,7 +193,9 @@ class _Job:
             row.job = self
 
     @classmethod
-    def build(cls, serial, loaded, template, request: Job, answers: list[str] | None, ends, max_new_tokens, max_rows) -> "_Job":
+    def build(
+        cls, serial, loaded, template, request: Job, answers: list[str] | None, ends, max_new_tokens, max_rows
+    ) -> _Job:
         tokenizer = loaded.tokenizer
         if answers is not None and len(answers) != len(request.queries):
             raise FastsoftError(f"job {request.id!r}: {len(answers)} answers for {len(request.queries)} queries")
@@ -163,12 +205,16 @@ class _Job:
         rows = []
         for i, (_, after) in enumerate(split):
             if not after:
-                raise FastsoftError(f"job {request.id!r}: the template leaves nothing between the context and the answer")
+                raise FastsoftError(
+                    f"job {request.id!r}: the template leaves nothing between the context and the answer"
+                )
             forced = None
             if answers is not None and i < len(request.queries):
                 forced = encode(tokenizer, answers[i]) + [ends[0]]
             total = len(prefix) + len(after) + (len(forced) if forced else max_new_tokens)
-            check_length(loaded, request.id, total, "context + query + answer" if forced else "context + query + answer budget")
+            check_length(
+                loaded, request.id, total, "context + query + answer" if forced else "context + query + answer budget"
+            )
             rows.append(_Row(None, i, after, forced))
         width = max((len(r.after) + (len(r.forced) - 1 if r.forced else max_new_tokens - 1) for r in rows), default=1)
         return cls(serial, request.id, before, prefix, rows, width, min(len(rows), max_rows), len(request.queries))
@@ -177,7 +223,10 @@ class _Job:
         return len(self.prefix) + self.slots * self.width
 
     def result(self) -> tuple[list[Taught], list[Taught]]:
-        taught = [Taught(self.before, r.after, r.answer, torch.cat(r.states)) for r in sorted(self.rows, key=lambda r: r.index)]
+        taught = [
+            Taught(self.before, r.after, r.answer, torch.cat(r.states))
+            for r in sorted(self.rows, key=lambda r: r.index)
+        ]
         return taught[: self.train_count], taught[self.train_count :]
 
 
@@ -252,7 +301,12 @@ def _plan(active: list[_Job], budget: int, max_rows: int) -> _Step:
         if part.end > part.start:
             part.write = torch.tensor(write, dtype=torch.int64)
             parts.append(part)
-    return _Step(parts, torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), max(positions, default=0))
+    return _Step(
+        parts,
+        torch.tensor(ids, dtype=torch.int64),
+        torch.tensor(positions, dtype=torch.int64),
+        max(positions, default=0),
+    )
 
 
 def _advance(loaded, step: _Step, hidden: torch.Tensor, ends: list[int], max_new_tokens: int) -> None:
@@ -295,7 +349,9 @@ def _finish(row: _Row) -> None:
 # -- the attention --------------------------------------------------------------------------------
 
 
-def _teacher_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fastsoft_step: _Step | None = None, **kwargs):
+def _teacher_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, fastsoft_step: _Step | None = None, **kwargs
+):
     """Attention for a teacher step: writes the step's keys/values into the job arenas, then attends each
     token to (its job's prefix) ⊕ (its own row), merged through the log-sum-exp. ``query [1, H, Q, D]``,
     ``key/value [1, KV, Q, D]`` (the step's new tokens only); returns ``[1, Q, H, D]``."""
@@ -303,8 +359,10 @@ def _teacher_attention(module, query, key, value, attention_mask, scaling=None, 
         raise FastsoftError("the fastsoft teacher attention runs only inside teach_jobs()")
     window = kwargs.get("sliding_window")
     if window is not None and fastsoft_step.longest >= window:
-        raise FastsoftError(f"a sequence of {fastsoft_step.longest + 1} tokens exceeds this model's sliding attention window ({window}); "
-                            "the shared-context teacher supports full attention only")
+        raise FastsoftError(
+            f"a sequence of {fastsoft_step.longest + 1} tokens exceeds this model's sliding attention window ({window}); "
+            "the shared-context teacher supports full attention only"
+        )
     layer, step = module.layer_idx, fastsoft_step
     _, heads, length, dim = query.shape
     kv_heads = key.shape[1]

@@ -75,7 +75,9 @@ class TeacherCache:
                 if not rebuild:
                     if isinstance(error, FastsoftError):
                         raise
-                    raise FastsoftError(f"teacher cache index {path} is corrupted ({error.msg}); pass --rebuild-cache to rebuild it") from error
+                    raise FastsoftError(
+                        f"teacher cache index {path} is corrupted ({error.msg}); pass --rebuild-cache to rebuild it"
+                    ) from error
                 self._clear()
             else:
                 if rebuild:
@@ -95,13 +97,22 @@ class TeacherCache:
 
     def _check_fingerprint(self, found: dict) -> None:
         if found.get("vocab_size") != self.fingerprint.get("vocab_size"):
-            raise FastsoftError(f"teacher cache {self.root} was built for a vocabulary of {found.get('vocab_size')} tokens, "
-                                f"the model has {self.fingerprint.get('vocab_size')}; use another --cache folder or pass --rebuild-cache")
-        names = {"model": "model weights or tokenizer", "template": "prompt template", "kind": "teacher kind", "params": "teacher parameters"}
+            raise FastsoftError(
+                f"teacher cache {self.root} was built for a vocabulary of {found.get('vocab_size')} tokens, "
+                f"the model has {self.fingerprint.get('vocab_size')}; use another --cache folder or pass --rebuild-cache"
+            )
+        names = {
+            "model": "model weights or tokenizer",
+            "template": "prompt template",
+            "kind": "teacher kind",
+            "params": "teacher parameters",
+        }
         for key, name in names.items():
             if found.get(key) != self.fingerprint.get(key):
-                raise FastsoftError(f"teacher cache {self.root} was built with another {name} ({found.get(key)!r}, now {self.fingerprint.get(key)!r}); "
-                                    "use another --cache folder or pass --rebuild-cache")
+                raise FastsoftError(
+                    f"teacher cache {self.root} was built with another {name} ({found.get(key)!r}, now {self.fingerprint.get(key)!r}); "
+                    "use another --cache folder or pass --rebuild-cache"
+                )
 
     def _save_index(self) -> None:
         write_json(self.root / INDEX, self.index, indent=1)
@@ -109,21 +120,34 @@ class TeacherCache:
     def has(self, job_id: str) -> bool:
         return job_id in self.index["jobs"]
 
-    def put(self, job_id: str, context_ids: list[int], train: list[Taught], targets: Target, eval: list[Taught],
-            flush: bool = True) -> None:
+    def put(
+        self,
+        job_id: str,
+        context_ids: list[int],
+        train: list[Taught],
+        targets: Target,
+        eval: list[Taught],
+        flush: bool = True,
+    ) -> None:
         """Write one job's shard atomically and index it. With ``flush=False`` the index is written by the next
         :meth:`flush` (one index write per batch of jobs: the index is rewritten whole, so per-job writes would
         cost O(jobs²) over a large run; a shard written but not yet indexed is simply taught again)."""
         tensors = {f"target.{name}": value.contiguous() for name, value in targets.tensors().items()}
         for split, taught in (("train", train), ("eval", eval)):
             for part in ("before", "after", "answer"):
-                tensors[f"{split}.{part}"], tensors[f"{split}.{part}_offsets"] = _flat([getattr(t, part) for t in taught])
+                tensors[f"{split}.{part}"], tensors[f"{split}.{part}_offsets"] = _flat(
+                    [getattr(t, part) for t in taught]
+                )
         tensors["eval.hidden"] = torch.cat([t.hidden.float().cpu() for t in eval]) if eval else torch.zeros(0)
         tensors["context"] = torch.tensor(context_ids, dtype=torch.int32)
         name = f"{job_id}.safetensors"
         atomic_write(self.root / name, lambda tmp: save_file(tensors, str(tmp)))
-        self.index["jobs"][job_id] = {"file": name, "queries": len(train), "rows": sum(len(t.answer) for t in train),
-                                      "sha256": sha256_file(self.root / name)}
+        self.index["jobs"][job_id] = {
+            "file": name,
+            "queries": len(train),
+            "rows": sum(len(t.answer) for t in train),
+            "sha256": sha256_file(self.root / name),
+        }
         if flush:
             self.flush()
 
@@ -137,12 +161,19 @@ class TeacherCache:
         if not path.exists():
             raise FastsoftError(f"teacher cache shard {path} is missing; pass --rebuild-cache to rebuild it")
         if sha256_file(path) != entry["sha256"]:
-            raise FastsoftError(f"teacher cache shard {path} is truncated or corrupted (checksum mismatch); pass --rebuild-cache to rebuild it")
+            raise FastsoftError(
+                f"teacher cache shard {path} is truncated or corrupted (checksum mismatch); pass --rebuild-cache to rebuild it"
+            )
         tensors = load_file(str(path))
         splits = {}
         for split in ("train", "eval"):
-            parts = {part: _unflat(tensors[f"{split}.{part}"], tensors[f"{split}.{part}_offsets"]) for part in ("before", "after", "answer")}
-            splits[split] = [Taught(b, a, y, torch.zeros(0)) for b, a, y in zip(parts["before"], parts["after"], parts["answer"])]
+            parts = {
+                part: _unflat(tensors[f"{split}.{part}"], tensors[f"{split}.{part}_offsets"])
+                for part in ("before", "after", "answer")
+            }
+            splits[split] = [
+                Taught(b, a, y, torch.zeros(0)) for b, a, y in zip(parts["before"], parts["after"], parts["answer"])
+            ]
         start = 0
         for taught in splits["eval"]:
             taught.hidden = tensors["eval.hidden"][start : start + len(taught.answer)]
@@ -153,7 +184,19 @@ class TeacherCache:
             offsets.append(offsets[-1] + n)
         targets = {k.removeprefix("target."): v for k, v in tensors.items() if k.startswith("target.")}
         for name, value in list(targets.items()) + [("eval hidden states", tensors["eval.hidden"])]:
-            bad = torch.isnan(value) | (value == float("inf")) | ((value == float("-inf")) if name != "logprobs" else False)
+            bad = (
+                torch.isnan(value)
+                | (value == float("inf"))
+                | ((value == float("-inf")) if name != "logprobs" else False)
+            )
             if bool(bad.any()):
-                raise FastsoftError(f"the teacher cache of job {job_id!r} holds NaN or infinite values ({name}); pass --rebuild-cache")
-        return JobTeacher(tensors["context"].tolist(), splits["train"], self.target_type.from_tensors(targets), offsets, splits["eval"])
+                raise FastsoftError(
+                    f"the teacher cache of job {job_id!r} holds NaN or infinite values ({name}); pass --rebuild-cache"
+                )
+        return JobTeacher(
+            tensors["context"].tolist(),
+            splits["train"],
+            self.target_type.from_tensors(targets),
+            offsets,
+            splits["eval"],
+        )

@@ -12,8 +12,16 @@ from fastsoft.teacher.cache import TeacherCache
 from fastsoft.teacher.targets import CacheSpec
 
 
-def teach_into_cache(loaded, template: Template, cache: TeacherCache, spec: CacheSpec, jobs: list[tuple[Job, int]], *,
-                     max_new_tokens: int, use_answers: bool) -> dict[str, FastsoftError]:
+def teach_into_cache(
+    loaded,
+    template: Template,
+    cache: TeacherCache,
+    spec: CacheSpec,
+    jobs: list[tuple[Job, int]],
+    *,
+    max_new_tokens: int,
+    use_answers: bool,
+) -> dict[str, FastsoftError]:
     """Teach every ``(job, seed)`` not yet in ``cache`` and write its shard; returns ``{job id: error}`` for the jobs that failed.
 
     ``seed`` seeds the job's sampled teacher (the ``sampled`` kind), so a job's cache never depends on the
@@ -31,10 +39,14 @@ def teach_into_cache(loaded, template: Template, cache: TeacherCache, spec: Cach
             continue
         train, held = result
         if not all(bool(torch.isfinite(t.hidden).all()) for t in train + held):  # never cache a poisoned teacher
-            errors[job.id] = FastsoftError(f"the model's outputs for job {job.id!r} are NaN or infinite in the teacher pass "
-                                           f"(try --dtype fp32); nothing was cached for it")
+            errors[job.id] = FastsoftError(
+                f"the model's outputs for job {job.id!r} are NaN or infinite in the teacher pass "
+                f"(try --dtype fp32); nothing was cached for it"
+            )
             continue
-        targets = spec.build(loaded.lm_weight, torch.cat([t.hidden for t in train]), torch.Generator().manual_seed(seed))
+        targets = spec.build(
+            loaded.lm_weight, torch.cat([t.hidden for t in train]), torch.Generator().manual_seed(seed)
+        )
         cache.put(job.id, encode(loaded.tokenizer, job.context), train, targets, held, flush=False)
     cache.flush()
     return errors

@@ -12,8 +12,8 @@ targets' shared protocol (slice, move, concatenate, serialise).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -11,8 +11,16 @@ import torch
 
 
 class PromptBank:
-    def __init__(self, slots: int, length: int, hidden: int, device="cpu", betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        slots: int,
+        length: int,
+        hidden: int,
+        device="cpu",
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         self.prompts = torch.zeros(slots, length, hidden, device=device, requires_grad=True)  # [S, P, H]
         self.exp_avg = torch.zeros(slots, length, hidden, device=device)
         self.exp_avg_sq = torch.zeros(slots, length, hidden, device=device)
@@ -56,8 +64,12 @@ class PromptBank:
         self.prompts.grad = None
 
     def state_dict(self) -> dict:
-        return {"prompts": self.prompts.detach().clone(), "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
-                "steps": self.steps.clone()}
+        return {
+            "prompts": self.prompts.detach().clone(),
+            "exp_avg": self.exp_avg.clone(),
+            "exp_avg_sq": self.exp_avg_sq.clone(),
+            "steps": self.steps.clone(),
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:

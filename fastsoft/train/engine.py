@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -46,20 +46,42 @@ class Engine:
     one raised inside the step (``KeyboardInterrupt`` checkpoints, ``torch.OutOfMemoryError`` lowers the budget).
     """
 
-    def __init__(self, loaded, config: CompressConfig, out_dir: str | Path, cache_dir: str | Path | None = None,
-                 overwrite: bool = False, progress: bool = True, resume: bool = False, checkpoint_every: int = 10,
-                 rebuild_cache: bool = False, dist: Dist | None = None, on_step: Callable[[list[JobRun]], None] | None = None):
+    def __init__(
+        self,
+        loaded,
+        config: CompressConfig,
+        out_dir: str | Path,
+        cache_dir: str | Path | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        resume: bool = False,
+        checkpoint_every: int = 10,
+        rebuild_cache: bool = False,
+        dist: Dist | None = None,
+        on_step: Callable[[list[JobRun]], None] | None = None,
+    ):
         config.validate()
         self.dist = dist or Dist()
         self.loaded, self.config, self.out = loaded, config, RunFolder(out_dir)
-        self.overwrite, self.progress, self.resume, self.checkpoint_every, self.on_step = overwrite, progress, resume, checkpoint_every, on_step
+        self.overwrite, self.progress, self.resume, self.checkpoint_every, self.on_step = (
+            overwrite,
+            progress,
+            resume,
+            checkpoint_every,
+            on_step,
+        )
         self.out.root.mkdir(parents=True, exist_ok=True)
         self.template = make_template(loaded.tokenizer, config.placement, config.template)
         self.objective = parse_objective(config.objective)
         self.spec = CacheSpec(config.teacher, config.top_k, config.samples, config.temperature, config.cache_dtype)
         answers = "greedy" if "answer" in self.objective else "given-else-greedy"
-        fingerprint = {"model": loaded.fingerprint, "vocab_size": loaded.vocab_size, "template": self.template.fingerprint, "kind": self.spec.kind,
-                       "params": {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens}}
+        fingerprint = {
+            "model": loaded.fingerprint,
+            "vocab_size": loaded.vocab_size,
+            "template": self.template.fingerprint,
+            "kind": self.spec.kind,
+            "params": {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens},
+        }
         cache_root = Path(cache_dir or self.out.root / "cache")
         if self.dist.active:  # each rank owns its shards and index: no two writers on one file
             cache_root = cache_root / f"rank{self.dist.rank}"
@@ -85,15 +107,24 @@ class Engine:
             if "supervised" in self.objective and job.answers is None:
                 raise FastsoftError(f"job {job.id!r} has no answers, which the supervised objective needs")
             if self.out.is_finished(job.id) and not self.overwrite and not self.resume:
-                raise FastsoftError(f"{self.out.job(job.id)} already holds a finished job {job.id!r}; pass --overwrite or choose another --out")
+                raise FastsoftError(
+                    f"{self.out.job(job.id)} already holds a finished job {job.id!r}; pass --overwrite or choose another --out"
+                )
 
     def _admit(self, runs: list[JobRun]) -> list[JobRun]:
         """Teach the admitted runs (and, ahead of time, as many waiting ones) in one continuous batch, then put each
         admitted run's initial prompt in its slot. Returns the admitted runs that failed."""
         cfg = self.config
         ahead = list(self.scheduler.waiting)[: len(runs)]
-        errors = teach_into_cache(self.loaded, self.template, self.cache, self.spec, [(r.job, r.seed) for r in runs + ahead],
-                                  max_new_tokens=cfg.max_new_tokens, use_answers="answer" not in self.objective)
+        errors = teach_into_cache(
+            self.loaded,
+            self.template,
+            self.cache,
+            self.spec,
+            [(r.job, r.seed) for r in runs + ahead],
+            max_new_tokens=cfg.max_new_tokens,
+            use_answers="answer" not in self.objective,
+        )
         failed = []
         for run in runs:
             job = run.job
@@ -103,8 +134,12 @@ class Engine:
                 run.teacher = self.cache.get(job.id)
                 context_length = len(run.teacher.context_ids)
                 if cfg.prompt_length > context_length:
-                    raise FastsoftError(f"prompt length {cfg.prompt_length} is larger than the context of job {job.id!r} ({context_length} tokens)")
-                prompt = init_prompt(self.loaded, run.teacher.context_ids, cfg.prompt_length, cfg.init, run.generator, cfg.init_text)
+                    raise FastsoftError(
+                        f"prompt length {cfg.prompt_length} is larger than the context of job {job.id!r} ({context_length} tokens)"
+                    )
+                prompt = init_prompt(
+                    self.loaded, run.teacher.context_ids, cfg.prompt_length, cfg.init, run.generator, cfg.init_text
+                )
                 self.bank.assign(run.slot, prompt)
                 run.state = State.TRAINING
             except FastsoftError as error:
@@ -119,13 +154,31 @@ class Engine:
             self.scheduler.retire(run, State.DONE)
             return
         prompt = self.bank.get(run.slot)
-        metrics = evaluate(self.loaded, prompt, run.teacher.eval, len(run.teacher.context_ids), 1.0, self.config.max_new_tokens)
-        run.report = {"job_id": run.job.id, **metrics, "steps": run.step, "stop_reason": reason, "seconds": run.seconds,
-                      "final_loss": run.losses[-1] if run.losses else None, "context_tokens": len(run.teacher.context_ids),
-                      "prompt_length": self.config.prompt_length, "objective": self.objective, "teacher": self.spec.kind,
-                      "losses": run.losses}
-        self.out.write_done(run.job.id, prompt, run.report, model_path=self.loaded.path, model_fingerprint=self.loaded.fingerprint,
-                            template=self.template, extra={"job_id": run.job.id, "config": self.config.to_dict()})
+        metrics = evaluate(
+            self.loaded, prompt, run.teacher.eval, len(run.teacher.context_ids), 1.0, self.config.max_new_tokens
+        )
+        run.report = {
+            "job_id": run.job.id,
+            **metrics,
+            "steps": run.step,
+            "stop_reason": reason,
+            "seconds": run.seconds,
+            "final_loss": run.losses[-1] if run.losses else None,
+            "context_tokens": len(run.teacher.context_ids),
+            "prompt_length": self.config.prompt_length,
+            "objective": self.objective,
+            "teacher": self.spec.kind,
+            "losses": run.losses,
+        }
+        self.out.write_done(
+            run.job.id,
+            prompt,
+            run.report,
+            model_path=self.loaded.path,
+            model_fingerprint=self.loaded.fingerprint,
+            template=self.template,
+            extra={"job_id": run.job.id, "config": self.config.to_dict()},
+        )
         self.scheduler.retire(run, State.DONE)
 
     def _fail(self, run: JobRun, error: Exception) -> None:
@@ -136,7 +189,10 @@ class Engine:
     # -- one training step ----------------------------------------------------------------------
 
     def _segments(self, run: JobRun, queries: list[int]) -> list[Segment]:
-        return [Segment(run.slot, run.teacher.train[q].before, run.teacher.train[q].after, run.teacher.train[q].answer) for q in queries]
+        return [
+            Segment(run.slot, run.teacher.train[q].before, run.teacher.train[q].after, run.teacher.train[q].answer)
+            for q in queries
+        ]
 
     def _share(self, queries: list[int]) -> list[int]:
         """This rank's part of a minibatch (all of it unless jobs are split across ranks)."""
@@ -168,8 +224,17 @@ class Engine:
         sums = torch.zeros(len(chosen), device=self.loaded.device)  # per-job summed token losses on this rank
         if segments:
             teacher = type(parts[0]).concat(parts) if "kl" in self.objective else None
-            sums = job_loss_sums(self.loaded, self.bank.prompts, segments, job_of_segment, len(chosen), teacher, self.objective,
-                                 temperature=cfg.temperature, backend=cfg.backend)
+            sums = job_loss_sums(
+                self.loaded,
+                self.bank.prompts,
+                segments,
+                job_of_segment,
+                len(chosen),
+                teacher,
+                self.objective,
+                temperature=cfg.temperature,
+                backend=cfg.backend,
+            )
             # each slot's gradient comes from its own job's mean loss only (normalised by the job's global count)
             (sums / counts.clamp_min(1)).sum().backward()
             self.tokens_trained += sum(s.length(P) for s in segments)
@@ -197,10 +262,14 @@ class Engine:
                     torch.cuda.empty_cache()
                 budget = self.scheduler.token_budget
                 if budget <= 1:
-                    raise FastsoftError("out of device memory even for a single job's minibatch; lower --batch-queries") from None
+                    raise FastsoftError(
+                        "out of device memory even for a single job's minibatch; lower --batch-queries"
+                    ) from None
                 self.scheduler.token_budget = max(1, budget // 2)
                 self.oom_retries += 1
-                RunProgress.note(f"out of memory in a step; token budget lowered from {budget} to {self.scheduler.token_budget}, retrying")
+                RunProgress.note(
+                    f"out of memory in a step; token budget lowered from {budget} to {self.scheduler.token_budget}, retrying"
+                )
 
     def _stop_reason(self, run: JobRun) -> str | None:
         cfg = self.config
@@ -217,13 +286,24 @@ class Engine:
 
     def _checkpoint(self) -> None:
         s = self.scheduler
-        save_checkpoint(self.out.root, {
-            "jobs_digest": self.jobs_hash, "config": self.config.to_dict(), "bank": self.bank.state_dict(),
-            "waiting": [r.job.id for r in s.waiting], "running": {r.job.id: r.state_dict() for r in s.running},
-            "finished": {r.job.id: r.outcome_dict(self._writes_reports and r.state is State.DONE) for r in s.finished},
-            "token_budget": s.token_budget,
-            "tokens_trained": self.tokens_trained, "loop_steps": self.loop_steps, "torch_rng": torch.get_rng_state(),
-        }, self.dist.suffix(CHECKPOINT))
+        save_checkpoint(
+            self.out.root,
+            {
+                "jobs_digest": self.jobs_hash,
+                "config": self.config.to_dict(),
+                "bank": self.bank.state_dict(),
+                "waiting": [r.job.id for r in s.waiting],
+                "running": {r.job.id: r.state_dict() for r in s.running},
+                "finished": {
+                    r.job.id: r.outcome_dict(self._writes_reports and r.state is State.DONE) for r in s.finished
+                },
+                "token_budget": s.token_budget,
+                "tokens_trained": self.tokens_trained,
+                "loop_steps": self.loop_steps,
+                "torch_rng": torch.get_rng_state(),
+            },
+            self.dist.suffix(CHECKPOINT),
+        )
 
     def _restore(self, runs: dict[str, JobRun]) -> None:
         """Continue a checkpointed run: slots, optimizer state, queues and every job's progress."""
@@ -257,7 +337,9 @@ class Engine:
         self._check_jobs(jobs)
         cfg = self.config
         self.jobs_hash = jobs_digest(jobs)
-        runs = {job.id: JobRun(job.with_eval_split(cfg.eval_fraction, cfg.seed), job_seed(cfg.seed, job.id)) for job in jobs}
+        runs = {
+            job.id: JobRun(job.with_eval_split(cfg.eval_fraction, cfg.seed), job_seed(cfg.seed, job.id)) for job in jobs
+        }
         if self.resume:
             self._restore(runs)
         else:
@@ -285,8 +367,11 @@ class Engine:
                 self.loop_steps += 1
                 if self.loop_steps % self.checkpoint_every == 0:
                     self._checkpoint()
-                progress.after_step(self.scheduler.counts(), self.tokens_trained - trained_before,
-                                    {r.job.id: r.losses[-1] for r in self.scheduler.running if r.losses})
+                progress.after_step(
+                    self.scheduler.counts(),
+                    self.tokens_trained - trained_before,
+                    {r.job.id: r.losses[-1] for r in self.scheduler.running if r.losses},
+                )
             self._checkpoint()
         except KeyboardInterrupt:
             self._checkpoint()

@@ -25,7 +25,9 @@ def parse_objective(text: str) -> dict[str, float]:
     for part in text.split(","):
         name, _, weight = part.strip().partition(":")
         if name not in OBJECTIVES:
-            raise FastsoftError(f"unknown objective {name!r}; choose kl, answer or supervised, or a mixture like kl:0.7,answer:0.3")
+            raise FastsoftError(
+                f"unknown objective {name!r}; choose kl, answer or supervised, or a mixture like kl:0.7,answer:0.3"
+            )
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
@@ -40,8 +42,18 @@ def parse_objective(text: str) -> dict[str, float]:
     return weights
 
 
-def job_loss_sums(loaded, prompts: torch.Tensor, segments: list[Segment], job_of_segment: list[int], jobs: int, teacher: Target | None,
-                  objective: dict[str, float], *, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+def job_loss_sums(
+    loaded,
+    prompts: torch.Tensor,
+    segments: list[Segment],
+    job_of_segment: list[int],
+    jobs: int,
+    teacher: Target | None,
+    objective: dict[str, float],
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
     """One packed student step's summed token losses per job, for any objective mixture.
 
     Args:
@@ -70,7 +82,9 @@ def job_loss_sums(loaded, prompts: torch.Tensor, segments: list[Segment], job_of
             target = teacher.to(device)
         else:
             target = SparseTarget.one_hot(torch.tensor([t for s in segments for t in s.answer], device=device))
-        row_loss = row_loss + weight * softmax_kl(hidden, loaded.lm_weight, target, temperature=temperature, reduction="none", backend=backend)
+        row_loss = row_loss + weight * softmax_kl(
+            hidden, loaded.lm_weight, target, temperature=temperature, reduction="none", backend=backend
+        )
     return torch.zeros(jobs, device=device).index_add(0, torch.tensor(row_job, device=device), row_loss)
 
 

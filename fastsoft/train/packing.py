@@ -19,7 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fastsoft.attention import BUCKETS_ATTENTION, VARLEN_ATTENTIONS, attention_implementation, length_buckets, packed_attention
+from fastsoft.attention import (
+    BUCKETS_ATTENTION,
+    VARLEN_ATTENTIONS,
+    attention_implementation,
+    length_buckets,
+    packed_attention,
+)
 
 
 @dataclass
@@ -53,15 +59,25 @@ def pack(segments: list[Segment], prompt_length: int) -> Packed:
         start = len(ids)
         sigma = prompt_length if seg.slot is not None else 0
         ids += seg.before + [0] * sigma + seg.after + seg.answer
-        sigma_rows += [-1] * len(seg.before) + [seg.slot * prompt_length + j for j in range(sigma)] + [-1] * (len(seg.after) + len(seg.answer))
+        sigma_rows += (
+            [-1] * len(seg.before)
+            + [seg.slot * prompt_length + j for j in range(sigma)]
+            + [-1] * (len(seg.after) + len(seg.answer))
+        )
         positions += range(len(ids) - start)
         first = start + len(seg.before) + sigma + len(seg.after) - 1
         scored += range(first, first + len(seg.answer))
         owner += [index] * len(seg.answer)
         bounds.append(len(ids))
     as_long = lambda x: torch.tensor(x, dtype=torch.int64)
-    return Packed(as_long(ids), as_long(sigma_rows), as_long(positions), as_long(scored), as_long(owner),
-                  torch.tensor(bounds, dtype=torch.int32))
+    return Packed(
+        as_long(ids),
+        as_long(sigma_rows),
+        as_long(positions),
+        as_long(scored),
+        as_long(owner),
+        torch.tensor(bounds, dtype=torch.int32),
+    )
 
 
 def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str | None = None) -> torch.Tensor:
@@ -86,5 +102,7 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
     elif attention == BUCKETS_ATTENTION:
         extra = dict(fastsoft_buckets=length_buckets(packed.cu_seq_lens, device))
     with attention_implementation(loaded, attention):
-        hidden = loaded.hidden_states(inputs_embeds=embeds[None], position_ids=packed.position_ids.to(device)[None], **extra)[0]
+        hidden = loaded.hidden_states(
+            inputs_embeds=embeds[None], position_ids=packed.position_ids.to(device)[None], **extra
+        )[0]
     return hidden.index_select(0, packed.scored.to(device))

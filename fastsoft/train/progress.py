@@ -25,7 +25,9 @@ class RunProgress:
         """Redraw once a step: queue counts, trained tokens per second since the start, up to 4 jobs' latest loss."""
         self.bar.set_description("train", refresh=False)
         rate = tokens / max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix(**counts, tok_s=f"{rate:.0f}", loss=" ".join(f"{k}={v:.3f}" for k, v in list(losses.items())[:4]))
+        self.bar.set_postfix(
+            **counts, tok_s=f"{rate:.0f}", loss=" ".join(f"{k}={v:.3f}" for k, v in list(losses.items())[:4])
+        )
 
     def close(self) -> None:
         self.bar.close()

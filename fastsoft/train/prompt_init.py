@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from fastsoft.errors import FastsoftError
 from fastsoft.data.templates import encode
+from fastsoft.errors import FastsoftError
 
 INITS = ("context", "pooled", "vocab", "text", "random")
 
 
-def init_prompt(loaded, context_ids: list[int], length: int, method: str = "context", generator: torch.Generator | None = None,
-                text: str | None = None) -> torch.Tensor:
+def init_prompt(
+    loaded,
+    context_ids: list[int],
+    length: int,
+    method: str = "context",
+    generator: torch.Generator | None = None,
+    text: str | None = None,
+) -> torch.Tensor:
     """An initial soft prompt of ``length`` rows.
 
     - ``context`` (the default): the embeddings of ``length`` of the context's tokens, evenly spaced. Real
@@ -27,7 +33,9 @@ def init_prompt(loaded, context_ids: list[int], length: int, method: str = "cont
     if method == "pooled":
         rows = table[torch.tensor(context_ids, dtype=torch.long)]
         if len(rows) < length:
-            raise FastsoftError(f"prompt length {length} is larger than the context ({len(rows)} tokens); use a shorter prompt")
+            raise FastsoftError(
+                f"prompt length {length} is larger than the context ({len(rows)} tokens); use a shorter prompt"
+            )
         pooled = torch.stack([chunk.mean(0) for chunk in torch.tensor_split(rows, length)])
         return pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12) * table.norm(dim=-1).mean()
     if method == "vocab":

@@ -17,8 +17,8 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -75,8 +75,12 @@ class JobRun:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to continue this job exactly (its teacher comes back from the cache)."""
-        return {"state": self.state.value, **{k: getattr(self, k) for k in self._PROGRESS}, "order": list(self._order),
-                "generator": self.generator.get_state()}
+        return {
+            "state": self.state.value,
+            **{k: getattr(self, k) for k in self._PROGRESS},
+            "order": list(self._order),
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, saved: dict) -> None:
         self.state = State(saved["state"])
@@ -87,11 +91,21 @@ class JobRun:
 
     def outcome_dict(self, report_on_disk: bool) -> dict:
         """A finished job's outcome; its report only when it is not on disk (a split run's other ranks)."""
-        return {"state": self.state.value, "step": self.step, "error": self.error, "report": None if report_on_disk else self.report}
+        return {
+            "state": self.state.value,
+            "step": self.step,
+            "error": self.error,
+            "report": None if report_on_disk else self.report,
+        }
 
     def load_outcome(self, saved: dict, report: Callable[[], dict]) -> None:
         """Restore a finished job; ``report()`` reads its report from disk when the checkpoint does not hold it."""
-        self.state, self.step, self.error, self.report = State(saved["state"]), saved["step"], saved["error"], saved["report"]
+        self.state, self.step, self.error, self.report = (
+            State(saved["state"]),
+            saved["step"],
+            saved["error"],
+            saved["report"],
+        )
         if self.state is State.DONE and self.report is None:
             self.report = report()
 
@@ -156,4 +170,9 @@ class Scheduler:
 
     def counts(self) -> dict[str, int]:
         done = sum(r.state is State.DONE for r in self.finished)
-        return {"waiting": len(self.waiting), "training": len(self.running), "done": done, "failed": len(self.finished) - done}
+        return {
+            "waiting": len(self.waiting),
+            "training": len(self.running),
+            "done": done,
+            "failed": len(self.finished) - done,
+        }

@@ -13,20 +13,48 @@ import torch
 from fastsoft.cli import main
 from fastsoft.io.export import load_prompt
 
-FLAGS = ["--steps", "6", "--prompt-length", "4", "--max-new-tokens", "4", "--lr", "0.05", "--tol", "0", "--batch-queries", "4",
-         "--slots", "2", "--no-progress"]
+FLAGS = [
+    "--steps",
+    "6",
+    "--prompt-length",
+    "4",
+    "--max-new-tokens",
+    "4",
+    "--lr",
+    "0.05",
+    "--tol",
+    "0",
+    "--batch-queries",
+    "4",
+    "--slots",
+    "2",
+    "--no-progress",
+]
 
 
 def write_jobs(path, context, count):
     queries = ["What colour?", "Who is it?", "How many?", "When?", "Where?"]
-    lines = [json.dumps({"id": f"job{i}", "context": context[i:], "queries": queries, "eval_queries": ["Which?"]}) for i in range(count)]
+    lines = [
+        json.dumps({"id": f"job{i}", "context": context[i:], "queries": queries, "eval_queries": ["Which?"]})
+        for i in range(count)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def torchrun(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "fastsoft", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        "-m",
+        "fastsoft",
+        *args,
+    ]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

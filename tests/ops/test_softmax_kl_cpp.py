@@ -14,12 +14,11 @@ import zlib
 
 import pytest
 import torch
-
-from fastsoft.ops import BackendUnavailable, HiddenTarget, SparseTarget, cpp, reference, softmax_kl
 from softmax_kl_cases import KINDS
 from softmax_kl_cases import cast_teacher as cast
 from softmax_kl_cases import make_teacher as _make_teacher
 
+from fastsoft.ops import BackendUnavailable, HiddenTarget, SparseTarget, cpp, reference, softmax_kl
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +55,9 @@ def assert_within_twice_reference(h64, W64, t64, dtype, atol=1e-6, **kw):
         assert torch.isfinite(got).all(), name
         bound = 2 * (theirs - want).abs().max().item() + atol * max(1.0, want.abs().max().item())
         err = (got - want).abs().max().item()
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (reference error {(theirs - want).abs().max().item():.3g})"
+        assert err <= bound, (
+            f"{name}: error {err:.3g} > bound {bound:.3g} (reference error {(theirs - want).abs().max().item():.3g})"
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -172,7 +173,9 @@ def test_ignored_rows_never_leak(kind):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     assert (loss[bad] == 0).all() and (grad[bad] == 0).all()
     keep = [i for i in range(n) if i not in bad]
-    want_loss, want_grad = reference.softmax_kl_rows(h[keep].double(), W.double(), cast(teacher[keep], torch.float64), 1.0, None, True)
+    want_loss, want_grad = reference.softmax_kl_rows(
+        h[keep].double(), W.double(), cast(teacher[keep], torch.float64), 1.0, None, True
+    )
     torch.testing.assert_close(loss[keep].double(), want_loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad[keep].double(), want_grad, rtol=1e-4, atol=1e-5)
 
@@ -182,11 +185,16 @@ def test_ignored_rows_never_leak(kind):
 
 def test_sparse_ids_repeated_in_a_row_match_reference():
     gen = torch.Generator().manual_seed(10)
-    h, W = torch.randn(3, 16, generator=gen, dtype=torch.float64), torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    h, W = (
+        torch.randn(3, 16, generator=gen, dtype=torch.float64),
+        torch.randn(300, 16, generator=gen, dtype=torch.float64),
+    )
     ids = torch.tensor([[5, 9, 5, 299], [0, 0, 0, 0], [7, 8, 9, 10]])
     probs = torch.full((3, 4), 0.2, dtype=torch.float64)
     teacher = SparseTarget(ids, probs, torch.full((3,), 0.2, dtype=torch.float64))
-    for got, want in zip(cpp.softmax_kl_rows(h, W, teacher, 1.3, None, True), reference.softmax_kl_rows(h, W, teacher, 1.3, None, True)):
+    for got, want in zip(
+        cpp.softmax_kl_rows(h, W, teacher, 1.3, None, True), reference.softmax_kl_rows(h, W, teacher, 1.3, None, True)
+    ):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 

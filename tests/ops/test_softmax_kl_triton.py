@@ -20,17 +20,28 @@ import warnings
 
 import pytest
 import torch
+from softmax_kl_cases import KINDS, cast_teacher, make_teacher
 
 from fastsoft.ops import HiddenTarget, SparseTarget, softmax_kl
-from softmax_kl_cases import KINDS, cast_teacher, make_teacher
 
 REDUCTIONS = ["mean", "sum", "none"]
 ATOL = {"float32": 2e-6, "float16": 2e-3}  # relative to max |truth|
 
 
 def _case(name, **kw):
-    base = dict(kind="dense", n=9, v=301, h=37, T=1.0, weighted=False, reduction="mean", dtype="float32", env={},
-                layout="contiguous", scale=3.0)
+    base = dict(
+        kind="dense",
+        n=9,
+        v=301,
+        h=37,
+        T=1.0,
+        weighted=False,
+        reduction="mean",
+        dtype="float32",
+        env={},
+        layout="contiguous",
+        scale=3.0,
+    )
     base.update(kw)
     return name, base
 
@@ -42,25 +53,59 @@ def _cases():
         for j, T in enumerate(temps):
             red = REDUCTIONS[(i + j) % 3]
             weighted = (i + j) % 2 == 0
-            cases.append(_case(f"{kind}-T{T}-{red}-{'weighted' if weighted else 'plain'}-fp32", kind=kind, T=T, reduction=red, weighted=weighted))
+            cases.append(
+                _case(
+                    f"{kind}-T{T}-{red}-{'weighted' if weighted else 'plain'}-fp32",
+                    kind=kind,
+                    T=T,
+                    reduction=red,
+                    weighted=weighted,
+                )
+            )
         cases.append(_case(f"{kind}-fp16-weighted", kind=kind, dtype="float16", weighted=True, T=0.5, reduction="none"))
         cases.append(_case(f"{kind}-unweighted-mean-T1", kind=kind, T=1.0, reduction="mean"))
     # odd sizes, several token chunks, the gradient GEMM split over the vocabulary
     for kind in ("dense", "topk", "hidden"):
-        cases.append(_case(f"{kind}-V1271-H123-chunks-split", kind=kind, n=21, v=1271, h=123, weighted=True, reduction="sum",
-                           env={"FASTSOFT_SOFTMAX_KL_CHUNK_ROWS": "8", "FASTSOFT_SOFTMAX_KL_SPLIT_V": "3"}))
-    cases.append(_case("dense-V1271-H123-fp16-chunks", kind="dense", n=21, v=1271, h=123, dtype="float16", T=2.5,
-                       env={"FASTSOFT_SOFTMAX_KL_CHUNK_ROWS": "16"}))
+        cases.append(
+            _case(
+                f"{kind}-V1271-H123-chunks-split",
+                kind=kind,
+                n=21,
+                v=1271,
+                h=123,
+                weighted=True,
+                reduction="sum",
+                env={"FASTSOFT_SOFTMAX_KL_CHUNK_ROWS": "8", "FASTSOFT_SOFTMAX_KL_SPLIT_V": "3"},
+            )
+        )
+    cases.append(
+        _case(
+            "dense-V1271-H123-fp16-chunks",
+            kind="dense",
+            n=21,
+            v=1271,
+            h=123,
+            dtype="float16",
+            T=2.5,
+            env={"FASTSOFT_SOFTMAX_KL_CHUNK_ROWS": "16"},
+        )
+    )
     cases.append(_case("dense-tiny-V-H", kind="dense", n=5, v=7, h=3, weighted=True, reduction="none"))
     cases.append(_case("topk-K-exceeds-tile", kind="topk-wide", n=6, v=97, h=20, weighted=True))
     for kind in ("dense", "hidden", "topk"):
-        cases.append(_case(f"{kind}-noncontiguous", kind=kind, n=10, v=211, h=29, layout="strided", weighted=True, reduction="sum"))
+        cases.append(
+            _case(
+                f"{kind}-noncontiguous", kind=kind, n=10, v=211, h=29, layout="strided", weighted=True, reduction="sum"
+            )
+        )
     cases.append(_case("dense-sharp-teacher-huge-logits", kind="dense-sharp", n=7, v=257, h=31, scale=60.0, T=0.5))
     cases.append(_case("topk-tiny-tail", kind="topk-tinytail", n=7, v=257, h=31, scale=3.0))
     cases.append(_case("topk-repeated-id", kind="topk-dup", n=7, v=257, h=31, weighted=True))
     for kind in ("dense", "topk", "hidden"):
         cases.append(_case(f"{kind}-empty-batch", kind=kind, n=0, reduction="sum"))
-    cases.append(_case("onehot-filter-eps-zero", kind="onehot", env={"FASTSOFT_SOFTMAX_KL_FILTER_EPS": "0"}, weighted=True))
+    cases.append(
+        _case("onehot-filter-eps-zero", kind="onehot", env={"FASTSOFT_SOFTMAX_KL_FILTER_EPS": "0"}, weighted=True)
+    )
     return dict(cases)
 
 
@@ -70,6 +115,7 @@ CASES = _cases()
 # ------------------------------------------------------------------------------------------------------
 # building one case (fp64 master copies; the kernel gets them cast to the case dtype)
 # ------------------------------------------------------------------------------------------------------
+
 
 def strided(x: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous layout (column-major)."""
@@ -110,8 +156,15 @@ def evaluate(h, W, teacher, tw, grad_out, p, backend, dtype):
         elif isinstance(teacher, HiddenTarget):
             teacher = HiddenTarget(strided(teacher.hidden.to(dtype)))
         hh = strided(h.detach().to(dtype)).requires_grad_()
-    out = softmax_kl(hh, W.to(dtype), cast_teacher(teacher, dtype), temperature=p["T"], token_weight=None if tw is None else tw.to(dtype),
-                     reduction=p["reduction"], backend=backend)
+    out = softmax_kl(
+        hh,
+        W.to(dtype),
+        cast_teacher(teacher, dtype),
+        temperature=p["T"],
+        token_weight=None if tw is None else tw.to(dtype),
+        reduction=p["reduction"],
+        backend=backend,
+    )
     (out.double() * grad_out).sum().backward()
     return out.detach().double(), hh.grad.double()
 
@@ -168,7 +221,9 @@ def interpreted(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"the interpreter worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"the interpreter worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return json.loads(out.read_text())
 
 
@@ -181,7 +236,9 @@ def test_interpreted_kernel_matches_fp64_reference(name, interpreted):
         r = result[what]
         assert r["shape_ok"] and r["finite"], (what, r)
         bound = 2 * r["same_dtype"] + atol * max(1.0, r["scale"])
-        assert r["ours"] <= bound, f"{what}: error {r['ours']:.3e} > bound {bound:.3e} (same-dtype reference {r['same_dtype']:.3e})"
+        assert r["ours"] <= bound, (
+            f"{what}: error {r['ours']:.3e} > bound {bound:.3e} (same-dtype reference {r['same_dtype']:.3e})"
+        )
     if "ignored_rows_zero" in result:
         assert result["ignored_rows_zero"], "rows with token weight 0 must get exactly zero gradient"
 
@@ -189,6 +246,7 @@ def test_interpreted_kernel_matches_fp64_reference(name, interpreted):
 # ------------------------------------------------------------------------------------------------------
 # the Liger-shaped adapter (runs on the reference backend: no Liger, no Triton needed)
 # ------------------------------------------------------------------------------------------------------
+
 
 def _liger_formula(x, W, q, labels, reduction, ignore_index, T):
     """What LigerFusedLinearKLDivLoss computes, written out in fp64 (torch.nn.KLDivLoss semantics)."""
@@ -276,7 +334,9 @@ out = {
                                   DOT_PRECISION="tf32", BN=128, BV=128, BH=64), 8, 3),
     "fwd-sparse-tail": compile_for_sm90(K._softmax_kl_fwd_kernel, dict(TEACHER=2, HAS_TAIL=True, HAS_WEIGHT=True, STORE=True, LOG2K=7,
                                         DOT=1, DOT_PRECISION="tf32", BN=128, BV=128, BH=64), 8, 3),
-    "row-sparse": compile_for_sm90(K._softmax_kl_row_kernel, dict(TEACHER=2, HAS_TAIL=True, HAS_WEIGHT=True, NEED_GRAD=True, BT=1024, BK=64), 4, 1),
+    "row-sparse": compile_for_sm90(
+        K._softmax_kl_row_kernel, dict(TEACHER=2, HAS_TAIL=True, HAS_WEIGHT=True, NEED_GRAD=True, BT=1024, BK=64), 4, 1
+    ),
     "bwd-sparse": compile_for_sm90(K._softmax_kl_bwd_kernel, dict(TEACHER=2, HAS_WEIGHT=True, FILTER=False, LOG2K=7, BV_STATS=128, DOT=1,
                                    DOT_PRECISION="tf32", BN=128, BH=128, BV=64), 8, 3),
 }
@@ -299,7 +359,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert result["bwd-sparse"]["shared"] > 64 * 1024, result
 
 
-@pytest.mark.parametrize("hd,v,liger_mib", [(576, 49152, 194), (896, 151936, 299), (2048, 128256, 510), (4096, 128256, 1034)])
+@pytest.mark.parametrize(
+    "hd,v,liger_mib", [(576, 49152, 194), (896, 151936, 299), (2048, 128256, 510), (4096, 128256, 1034)]
+)
 def test_chunk_budget_keeps_peak_memory_below_liger(hd, v, liger_mib):
     """At N = 8192 bf16 the estimated peak extra memory (dense; sparse K = 64) stays below Liger's measured peak
     (shared/ANCHORS.md). The GPU benchmark measures the real peak."""
@@ -314,7 +376,11 @@ def test_chunk_budget_keeps_peak_memory_below_liger(hd, v, liger_mib):
 
 def test_benchmark_quick_cpu_run_writes_table_json_and_png(tmp_path):
     """``benchmarks/bench_softmax_kl.py --quick``: every CPU provider measured, results written under --out."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_softmax_kl.py")
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "benchmarks",
+        "bench_softmax_kl.py",
+    )
     # cpp left out: on a fresh machine its first use is a JIT build, which is tests/test_softmax_kl_cpp.py's business
     cmd = [sys.executable, script, "--quick", "--out", str(tmp_path), "--providers", "floor", "eager", "reference"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -362,7 +428,15 @@ def test_gpu_bf16_within_twice_naive_bf16_error(hd, v, kind):
 
     def run(dtype, backend):
         x = h.to(dtype).requires_grad_()
-        out = softmax_kl(x, W.to(dtype), cast_teacher(teacher, dtype), temperature=1.5, token_weight=tw, reduction="sum", backend=backend)
+        out = softmax_kl(
+            x,
+            W.to(dtype),
+            cast_teacher(teacher, dtype),
+            temperature=1.5,
+            token_weight=tw,
+            reduction="sum",
+            backend=backend,
+        )
         out.backward()
         return out.double(), x.grad.double()
 
@@ -397,8 +471,14 @@ def test_gpu_fp32_exact_and_noncontiguous():
     torch.backends.cuda.matmul.allow_tf32 = False
     h, W, teacher, tw = _gpu_inputs(576, 4099, "dense", n=300)
     a = softmax_kl(h, W, teacher, token_weight=tw, reduction="none", backend="reference")
-    b = softmax_kl(h.t().contiguous().t(), W.t().contiguous().t(), teacher.t().contiguous().t(), token_weight=tw, reduction="none",
-                   backend="triton")
+    b = softmax_kl(
+        h.t().contiguous().t(),
+        W.t().contiguous().t(),
+        teacher.t().contiguous().t(),
+        token_weight=tw,
+        reduction="none",
+        backend="triton",
+    )
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -430,7 +510,12 @@ def test_gpu_no_host_sync_and_cuda_graph_capture():
 @needs_cuda
 def test_gpu_empty_batch():
     h = torch.zeros(0, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out = softmax_kl(h, torch.randn(100, 64, device="cuda", dtype=torch.bfloat16), torch.zeros(0, 100, device="cuda"), backend="triton")
+    out = softmax_kl(
+        h,
+        torch.randn(100, 64, device="cuda", dtype=torch.bfloat16),
+        torch.zeros(0, 100, device="cuda"),
+        backend="triton",
+    )
     out.backward()
     assert out.item() == 0.0 and h.grad.shape == (0, 64)
 

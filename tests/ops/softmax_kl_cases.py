@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from fastsoft.ops import HiddenTarget, SparseTarget
@@ -9,8 +11,22 @@ from fastsoft.ops import HiddenTarget, SparseTarget
 KINDS = ["dense", "hidden", "topk", "sampled", "onehot"]
 
 
-def make_teacher(kind: str, n: int, v: int, h_dim: int, gen: torch.Generator, dtype=torch.float64, sharp: float = 1.0, k: int = 5,
-                 ids_dtype=torch.long):
+def stable_seed(*parts) -> int:
+    """A seed from test parameters that is the same in every process (``hash()`` of a str is not: PYTHONHASHSEED)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def make_teacher(
+    kind: str,
+    n: int,
+    v: int,
+    h_dim: int,
+    gen: torch.Generator,
+    dtype=torch.float64,
+    sharp: float = 1.0,
+    k: int = 5,
+    ids_dtype=torch.long,
+):
     """A random teacher of ``kind`` for ``n`` rows over a vocabulary of ``v``.
 
     ``sharp`` scales the logits (dense), the hidden states (hidden) or the weights' logits (sparse):
@@ -19,14 +35,20 @@ def make_teacher(kind: str, n: int, v: int, h_dim: int, gen: torch.Generator, dt
     (tail mass 1e-4).
     """
     if kind in ("dense", "dense-sharp"):
-        t = torch.log_softmax((8.0 if kind == "dense-sharp" else sharp) * torch.randn(n, v, generator=gen, dtype=dtype), -1)
+        t = torch.log_softmax(
+            (8.0 if kind == "dense-sharp" else sharp) * torch.randn(n, v, generator=gen, dtype=dtype), -1
+        )
         if kind == "dense-sharp" and n:
             t[0, : v // 2] = float("-inf")  # exact zeros in the teacher
         return t
     if kind == "hidden":
         return HiddenTarget(sharp * torch.randn(n, h_dim, generator=gen, dtype=dtype))
     k = 40 if kind == "topk-wide" else k
-    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]) if n else torch.zeros(0, k, dtype=torch.long)
+    ids = (
+        torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)])
+        if n
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     probs = torch.softmax(sharp * torch.randn(n, k, generator=gen, dtype=dtype), -1)
     if kind == "onehot":
         return SparseTarget.one_hot(ids[:, 0], dtype=dtype)
@@ -41,7 +63,9 @@ def make_teacher(kind: str, n: int, v: int, h_dim: int, gen: torch.Generator, dt
 def cast_teacher(teacher, dtype):
     """The same teacher with its floating-point tensors in ``dtype`` (ids unchanged)."""
     if isinstance(teacher, SparseTarget):
-        return SparseTarget(teacher.ids, teacher.probs.to(dtype), None if teacher.tail is None else teacher.tail.to(dtype))
+        return SparseTarget(
+            teacher.ids, teacher.probs.to(dtype), None if teacher.tail is None else teacher.tail.to(dtype)
+        )
     if isinstance(teacher, HiddenTarget):
         return HiddenTarget(teacher.hidden.to(dtype))
     return teacher.to(dtype)

@@ -13,24 +13,36 @@ import pytest
 import torch
 
 import fastsoft
-from fastsoft.teacher.cache import TeacherCache
-from fastsoft.train.engine import Engine
 from fastsoft.io.checkpoint import read_checkpoint
 from fastsoft.io.export import load_prompt
 from fastsoft.models import load_model
+from fastsoft.teacher.cache import TeacherCache
+from fastsoft.train.engine import Engine
 
 FAST = dict(steps=10, prompt_length=4, max_new_tokens=4, lr=0.05, tol=0.0, batch_queries=3, slots=2, progress=False)
 
 
 def jobs(context: str) -> list[fastsoft.Job]:
     words = context.split()
-    return [fastsoft.Job(f"job{i}", " ".join(words[i:] + words[:i]), ["What colour?", "Who is it?", "How many?", "When?"],
-                         eval_queries=["Which one?"]) for i in range(3)]
+    return [
+        fastsoft.Job(
+            f"job{i}",
+            " ".join(words[i:] + words[:i]),
+            ["What colour?", "Who is it?", "How many?", "When?"],
+            eval_queries=["Which one?"],
+        )
+        for i in range(3)
+    ]
 
 
 def write_jobs(path: Path, context: str) -> Path:
-    path.write_text("\n".join(json.dumps({"id": j.id, "context": j.context, "queries": j.queries, "eval_queries": j.eval_queries})
-                              for j in jobs(context)) + "\n")
+    path.write_text(
+        "\n".join(
+            json.dumps({"id": j.id, "context": j.context, "queries": j.queries, "eval_queries": j.eval_queries})
+            for j in jobs(context)
+        )
+        + "\n"
+    )
     return path
 
 
@@ -39,9 +51,28 @@ def prompts(out: Path) -> dict[str, torch.Tensor]:
 
 
 def cli_args(jobs_file: Path, model: Path, out: Path) -> list[str]:
-    flags = {"steps": 10, "prompt-length": 4, "max-new-tokens": 4, "lr": 0.05, "tol": 0.0, "batch-queries": 3, "slots": 2}
-    return ["compress", "--jobs", str(jobs_file), "--model", str(model), "--out", str(out), "--no-progress", "--checkpoint-every", "1",
-            *[x for k, v in flags.items() for x in (f"--{k}", str(v))]]
+    flags = {
+        "steps": 10,
+        "prompt-length": 4,
+        "max-new-tokens": 4,
+        "lr": 0.05,
+        "tol": 0.0,
+        "batch-queries": 3,
+        "slots": 2,
+    }
+    return [
+        "compress",
+        "--jobs",
+        str(jobs_file),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--checkpoint-every",
+        "1",
+        *[x for k, v in flags.items() for x in (f"--{k}", str(v))],
+    ]
 
 
 def test_sigkill_several_times_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_job, tmp_path):
@@ -53,7 +84,9 @@ def test_sigkill_several_times_then_resume_matches_an_uninterrupted_run(tiny_mod
     checkpoint = out / "checkpoint.safetensors"
     for attempt in range(12):
         argv = cli_args(jobs_file, tiny_model_dir, out) + (["--resume"] if checkpoint.exists() else [])
-        proc = subprocess.Popen([sys.executable, "-m", "fastsoft", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastsoft", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
         new_checkpoints, deadline = 0, time.time() + 300
         while proc.poll() is None and time.time() < deadline:
@@ -78,7 +111,10 @@ def test_sigkill_several_times_then_resume_matches_an_uninterrupted_run(tiny_mod
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
         report = out / name / "report.json"
         assert report.stat().st_mtime_ns == first_reports.get(name, report.stat().st_mtime_ns)  # never redone
-        assert json.loads(report.read_text())["steps"] == json.loads((tmp_path / "ref" / name / "report.json").read_text())["steps"]
+        assert (
+            json.loads(report.read_text())["steps"]
+            == json.loads((tmp_path / "ref" / name / "report.json").read_text())["steps"]
+        )
 
 
 def test_ctrl_c_checkpoints_and_resume_finishes_identically(tiny, tiny_job, tmp_path):
@@ -91,7 +127,9 @@ def test_ctrl_c_checkpoints_and_resume_finishes_identically(tiny, tiny_job, tmp_
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, on_step=interrupted, **FAST)
+        fastsoft.compress(
+            jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, on_step=interrupted, **FAST
+        )
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
     resumed = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", resume=True, **FAST)
     assert [r["losses"] for r in resumed] == [r["losses"] for r in reference]
@@ -118,14 +156,18 @@ def test_out_of_memory_lowers_the_token_budget_and_keeps_results(tiny, tiny_job,
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    got = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "oom", on_step=oom_once, **{**FAST, "token_budget": 4096})
+    got = fastsoft.compress(
+        jobs(tiny_job.context), tiny, tmp_path / "oom", on_step=oom_once, **{**FAST, "token_budget": 4096}
+    )
     assert "token budget lowered from 4096 to 2048" in capsys.readouterr().err
     assert [r["losses"] for r in got] == [r["losses"] for r in reference]
 
 
 def test_nan_in_one_jobs_cache_leaves_the_others_running(tiny, tiny_job, tmp_path):
     all_jobs = jobs(tiny_job.context)
-    engine = Engine(tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path, progress=False)
+    engine = Engine(
+        tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path, progress=False
+    )
     fastsoft.compress(all_jobs[1:2], tiny, tmp_path / "probe", **FAST)
     shard = TeacherCache(tmp_path / "probe" / "cache", engine.cache.fingerprint, engine.spec.target_type).get("job1")
     shard.targets.logprobs[0, 3] = float("nan")
@@ -152,9 +194,13 @@ def test_a_cache_of_another_vocabulary_is_refused_then_rebuilt(tiny, tiny_model_
     model.save_pretrained(bigger)
     tiny.tokenizer.save_pretrained(bigger)
     other = load_model(bigger)
-    with pytest.raises(fastsoft.FastsoftError, match=f"vocabulary of {tiny.vocab_size} tokens, the model has {tiny.vocab_size + 8}"):
+    with pytest.raises(
+        fastsoft.FastsoftError, match=f"vocabulary of {tiny.vocab_size} tokens, the model has {tiny.vocab_size + 8}"
+    ):
         fastsoft.compress(jobs(tiny_job.context)[:1], other, tmp_path / "b", cache=tmp_path / "cache", **FAST)
-    report = fastsoft.compress(jobs(tiny_job.context)[:1], other, tmp_path / "b", cache=tmp_path / "cache", rebuild_cache=True, **FAST)[0]
+    report = fastsoft.compress(
+        jobs(tiny_job.context)[:1], other, tmp_path / "b", cache=tmp_path / "cache", rebuild_cache=True, **FAST
+    )[0]
     assert "error" not in report
 
 
@@ -179,21 +225,33 @@ def test_duplicate_job_ids_are_refused(tiny, tiny_job, tmp_path):
 def test_nan_in_the_models_teacher_outputs_fails_that_job_only(tiny, tiny_job, tmp_path):
     all_jobs = jobs(tiny_job.context)
     clean = fastsoft.compress([all_jobs[0], all_jobs[2]], tiny, tmp_path / "clean", **FAST)
-    others = {t for j in (all_jobs[0], all_jobs[2]) for text in [j.context, *j.queries, *j.eval_queries] for t in tiny.tokenizer.encode(text)}
+    others = {
+        t
+        for j in (all_jobs[0], all_jobs[2])
+        for text in [j.context, *j.queries, *j.eval_queries]
+        for t in tiny.tokenizer.encode(text)
+    }
     all_jobs[1].queries[0] = "What about the quagmire zephyr?"
     bad = next(t for t in tiny.tokenizer.encode(all_jobs[1].queries[0]) if t not in others)
     # the model itself overflows on one token that only job1 contains (as an fp16 model can)
-    hook = tiny.embed.register_forward_hook(lambda module, args, out: out.masked_fill((args[0] == bad)[..., None], float("nan")))
+    hook = tiny.embed.register_forward_hook(
+        lambda module, args, out: out.masked_fill((args[0] == bad)[..., None], float("nan"))
+    )
     try:
         reports = fastsoft.compress(all_jobs, tiny, tmp_path / "poisoned", **FAST)
     finally:
         hook.remove()
     assert "error" not in reports[0] and "error" not in reports[2]
-    assert reports[1]["error"] == "the model's outputs for job 'job1' are NaN or infinite in the teacher pass (try --dtype fp32); nothing was cached for it"
+    assert (
+        reports[1]["error"]
+        == "the model's outputs for job 'job1' are NaN or infinite in the teacher pass (try --dtype fp32); nothing was cached for it"
+    )
     assert "job1" not in json.loads((tmp_path / "poisoned" / "cache" / "index.json").read_text())["jobs"]
     for name, report in (("job0", clean[0]), ("job2", clean[1])):  # sharing teacher batches with job1 changed nothing
         assert reports[int(name[-1])]["losses"] == pytest.approx(report["losses"], rel=1e-4, abs=1e-6)
-        torch.testing.assert_close(prompts(tmp_path / "poisoned")[name], prompts(tmp_path / "clean")[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            prompts(tmp_path / "poisoned")[name], prompts(tmp_path / "clean")[name], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_nan_in_the_models_student_outputs_fails_that_job_only(tiny, tiny_job, tmp_path):
@@ -206,19 +264,29 @@ def test_nan_in_the_models_student_outputs_fails_that_job_only(tiny, tiny_job, t
                 with torch.no_grad():
                     engine.bank.prompts[run.slot] = float("inf")
 
-    engine = Engine(tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path / "poisoned", progress=False,
-                    on_step=overflowing)
+    engine = Engine(
+        tiny,
+        fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}),
+        tmp_path / "poisoned",
+        progress=False,
+        on_step=overflowing,
+    )
     runs = engine.run(all_jobs)
     assert [r.state.value for r in runs] == ["done", "failed", "done"]
     assert runs[1].error == "the loss of job 'job1' became nan at step 3"
     assert json.loads((tmp_path / "poisoned" / "job1" / "error.json").read_text())["error"] == runs[1].error
     for run, report in ((runs[0], clean[0]), (runs[2], clean[1])):  # packed with a NaN job, the others are untouched
         assert run.report["losses"] == pytest.approx(report["losses"], rel=1e-4, abs=1e-6)
-        torch.testing.assert_close(prompts(tmp_path / "poisoned")[run.job.id], prompts(tmp_path / "clean")[run.job.id], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            prompts(tmp_path / "poisoned")[run.job.id], prompts(tmp_path / "clean")[run.job.id], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_checkpoints_grow_with_the_slots_not_with_the_jobs(tiny, tiny_job, tmp_path):
-    many = [fastsoft.Job(f"job{i}", j.context, j.queries, eval_queries=j.eval_queries) for i, j in enumerate(jobs(tiny_job.context) * 4)]
+    many = [
+        fastsoft.Job(f"job{i}", j.context, j.queries, eval_queries=j.eval_queries)
+        for i, j in enumerate(jobs(tiny_job.context) * 4)
+    ]
     sizes = {}
     for count in (3, 12):
         fastsoft.compress(many[:count], tiny, tmp_path / str(count), **FAST)
@@ -226,6 +294,10 @@ def test_checkpoints_grow_with_the_slots_not_with_the_jobs(tiny, tiny_job, tmp_p
         assert not state["running"] and len(state["finished"]) == count
         assert all(saved["report"] is None for saved in state["finished"].values())  # the reports are on disk
         sizes[count] = (tmp_path / str(count) / "checkpoint.safetensors").stat().st_size
-    assert sizes[12] - sizes[3] < 9 * 400, sizes  # a few hundred bytes a finished job (its outcome), no reports or RNG states
-    resumed = fastsoft.compress(many[:12], tiny, tmp_path / "12", resume=True, **FAST)  # nothing left to do: reports come back from disk
+    assert sizes[12] - sizes[3] < 9 * 400, (
+        sizes
+    )  # a few hundred bytes a finished job (its outcome), no reports or RNG states
+    resumed = fastsoft.compress(
+        many[:12], tiny, tmp_path / "12", resume=True, **FAST
+    )  # nothing left to do: reports come back from disk
     assert [r["job_id"] for r in resumed] == [j.id for j in many] and all("kl_soft" in r for r in resumed)
