@@ -18,7 +18,12 @@ if os.environ.get("FASTSOFT_SKIP_EXT") != "1" and os.path.exists("csrc/softmax_k
             CppExtension(
                 "fastsoft._C",
                 ["csrc/softmax_kl.cpp"],
-                extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"],  # as fastsoft/ops/cpp.py
+                extra_compile_args=[
+                    "-O3",
+                    "-fopenmp",
+                    "-fno-trapping-math",
+                    "-fno-math-errno",
+                ],  # as fastsoft/ops/cpp.py
                 extra_link_args=["-fopenmp"],
             )
         ]
@@ -32,14 +37,19 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["fastsoft", "fastsoft.ops", "fastsoft.kernels", "fastsoft.csrc"],
+    packages=[
+        "fastsoft",
+        *(f"fastsoft.{stage}" for stage in ("data", "teacher", "train", "eval", "io", "ops")),
+        "fastsoft.kernels",
+        "fastsoft.csrc",
+    ],
     package_dir={"fastsoft.kernels": "kernels", "fastsoft.csrc": "csrc"},
     package_data={"fastsoft.csrc": ["*.cpp"]},  # the source the just-in-time build compiles
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.57",
+        "transformers>=5.17,<5.25",  # the versions the test suite ran on (5.17: the GPU image's; 5.24)
         "safetensors>=0.4",
         "tqdm",
         "numpy",
@@ -49,7 +59,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "peft>=0.17", "ninja"],
+        "test": ["pytest>=8", "peft>=0.17", "ninja", "ruff>=0.6"],
         "bench": ["peft>=0.17", "matplotlib", "ninja"],
         "gpu": ["liger-kernel", "cut-cross-entropy"],
     },
