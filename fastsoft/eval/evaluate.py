@@ -18,10 +18,12 @@ from fastsoft.train.packing import Segment, pack, scored_hidden
 
 
 @torch.no_grad()
-def _token_kl(
-    loaded, prompt: torch.Tensor | None, queries: list[Taught], temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL(teacher || student) and student argmax ids at every eval answer position."""
+def token_kl(
+    loaded, prompt: torch.Tensor | None, queries: list[Taught], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token KL(teacher || student) ``[N]`` at every answer position of ``queries`` (teacher-forced), with the
+    student's and the teacher's argmax ids ``[N]``. ``prompt [P, H]`` stands in the context's place; None: no context.
+    Memory: ``[N, V]`` fp32 logits (N is a few held-out answers)."""
     slot = None if prompt is None else 0
     length = 0 if prompt is None else prompt.shape[0]
     packed = pack([Segment(slot, q.before, q.after, q.answer) for q in queries], length)
@@ -45,8 +47,8 @@ def evaluate(
     """Metrics of ``prompt [P, H]`` on teacher-answered held-out ``queries`` (with teacher hidden states)."""
     if not queries:
         return {"eval_queries": 0, "compression_ratio": context_length / prompt.shape[0]}
-    kl_soft, student_top1, teacher_top1 = _token_kl(loaded, prompt, queries, temperature)
-    kl_none, _, _ = _token_kl(loaded, None, queries, temperature)
+    kl_soft, student_top1, teacher_top1 = token_kl(loaded, prompt, queries, temperature)
+    kl_none, _, _ = token_kl(loaded, None, queries, temperature)
     soft, none = float(kl_soft.mean()), float(kl_none.mean())
     matches, rouges, samples = [], [], []
     for q in queries:
