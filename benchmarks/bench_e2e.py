@@ -21,56 +21,85 @@ Model (GPU): Llama-3.2-1B-shaped, random init (H 2048, 16 layers, 32 heads / 8 K
 V 128256, tied embeddings), bf16, sdpa for the baselines. Tokens are words of a word-level tokenizer
 (``t<id>``), so lengths are exact.
 
-    python benchmarks/bench_e2e.py                 # GPU, one call (about a minute on an H100)
+    python benchmarks/bench_e2e.py                 # GPU (about 2.5 minutes on an H100, estimated)
     python benchmarks/bench_e2e.py --cpu-small     # tiny random model on CPU, seconds (tests/test_engine.py)
 
-Writes ``benchmarks/results/e2e-<device>.json`` and ``.png`` (loss curves side by side) and prints a table;
-with ``--out DIR`` also there (``--cpu-small --out DIR``: only there).
+Writes ``benchmarks/results/e2e-<device>.json`` (after the teacher section, again after training) and the
+``.png`` (loss curves side by side; without matplotlib: skipped, one line says so), and prints a table;
+with ``--out DIR`` also there (``--cpu-small --out DIR``: only there). A baseline that does not run is
+listed with its reason in the table and in the JSON's ``skipped``.
 
-PEFT on a machine without it (the H100 image may lack it; nothing can be downloaded there): carry its
-wheel. It is pure Python, so it is imported straight from the zip (no install) when found at
-``.whl/peft-*.whl`` (git-ignored: hand it over with the tree, e.g. the device tool's ``carry: [".whl"]``)
-or ``benchmarks/wheels/peft-*.whl``. Fetch it on a networked machine with
-``pip download peft==0.21.2 --no-deps -d .whl``. Its dependencies (accelerate, psutil, huggingface_hub,
-safetensors, pyyaml, packaging, tqdm) come with transformers and accelerate. Without PEFT the baseline
-rows are skipped and the JSON says so.
+GPU time, estimated for an H100 (no GPU run yet): start-up and the model 25 s; teacher forcing 6 calls of
+each of 4 methods, ~15 s; greedy: naive per query 32 × (prefill + 48 cached decode steps at ~15 ms) ≈ 25 s
+after a one-query warm-up, fastsoft ~5 s; training: the fused loss's Triton compile and autotune ~30 s on a
+cold cache, 24 steps each of 1 job, 4 jobs and PEFT ~15 s; about 2.5 minutes in all.
+
+PEFT on a machine without it (nothing can be downloaded on the GPU machine): carry its wheel in ``.whl/``
+(``bash benchmarks/fetch_gpu_wheels.sh --image-packages``; ``benchmarks/gpu_run.sh`` installs what is
+there). Run by hand, a pure-Python ``.whl/peft-*.whl`` or ``benchmarks/wheels/peft-*.whl`` is imported
+straight from the zip. Its dependencies (accelerate, psutil, huggingface_hub, safetensors, pyyaml,
+packaging, tqdm) come with transformers and accelerate.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "benchmarks"):  # fastsoft from the checkout; device.py beside this script
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from device import device_name  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the checkout on sys.path)
+from common import ERRORED, ROOT, skip, sync, timed  # noqa: E402
 
 VARIANTS = {
     "gpu": dict(
-        model=dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                   num_key_value_heads=8, rope_theta=500000.0, initializer_range=0.02),
-        dtype=torch.bfloat16, cache_dtype="bf16",
+        model=dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            rope_theta=500000.0,
+            initializer_range=0.02,
+        ),
+        dtype=torch.bfloat16,
+        cache_dtype="bf16",
         teacher=dict(context=2048, queries=32, query=48, answer=48, greedy_new=48, reps=5),
-        training=dict(sequences=64, shortest=16, longest=512, answer=32, prompt=32, batch=8, epochs=3, jobs=4, context=512, lr=1e-2),
+        training=dict(
+            sequences=64,
+            shortest=16,
+            longest=512,
+            answer=32,
+            prompt=32,
+            batch=8,
+            epochs=3,
+            jobs=4,
+            context=512,
+            lr=1e-2,
+        ),
         targets=dict(teacher=12.0, training=3.0),
     ),
     "cpu-small": dict(
-        model=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, rope_theta=10000.0, initializer_range=0.2),
-        dtype=torch.float32, cache_dtype="fp32",
+        model=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            initializer_range=0.2,
+        ),
+        dtype=torch.float32,
+        cache_dtype="fp32",
         teacher=dict(context=192, queries=8, query=12, answer=12, greedy_new=6, reps=1),
-        training=dict(sequences=12, shortest=8, longest=48, answer=4, prompt=4, batch=4, epochs=3, jobs=2, context=32, lr=5e-2),
+        training=dict(
+            sequences=12, shortest=8, longest=48, answer=4, prompt=4, batch=4, epochs=3, jobs=2, context=32, lr=5e-2
+        ),
         targets=dict(teacher=12.0, training=3.0),
     ),
 }
@@ -80,6 +109,7 @@ EOS, PAD = 1, 2  # ids of the end and padding tokens (0 is unknown); every other
 # ------------------------------------------------------------------------------------------------------
 # model, tokens, timing
 # ------------------------------------------------------------------------------------------------------
+
 
 def make_model(spec: dict, device: torch.device):
     """A random-init Llama of the variant's shape with a word-level tokenizer (the word ``t<id>`` is token id)."""
@@ -93,14 +123,23 @@ def make_model(spec: dict, device: torch.device):
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
-    config = LlamaConfig(**shape, max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=0, eos_token_id=EOS,
-                         pad_token_id=PAD, attn_implementation="sdpa")
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.to(spec["dtype"]).requires_grad_(False).eval()
     model.generation_config.eos_token_id = EOS
-    return LoadedModel(model=model, tokenizer=tokenizer, path="random-init", fingerprint=f"bench-{shape['hidden_size']}")
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, path="random-init", fingerprint=f"bench-{shape['hidden_size']}"
+    )
 
 
 def words(ids) -> str:
@@ -109,24 +148,6 @@ def words(ids) -> str:
 
 def random_ids(generator: torch.Generator, n: int, vocab: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=generator).tolist()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, reps: int) -> tuple[float, object]:
-    """Median seconds of ``reps`` calls after one warm-up call, and the last result."""
-    result = fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def plain_template():
@@ -139,6 +160,7 @@ def plain_template():
 # (a) the teacher
 # ------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def naive_forced(loaded, prompts, answers, batch: int = 1):
     """Each ``context + query + answer`` forward on its own (or in right-padded batches): hidden states at the answer positions."""
@@ -148,7 +170,9 @@ def naive_forced(loaded, prompts, answers, batch: int = 1):
         width = max(map(len, rows))
         ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        hidden = loaded.decoder(input_ids=ids, attention_mask=mask if batch > 1 else None, use_cache=False).last_hidden_state
+        hidden = loaded.decoder(
+            input_ids=ids, attention_mask=mask if batch > 1 else None, use_cache=False
+        ).last_hidden_state
         for i, (p, a) in enumerate(zip(prompts[start : start + batch], answers[start : start + batch])):
             out.append(hidden[i, len(p) - 1 : len(p) + len(a) - 1])
     return out
@@ -167,7 +191,9 @@ def repeated_prefix_cache(loaded, context, queries, answers):
     real = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes], device=device)
     mask = torch.cat([torch.ones(len(suffixes), P, dtype=torch.long, device=device), real], 1)
     positions = P + torch.arange(width, device=device).expand(len(suffixes), width)
-    hidden = loaded.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=rows, use_cache=True).last_hidden_state
+    hidden = loaded.decoder(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=rows, use_cache=True
+    ).last_hidden_state
     return [hidden[i, len(q) - 1 : len(q) + len(a) - 1] for i, (q, a) in enumerate(zip(queries, answers))]
 
 
@@ -183,7 +209,9 @@ def naive_greedy(loaded, prompts, new_tokens: int):
             answer.append(token)
             if token == EOS or i == new_tokens - 1:
                 break
-            step = loaded.decoder(input_ids=torch.tensor([[token]], device=device), past_key_values=step.past_key_values, use_cache=True)
+            step = loaded.decoder(
+                input_ids=torch.tensor([[token]], device=device), past_key_values=step.past_key_values, use_cache=True
+            )
         out.append(answer)
     return out
 
@@ -201,38 +229,68 @@ def bench_teacher(loaded, spec: dict) -> dict:
     request = TeachRequest("bench", words(context), [words(q) for q in queries], [words(a[:-1]) for a in answers])
     rows = []
 
-    def add(method, mode, fn, reps=cfg["reps"]):
-        seconds, result = timed(fn, device, reps)
+    def add(method, mode, fn, reps=cfg["reps"], warmup=None):
+        seconds, result = timed(fn, device, reps, warmup)
         rows.append({"method": method, "mode": mode, "seconds": seconds})
         print(f"  teacher {mode:7s} {method:34s} {seconds * 1e3:10.1f} ms", flush=True)
         return result
 
     naive = add("naive per query", "forced", lambda: naive_forced(loaded, prompts, answers))
     add("naive, batches of 8", "forced", lambda: naive_forced(loaded, prompts, answers, batch=8))
-    add("prefix cache repeated (foundation)", "forced", lambda: repeated_prefix_cache(loaded, context, queries, answers))
-    ours = add("fastsoft shared context", "forced", lambda: teach_jobs(loaded, template, [request], cfg["answer"])["bench"][0])
+    add(
+        "prefix cache repeated (foundation)", "forced", lambda: repeated_prefix_cache(loaded, context, queries, answers)
+    )
+    ours = add(
+        "fastsoft shared context", "forced", lambda: teach_jobs(loaded, template, [request], cfg["answer"])["bench"][0]
+    )
     assert [t.answer for t in ours] == answers and ours[0].after == queries[0]
     diff = max(float((t.hidden - h.float()).abs().max()) for t, h in zip(ours, naive))
 
     new = cfg["greedy_new"]
     greedy_request = TeachRequest("greedy", request.context, request.queries)
-    naive_answers = add("naive per query", "greedy", lambda: naive_greedy(loaded, prompts, new), reps=1)
-    greedy = add("fastsoft shared context", "greedy", lambda: teach_jobs(loaded, template, [greedy_request], new)["greedy"][0], reps=1)
+    naive_answers = add(
+        "naive per query",
+        "greedy",
+        lambda: naive_greedy(loaded, prompts, new),
+        reps=1,
+        warmup=lambda: naive_greedy(loaded, prompts[:1], new),
+    )  # one query warms every kernel of it
+    greedy = add(
+        "fastsoft shared context",
+        "greedy",
+        lambda: teach_jobs(loaded, template, [greedy_request], new)["greedy"][0],
+        reps=1,
+    )
     agree = sum(t.answer == a for t, a in zip(greedy, naive_answers)) / len(greedy)
 
     by = {(r["method"], r["mode"]): r["seconds"] for r in rows}
     for row in rows:
         row["speedup_vs_naive"] = by[("naive per query", row["mode"])] / row["seconds"]
-    bound = cfg["queries"] * (cfg["context"] + cfg["query"] + cfg["answer"]) / (cfg["context"] + cfg["queries"] * (cfg["query"] + cfg["answer"]))
-    return {"context_tokens": cfg["context"], "queries": cfg["queries"], "query_tokens": cfg["query"], "answer_tokens": cfg["answer"],
-            "greedy_new_tokens": new, "rows": rows, "speedup": by[("naive per query", "forced")] / by[("fastsoft shared context", "forced")],
-            "speedup_greedy": by[("naive per query", "greedy")] / by[("fastsoft shared context", "greedy")],
-            "token_ratio_bound": bound, "target": spec["targets"]["teacher"], "max_abs_diff": diff, "greedy_answers_agree": agree}
+    bound = (
+        cfg["queries"]
+        * (cfg["context"] + cfg["query"] + cfg["answer"])
+        / (cfg["context"] + cfg["queries"] * (cfg["query"] + cfg["answer"]))
+    )
+    return {
+        "context_tokens": cfg["context"],
+        "queries": cfg["queries"],
+        "query_tokens": cfg["query"],
+        "answer_tokens": cfg["answer"],
+        "greedy_new_tokens": new,
+        "rows": rows,
+        "speedup": by[("naive per query", "forced")] / by[("fastsoft shared context", "forced")],
+        "speedup_greedy": by[("naive per query", "greedy")] / by[("fastsoft shared context", "greedy")],
+        "token_ratio_bound": bound,
+        "target": spec["targets"]["teacher"],
+        "max_abs_diff": diff,
+        "greedy_answers_agree": agree,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
 # (b) training throughput
 # ------------------------------------------------------------------------------------------------------
+
 
 def training_data(loaded, spec: dict):
     """Sequences (query, answer) and their dense teacher log-probs from the full-context teacher."""
@@ -248,7 +306,9 @@ def training_data(loaded, spec: dict):
     request = TeachRequest("data", words(context), [words(q) for q in queries], [words(a[:-1]) for a in answers])
     taught = teach_jobs(loaded, plain_template(), [request], cfg["answer"])["data"][0]
     hidden = torch.cat([t.hidden for t in taught])
-    logprobs = make_targets(loaded.lm_weight, hidden, CacheSpec("dense", dtype=spec["cache_dtype"]))["logprobs"].to(loaded.device)
+    logprobs = make_targets(loaded.lm_weight, hidden, CacheSpec("dense", dtype=spec["cache_dtype"]))["logprobs"].to(
+        loaded.device
+    )
     offsets = [0]
     for a in answers:
         offsets.append(offsets[-1] + len(a))
@@ -307,31 +367,34 @@ def train_fastsoft(loaded, spec, data, jobs: int, attention: str | None):
         for slot in range(jobs):
             curves[slot].append(losses[slot])
     seconds = sum(times[1:])
-    return {"scored_tokens_per_s": scored / seconds, "real_tokens_per_s": real / seconds, "steps": len(times), "seconds": seconds}, curves
+    return {
+        "scored_tokens_per_s": scored / seconds,
+        "real_tokens_per_s": real / seconds,
+        "steps": len(times),
+        "seconds": seconds,
+    }, curves
 
 
 def load_peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        wheels = sorted([*(ROOT / ".whl").glob("peft-*.whl"), *(ROOT / "benchmarks" / "wheels").glob("peft-*.whl")])
-        if not wheels:
-            return None
-        sys.path.insert(0, str(wheels[-1]))  # pure Python: importable from the zip
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            return None
-    import peft
-
-    return peft
+    """``(peft, None)``, or ``(None, why not)``; a pure-Python wheel in .whl/ or benchmarks/wheels/ is imported from its zip."""
+    peft, why = common.optional_import("peft")
+    if peft is not None:
+        return peft, None
+    wheels = sorted([*(ROOT / ".whl").glob("peft-*.whl"), *(ROOT / "benchmarks" / "wheels").glob("peft-*.whl")])
+    if not wheels:
+        return None, f"{why}; no peft wheel in .whl/ or benchmarks/wheels/"
+    sys.path.insert(0, str(wheels[-1]))  # pure Python: importable from the zip
+    peft, why_zip = common.optional_import("peft")
+    return peft, None if peft is not None else f"{why}; {wheels[-1].name} did not import: {why_zip}"
 
 
 def train_peft(loaded, spec, data, peft):
     """PEFT prompt tuning: padded batches, full logits, eager KL against the same teacher rows, torch Adam."""
     cfg, device = spec["training"], loaded.device
     queries, answers, logprobs, offsets = data
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg["prompt"], prompt_tuning_init="RANDOM")
+    config = peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=cfg["prompt"], prompt_tuning_init="RANDOM"
+    )
     model = peft.get_peft_model(loaded.model, config)
     embedding = model.prompt_encoder["default"].embedding
     with torch.no_grad():
@@ -347,9 +410,13 @@ def train_peft(loaded, spec, data, peft):
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # [B, P + width, V], all of them
         where = [(b, P + len(queries[i]) - 1 + j) for b, i in enumerate(batch) for j in range(len(answers[i]))]
-        picked = logits[torch.tensor([b for b, _ in where], device=device), torch.tensor([t for _, t in where], device=device)]
+        picked = logits[
+            torch.tensor([b for b, _ in where], device=device), torch.tensor([t for _, t in where], device=device)
+        ]
         student = torch.log_softmax(picked.float(), -1)
-        teacher = logprobs[torch.tensor([r for i in batch for r in range(offsets[i], offsets[i + 1])], device=device)].float()
+        teacher = logprobs[
+            torch.tensor([r for i in batch for r in range(offsets[i], offsets[i + 1])], device=device)
+        ].float()
         loss = (teacher.exp() * (teacher - student)).sum(-1).mean()
         loss.backward()
         optimizer.step()
@@ -362,10 +429,16 @@ def train_peft(loaded, spec, data, peft):
             real += sum(map(len, seqs)) + P * len(seqs)
         curve.append(value)
     seconds = sum(times[1:])
-    return {"scored_tokens_per_s": scored / seconds, "real_tokens_per_s": real / seconds, "steps": len(times), "seconds": seconds}, curve
+    return {
+        "scored_tokens_per_s": scored / seconds,
+        "real_tokens_per_s": real / seconds,
+        "steps": len(times),
+        "seconds": seconds,
+    }, curve
 
 
-def bench_training(loaded, spec: dict) -> dict:
+def bench_training(loaded, spec: dict, skipped: list) -> dict:
+    """Training throughput of fastsoft (1 job, then all jobs at once) and of PEFT; a PEFT that does not run goes to ``skipped``."""
     from fastsoft.student import BUCKETS_ATTENTION, packed_attention
 
     cfg, device = spec["training"], loaded.device
@@ -384,98 +457,138 @@ def bench_training(loaded, spec: dict) -> dict:
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
         rows.append({"method": method, **stats, "peak_extra_gib": peak})
         curves[method] = curve
-        print(f"  training {method:28s} {stats['scored_tokens_per_s']:12.0f} scored tok/s {stats['real_tokens_per_s']:12.0f} tok/s", flush=True)
+        print(
+            f"  training {method:28s} {stats['scored_tokens_per_s']:12.0f} scored tok/s {stats['real_tokens_per_s']:12.0f} tok/s",
+            flush=True,
+        )
 
     try:
         measure("fastsoft, 1 job", lambda: (lambda s, c: (s, c[0]))(*train_fastsoft(loaded, spec, data, 1, attention)))
     except Exception as error:  # noqa: BLE001 - a packed-attention backend this machine lacks: say so, fall back
-        notes.append(f"packed attention {attention!r} failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                     f"used {BUCKETS_ATTENTION} (sdpa per length bucket)")
+        notes.append(
+            f"packed attention {attention!r} failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            f"used {BUCKETS_ATTENTION} (sdpa per length bucket)"
+        )
         attention = BUCKETS_ATTENTION
         measure("fastsoft, 1 job", lambda: (lambda s, c: (s, c[0]))(*train_fastsoft(loaded, spec, data, 1, attention)))
     jobs = cfg["jobs"]
-    measure(f"fastsoft, {jobs} jobs in {jobs} slots", lambda: (lambda s, c: (s, c[0]))(*train_fastsoft(loaded, spec, data, jobs, attention)))
-    peft = load_peft()
+    measure(
+        f"fastsoft, {jobs} jobs in {jobs} slots",
+        lambda: (lambda s, c: (s, c[0]))(*train_fastsoft(loaded, spec, data, jobs, attention)),
+    )
+    peft, why = load_peft()
     if peft is None:
-        notes.append("peft is not installed and no wheel was found in .whl/ or benchmarks/wheels/: the PEFT baseline was skipped")
+        skip(skipped, "peft prompt tuning", why)
     else:
-        measure("peft prompt tuning", lambda: train_peft(loaded, spec, data, peft))
+        try:
+            measure("peft prompt tuning", lambda: train_peft(loaded, spec, data, peft))
+        except Exception as error:  # noqa: BLE001 - the baseline's failure is reported, ours are not caught
+            why = f"{ERRORED}: {common.error_text(error)}"
+            skip(skipped, "peft prompt tuning", why)
+            print(f"  training peft prompt tuning: {why}", flush=True)
     by = {r["method"]: r["scored_tokens_per_s"] for r in rows}
     base = by.get("peft prompt tuning")
     for row in rows:
         row["speedup_vs_peft"] = row["scored_tokens_per_s"] / base if base else None
-    return {"sequences": cfg["sequences"], "query_tokens": [cfg["shortest"], cfg["longest"]], "answer_tokens": cfg["answer"],
-            "prompt_length": cfg["prompt"], "batch": cfg["batch"], "epochs": cfg["epochs"], "lr": cfg["lr"], "attention": attention,
-            "peft": getattr(peft, "__version__", None), "rows": rows, "curves": curves,
-            "speedup": by[f"fastsoft, {jobs} jobs in {jobs} slots"] / base if base else None,
-            "speedup_1_job": by["fastsoft, 1 job"] / base if base else None, "target": spec["targets"]["training"], "notes": notes}
+    return {
+        "sequences": cfg["sequences"],
+        "query_tokens": [cfg["shortest"], cfg["longest"]],
+        "answer_tokens": cfg["answer"],
+        "prompt_length": cfg["prompt"],
+        "batch": cfg["batch"],
+        "epochs": cfg["epochs"],
+        "lr": cfg["lr"],
+        "attention": attention,
+        "peft": getattr(peft, "__version__", None),
+        "rows": rows,
+        "curves": curves,
+        "speedup": by[f"fastsoft, {jobs} jobs in {jobs} slots"] / base if base else None,
+        "speedup_1_job": by["fastsoft, 1 job"] / base if base else None,
+        "target": spec["targets"]["training"],
+        "notes": notes,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------------
 
+
 def print_table(result: dict) -> None:
-    t, tr = result["teacher"], result["training"]
-    print(f"\n(a) teacher on {result['device']}: |context| {t['context_tokens']}, {t['queries']} queries of {t['query_tokens']} + "
-          f"{t['answer_tokens']} tokens (bound {t['token_ratio_bound']:.1f}x)")
-    print(f"| mode | method | seconds | vs naive |\n|---|---|---|---|")
-    for row in t["rows"]:
-        print(f"| {row['mode']} | {row['method']} | {row['seconds']:.4f} | {row['speedup_vs_naive']:.1f}x |")
-    print(f"max |hidden diff| vs naive: {t['max_abs_diff']:.2e}; greedy answers agreeing with naive: {t['greedy_answers_agree']:.0%}")
-    print(f"\n(b) training, {tr['sequences']} sequences per job, queries {tr['query_tokens'][0]}-{tr['query_tokens'][1]} tokens, "
-          f"answers {tr['answer_tokens']}, P = {tr['prompt_length']}, attention {tr['attention']}")
-    print("| method | scored tok/s | tok/s | vs PEFT | peak extra GiB |\n|---|---|---|---|---|")
-    for row in tr["rows"]:
-        vs = f"{row['speedup_vs_peft']:.2f}x" if row["speedup_vs_peft"] else "-"
-        peak = f"{row['peak_extra_gib']:.2f}" if row["peak_extra_gib"] is not None else "-"
-        print(f"| {row['method']} | {row['scored_tokens_per_s']:.0f} | {row['real_tokens_per_s']:.0f} | {vs} | {peak} |")
-    for note in tr["notes"]:
-        print("note:", note)
-    speed = f"{t['speedup']:.1f}x (target {t['target']:.0f}x)"
-    train = f"{tr['speedup']:.2f}x (target {tr['target']:.0f}x)" if tr["speedup"] else "unmeasured (no PEFT)"
+    t, tr = result.get("teacher"), result.get("training")
+    if t:
+        print(
+            f"\n(a) teacher on {result['device']}: |context| {t['context_tokens']}, {t['queries']} queries of {t['query_tokens']} + "
+            f"{t['answer_tokens']} tokens (bound {t['token_ratio_bound']:.1f}x)"
+        )
+        print("| mode | method | seconds | vs naive |\n|---|---|---|---|")
+        for row in t["rows"]:
+            print(f"| {row['mode']} | {row['method']} | {row['seconds']:.4f} | {row['speedup_vs_naive']:.1f}x |")
+        print(
+            f"max |hidden diff| vs naive: {t['max_abs_diff']:.2e}; greedy answers agreeing with naive: {t['greedy_answers_agree']:.0%}"
+        )
+    if tr:
+        print(
+            f"\n(b) training, {tr['sequences']} sequences per job, queries {tr['query_tokens'][0]}-{tr['query_tokens'][1]} tokens, "
+            f"answers {tr['answer_tokens']}, P = {tr['prompt_length']}, attention {tr['attention']}"
+        )
+        print("| method | scored tok/s | tok/s | vs PEFT | peak extra GiB |\n|---|---|---|---|---|")
+        for row in tr["rows"]:
+            vs = f"{row['speedup_vs_peft']:.2f}x" if row["speedup_vs_peft"] else "-"
+            peak = f"{row['peak_extra_gib']:.2f}" if row["peak_extra_gib"] is not None else "-"
+            print(
+                f"| {row['method']} | {row['scored_tokens_per_s']:.0f} | {row['real_tokens_per_s']:.0f} | {vs} | {peak} |"
+            )
+        for note in tr["notes"]:
+            print("note:", note)
+    common.print_skipped(result["skipped"])
+    speed = f"{t['speedup']:.1f}x (target {t['target']:.0f}x)" if t else "unmeasured"
+    train = f"{tr['speedup']:.2f}x (target {tr['target']:.0f}x)" if tr and tr["speedup"] else "unmeasured"
     print(f"\nteacher speed-up {speed}; training speed-up vs PEFT {train}")
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t, tr = result["teacher"], result["training"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+def plot(result: dict, plt, path: Path) -> None:
+    t, tr = result["teacher"], result.get("training")
+    fig, axes = plt.subplots(1, 3 if tr else 1, figsize=(16, 4.5) if tr else (6, 4.5), squeeze=False)
+    axes = axes[0]
     labels = [f"{r['method']}\n({r['mode']})" for r in t["rows"]]
     speedups = [r["speedup_vs_naive"] for r in t["rows"]]
     bars = axes[0].barh(labels, speedups, color=["C1" if "fastsoft" in r["method"] else "C0" for r in t["rows"]])
-    axes[0].bar_label(bars, [f"{x:.1f}x ({r['seconds'] * 1e3:.0f} ms)" for x, r in zip(speedups, t["rows"])], fontsize=8, padding=2)
+    axes[0].bar_label(
+        bars, [f"{x:.1f}x ({r['seconds'] * 1e3:.0f} ms)" for x, r in zip(speedups, t["rows"])], fontsize=8, padding=2
+    )
     axes[0].axvline(t["token_ratio_bound"], color="grey", ls=":", lw=1)
     axes[0].set_xlim(0, max(max(speedups), t["token_ratio_bound"]) * 1.45)
     axes[0].set_xlabel("speed-up over the naive per-query forward (dotted: token-ratio bound)")
     axes[0].set_title(f"teacher: |c|={t['context_tokens']}, {t['queries']} queries")
     axes[0].invert_yaxis()
-    for method, curve in tr["curves"].items():
-        axes[1].plot(range(1, len(curve) + 1), curve, label=method, lw=1.5, ls="--" if "peft" in method else "-")
-        row = next(r for r in tr["rows"] if r["method"] == method)
-        seconds = row["seconds"] / max(1, row["steps"] - 1)
-        axes[2].plot([seconds * (i + 1) for i in range(len(curve))], curve, label=method, lw=1.5, ls="--" if "peft" in method else "-")
-    axes[1].set_xlabel("optimizer step")
-    axes[1].set_ylabel("KL (mean over answer tokens)")
-    axes[1].set_title("loss per step (same batches, same init)")
-    axes[2].set_xlabel("seconds")
-    axes[2].set_title("loss against time")
-    for ax in axes[1:]:
-        ax.legend(fontsize=8)
+    if tr:
+        for method, curve in tr["curves"].items():
+            axes[1].plot(range(1, len(curve) + 1), curve, label=method, lw=1.5, ls="--" if "peft" in method else "-")
+            row = next(r for r in tr["rows"] if r["method"] == method)
+            seconds = row["seconds"] / max(1, row["steps"] - 1)
+            axes[2].plot(
+                [seconds * (i + 1) for i in range(len(curve))],
+                curve,
+                label=method,
+                lw=1.5,
+                ls="--" if "peft" in method else "-",
+            )
+        axes[1].set_xlabel("optimizer step")
+        axes[1].set_ylabel("KL (mean over answer tokens)")
+        axes[1].set_title("loss per step (same batches, same init)")
+        axes[2].set_xlabel("seconds")
+        axes[2].set_title("loss against time")
+        for ax in axes[1:]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"fastsoft end to end — {result['device']} ({result['variant']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--cpu-small", action="store_true", help="tiny random model on CPU (seconds)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON and PNG here")
     args = parser.parse_args(argv)
     variant = "cpu-small" if args.cpu_small else "gpu"
     if variant == "gpu" and not torch.cuda.is_available():
@@ -483,25 +596,35 @@ def main(argv=None) -> int:
         return 2
     spec = VARIANTS[variant]
     device = torch.device("cuda" if variant == "gpu" else "cpu")
-    name = device_name(device.type)
-    print(f"fastsoft end to end on {name} ({variant}): teacher against the naive per-query full-context forward, "
-          f"training against PEFT prompt tuning")
-    loaded = make_model(spec, device)
+    name = common.device_name(device.type)
+    print(
+        f"fastsoft end to end on {name} ({variant}): teacher against the naive per-query full-context forward, "
+        f"training against PEFT prompt tuning"
+    )
     import transformers
 
-    result = {"device": name, "variant": variant, "torch": torch.__version__, "transformers": transformers.__version__,
-              "python": platform.python_version(), "command": " ".join(["python benchmarks/bench_e2e.py", *(sys.argv[1:] if argv is None else argv)]),
-              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "model": {**spec["model"], "dtype": str(spec["dtype"]).removeprefix("torch.")},
-              "teacher": bench_teacher(loaded, spec), "training": bench_training(loaded, spec)}
+    skipped = []
+    result = {
+        **common.run_info(name, "bench_e2e.py", argv),
+        "variant": variant,
+        "transformers": transformers.__version__,
+        "model": {**spec["model"], "dtype": str(spec["dtype"]).removeprefix("torch.")},
+        "skipped": skipped,
+    }
+    stem = f"e2e-{common.file_tag(name, 'cpu-small' if args.cpu_small else '')}"
+    dirs = common.out_dirs(args.out, only_out=args.cpu_small)
+
+    def run():
+        loaded = make_model(spec, device)
+        result["teacher"] = bench_teacher(loaded, spec)
+        common.save(result, stem, dirs)  # the teacher's numbers are kept whatever happens to the training part
+        result["training"] = bench_training(loaded, spec, skipped)
+
+    status = common.run_keeping_partial(result, run)
     print_table(result)
-    tag = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() + ("-cpu-small" if args.cpu_small else "")
-    outdirs = ([] if args.cpu_small and args.out else [ROOT / "benchmarks" / "results"]) + ([args.out] if args.out else [])
-    for outdir in outdirs:
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / f"e2e-{tag}.json").write_text(json.dumps(result, indent=1))
-        plot(result, outdir / f"e2e-{tag}.png")
-    print(f"\nwrote {outdirs[0] / f'e2e-{tag}.json'} and .png")
-    return 0
+    print()
+    print(common.save(result, stem, dirs, plot if "teacher" in result else None))
+    return status
 
 
 if __name__ == "__main__":

@@ -3,23 +3,33 @@
 Measured against the 2-GEMM floor: ``z = h W^T`` then ``dz W`` with the vendor GEMM (cuBLAS on GPU),
 the least any fused loss has to do. Each provider runs when it is installed:
 
-- GPU (default): floor, torch eager, torch.compile, Liger ``LigerFusedLinearKLDivLoss`` (bf16 and fp32 q),
-  fastsoft (every backend that runs on CUDA); for hard targets also Apple cut-cross-entropy and Liger's
-  fused linear cross-entropy. N = 8192 at the four (H, V) of shared/ANCHORS.md, dense, sparse (K = 64 +
-  tail) and hard teachers, bf16. Median ms via ``triton.testing.do_bench`` (20 / 80 % quantiles), peak
-  extra CUDA memory over the inputs.
+- GPU (default): floor, torch eager, torch.compile (dense teacher), Liger ``LigerFusedLinearKLDivLoss``
+  (bf16 and fp32 q), fastsoft (every backend that runs on CUDA); for hard targets also Apple
+  cut-cross-entropy and Liger's fused linear cross-entropy. N = 8192 at the four (H, V) of
+  shared/ANCHORS.md (``--shapes small``: the first two, ``--shapes large``: the last two), dense, sparse
+  (K = 64 + tail) and hard teachers, bf16. Median ms via ``triton.testing.do_bench`` (20 / 80 % quantiles;
+  at least ``--reps`` runs and 100 ms of them), peak extra CUDA memory over the inputs. Before measuring,
+  the compile-heavy providers are compiled in parallel subprocesses (Triton's and Inductor's on-disk
+  caches; ``--no-prewarm`` to skip): every measurement still warms up and autotunes in this process.
 - CPU (``--device cpu``): floor (torch matmuls), torch eager, fastsoft reference, fastsoft cpp; fp32;
   small shapes plus the C++ target shape N=2048, H=576, V=49152. Each provider runs in a fresh
   subprocess and its peak extra memory is the rise of the process's peak RSS (VmHWM, reset before
   each measurement; glibc is told to return large blocks to the system so freed memory is not hidden).
 
-Writes ``benchmarks/results/softmax_kl-<device>.json`` and ``.png`` (and a copy under ``--out``), and
-prints a table. ``--quick``: a seconds-long CPU smoke run (one tiny shape, two repetitions); with
-``--out`` it writes only there.
+Every provider that does not run is listed with its reason (not installed, not supported on this
+device, not applicable to the teacher, errored with its message) under the table and in the JSON's
+``skipped``. Writes ``benchmarks/results/softmax_kl-<device>[-small|-large].json`` after every shape and
+teacher (a run stopped part-way keeps what it measured) and the ``.png`` at the end (without matplotlib:
+skipped, one line says so), with copies under ``--out``, and prints a table. ``--quick``: a seconds-long
+CPU smoke run (one tiny shape, two repetitions); with ``--out`` it writes only there.
 
-    python benchmarks/bench_softmax_kl.py                 # GPU, everything
+    python benchmarks/bench_softmax_kl.py --shapes small  # GPU, H 576 and 896 (gpu_run.sh bench-small)
+    python benchmarks/bench_softmax_kl.py                 # GPU, all four shapes
     python benchmarks/bench_softmax_kl.py --device cpu    # CPU
     python benchmarks/bench_softmax_kl.py --device cpu --quick
+
+GPU time, estimated for an H100 (no GPU run yet; benchmarks/gpu_run.sh has the arithmetic): about
+2.5 minutes for ``--shapes small`` with cold compile caches, about 2 for ``--shapes large`` after it.
 """
 
 from __future__ import annotations
@@ -30,45 +40,68 @@ import gc
 import json
 import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "benchmarks"):  # fastsoft from the checkout; device.py beside this script
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the checkout on sys.path)
+from common import ERRORED, NOT_SUPPORTED, ROOT, skip  # noqa: E402
 
-from device import device_name  # noqa: E402
-
-GPU_SHAPES = [(576, 49152), (896, 151936), (2048, 128256), (4096, 128256)]  # (H, V) of ANCHORS.md
+GPU_SHAPES = {"small": [(576, 49152), (896, 151936)], "large": [(2048, 128256), (4096, 128256)]}  # (H, V) of ANCHORS.md
 GPU_TOKENS = 8192
 CPU_SHAPES = [(256, 64, 4096), (512, 256, 32000), (2048, 576, 49152)]  # (N, H, V); the last is the C++ target
 QUICK_SHAPES = [(64, 32, 1001)]
 SPARSE_K = 64
 TEMPERATURE = 1.0
+FLOOR = "floor (2 GEMMs)"
+# Compiled on first use, for minutes in a row on a cold cache: compiled ahead in parallel on the GPU.
+COMPILE_HEAVY = ("fastsoft triton", "torch.compile", "liger", "cut-cross-entropy")
+
+
+def _liger_kl(cls):
+    return cls(reduction="batchmean", temperature=TEMPERATURE)
+
+
+def _liger_flce(cls):
+    loss = cls()
+    return lambda h, W, t: loss(W, h, t)  # Liger's FLCE takes (W, h, targets)
+
+
+# Providers of other libraries: (name, module, attribute, the one teacher it takes, provider from the attribute).
+EXTERNAL = [
+    ("liger (bf16 q)", "liger_kernel.transformers", "LigerFusedLinearKLDivLoss", "dense", _liger_kl),
+    ("liger (fp32 q)", "liger_kernel.transformers", "LigerFusedLinearKLDivLoss", "dense", _liger_kl),
+    ("cut-cross-entropy", "cut_cross_entropy", "linear_cross_entropy", "hard", lambda fn: fn),
+    ("liger FLCE", "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss", "hard", _liger_flce),
+]
+TAKES = {"dense": "a dense [N, V] teacher", "hard": "hard targets (one id a token)"}
 
 
 # ------------------------------------------------------------------------------------------------------
 # inputs and providers
 # ------------------------------------------------------------------------------------------------------
 
+
 def make_inputs(n, hd, v, teacher, dtype, device, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     h = torch.randn(n, hd, device=device, generator=gen, dtype=torch.float32).to(dtype)
     W = (torch.randn(v, hd, device=device, generator=gen, dtype=torch.float32) / math.sqrt(hd) * 2).to(dtype)
-    if teacher == "dense":
-        t = torch.randn(n, v, device=device, generator=gen, dtype=torch.float32)
-        t = torch.log_softmax(t.mul_(2), -1).to(dtype)  # cached dense log-probs in the model dtype
+    if teacher == "dense":  # cached dense log-probs in the model dtype, drawn 1024 rows at a time (no [N, V] fp32 copy)
+        t = torch.empty(n, v, device=device, dtype=dtype)
+        for i in range(0, n, 1024):
+            rows = torch.randn(min(1024, n - i), v, device=device, generator=gen, dtype=torch.float32)
+            t[i : i + 1024] = torch.log_softmax(rows.mul_(2), -1)
     elif teacher == "sparse":
         from fastsoft.ops import SparseTarget
 
-        ids = torch.stack([torch.randperm(v, device=device, generator=gen)[:SPARSE_K] for _ in range(min(n, 1))]).expand(n, -1)
+        ids = torch.stack(
+            [torch.randperm(v, device=device, generator=gen)[:SPARSE_K] for _ in range(min(n, 1))]
+        ).expand(n, -1)
         ids = (ids + torch.arange(n, device=device)[:, None] * 7919) % v  # distinct ids per row, varied rows
         probs = torch.softmax(torch.randn(n, SPARSE_K, device=device, generator=gen), -1) * 0.9
         t = SparseTarget(ids.contiguous(), probs, 1 - probs.sum(-1))
@@ -97,57 +130,55 @@ def eager_loss(h, W, t):
     return _eager_rows(h, W, t).mean()
 
 
-def provider_fns(device: str, teacher: str) -> dict:
-    """name -> fn(h, W, t) returning a scalar to backprop (or None for the floor, which backprops itself)."""
+def provider_fns(device: str, teacher: str, wanted=lambda name: True) -> tuple[dict, dict]:
+    """The providers for ``device`` and ``teacher``: ``{name: fn(h, W, t)}`` and ``{name: why it does not run}``.
+
+    ``fn`` returns a scalar to backprop (the floor returns its second GEMM's output: it does its own work).
+    Providers ``wanted`` rejects are in neither (nothing is imported or built for them).
+    """
     from fastsoft.ops import SparseTarget, softmax_kl
     from fastsoft.ops.softmax_kl import BackendUnavailable, resolve_backend
-
-    fns = {}
 
     def floor(h, W, t):
         z = h.detach() @ W.T
         return z @ W  # dz W with dz the same size and dtype as the logits
 
-    fns["floor (2 GEMMs)"] = floor
-    fns["torch eager"] = eager_loss
-    if device == "cuda" and teacher == "dense":  # compile time is minutes per shape: the dense anchor only
-        fns["torch.compile"] = torch.compile(eager_loss, dynamic=False)
-    for backend in ("triton", "cpp", "reference"):
-        try:
-            resolve_backend(backend, torch.device(device))
-        except BackendUnavailable:
-            continue
-
-        def fast(h, W, t, backend=backend):
+    def fastsoft(backend):
+        def fn(h, W, t):
             if isinstance(t, torch.Tensor) and t.dim() == 1:  # hard targets
                 t = SparseTarget.one_hot(t)
             return softmax_kl(h, W, t, temperature=TEMPERATURE, backend=backend)
 
-        fns[f"fastsoft {backend}"] = fast
-    if device == "cuda" and teacher == "dense":
-        try:
-            from liger_kernel.transformers import LigerFusedLinearKLDivLoss
+        return fn
 
-            liger = LigerFusedLinearKLDivLoss(reduction="batchmean", temperature=TEMPERATURE)
-            fns["liger (bf16 q)"] = lambda h, W, t: liger(h, W, t)
-            fns["liger (fp32 q)"] = lambda h, W, t: liger(h, W, t)
-        except ImportError:
-            pass
-    if device == "cuda" and teacher == "hard":
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-
-            fns["cut-cross-entropy"] = lambda h, W, t: linear_cross_entropy(h, W, t)
-        except ImportError:
-            pass
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            flce = LigerFusedLinearCrossEntropyLoss()
-            fns["liger FLCE"] = lambda h, W, t: flce(W, h, t)
-        except ImportError:
-            pass
-    return fns
+    fns, skipped = {FLOOR: floor, "torch eager": eager_loss}, {}
+    if device != "cuda":
+        skipped["torch.compile"] = "not run on CPU by this benchmark (compile time)"
+    elif teacher != "dense":
+        skipped["torch.compile"] = "run for the dense teacher only (compile time per shape)"
+    else:
+        fns["torch.compile"] = torch.compile(eager_loss, dynamic=False)
+    for backend in ("triton", "cpp", "reference"):
+        if wanted(f"fastsoft {backend}"):
+            try:
+                resolve_backend(backend, torch.device(device))
+                fns[f"fastsoft {backend}"] = fastsoft(backend)
+            except BackendUnavailable as error:
+                skipped[f"fastsoft {backend}"] = f"{NOT_SUPPORTED}: {error}"
+    for name, module, attr, takes, make in EXTERNAL:
+        if not wanted(name):
+            continue
+        if teacher != takes:
+            skipped[name] = f"not applicable: takes {TAKES[takes]} only"
+        elif device != "cuda":
+            skipped[name] = f"{NOT_SUPPORTED}: CUDA (Triton GPU kernels) only"
+        else:
+            obj, why = common.optional_import(module, attr)
+            if obj is None:
+                skipped[name] = why
+            else:
+                fns[name] = make(obj)
+    return {k: f for k, f in fns.items() if wanted(k)}, {k: why for k, why in skipped.items() if wanted(k)}
 
 
 def provider_teacher(name: str, t):
@@ -158,13 +189,8 @@ def provider_teacher(name: str, t):
     return t
 
 
-# ------------------------------------------------------------------------------------------------------
-# GPU measurement (in process)
-# ------------------------------------------------------------------------------------------------------
-
-def bench_gpu(name, fn, h, W, t, reps):
-    import triton
-
+def make_step(name, fn, h, W, t):
+    """One forward + backward of provider ``name``, and the input whose gradient it fills."""
     x = h.detach().requires_grad_()
     tt = provider_teacher(name, t)
 
@@ -174,6 +200,22 @@ def bench_gpu(name, fn, h, W, t, reps):
         if out.requires_grad:
             out.backward()
 
+    return step, x
+
+
+def wanted_by(providers: list[str] | None):
+    return lambda name: not providers or any(p in name for p in providers)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU measurement (in process)
+# ------------------------------------------------------------------------------------------------------
+
+
+def bench_gpu(name, fn, h, W, t, reps):
+    import triton
+
+    step, x = make_step(name, fn, h, W, t)
     step()  # compile / autotune outside the measurement
     torch.cuda.synchronize()
     x.grad = None  # the measured step's peak includes its own input gradient (as Liger's anchor numbers do)
@@ -181,39 +223,97 @@ def bench_gpu(name, fn, h, W, t, reps):
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
     step()
     torch.cuda.synchronize()
+    once_ms = (time.perf_counter() - start) * 1e3
     peak = torch.cuda.max_memory_allocated() - base
-    ms = triton.testing.do_bench(step, rep=max(100, 25 * reps), quantiles=[0.5, 0.2, 0.8], grad_to_none=[x])
-    del tt
+    # at least ``reps`` timed runs, and at least 100 ms of them
+    ms = triton.testing.do_bench(step, rep=max(100.0, reps * once_ms), quantiles=[0.5, 0.2, 0.8], grad_to_none=[x])
     return {"median_ms": ms[0], "q20_ms": ms[1], "q80_ms": ms[2], "peak_extra_mib": peak / 2**20}
 
 
-def run_gpu(args) -> list[dict]:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rows = []
-    for hd, v in args.shapes or GPU_SHAPES:
+def prewarm(args) -> None:
+    """Compile ahead, in parallel: one subprocess per compile-heavy provider and teacher (per shape for
+    torch.compile, which compiles each shape anew) runs one step at every shape, filling Triton's and
+    Inductor's on-disk caches. Serially that is ~40 Triton configs at a few seconds each plus tens of
+    seconds per torch.compile shape. Only caches are shared: this process still warms up and autotunes."""
+    jobs = []
+    for teacher in args.teachers:
+        fns, _ = provider_fns("cuda", teacher, args.wanted)
+        families = dict.fromkeys(name.split(" (")[0] for name in fns if name.startswith(COMPILE_HEAVY))
+        for family in families:
+            groups = [[shape] for shape in args.shapes] if family == "torch.compile" else [args.shapes]
+            for shapes in groups:
+                label = f"{teacher} / {family}" + (f" {shapes[0][0]}x{shapes[0][1]}" if len(groups) > 1 else "")
+                cmd = [sys.executable, __file__, "--warm", "--device", "cuda", "--tokens", str(args.tokens)]
+                cmd += ["--teachers", teacher, "--providers", family, "--shapes", *[f"{hd}x{v}" for hd, v in shapes]]
+                jobs.append((label, cmd))
+    if not jobs:
+        return
+    print(f"compiling ahead: {len(jobs)} subprocesses in parallel (at most {args.prewarm_seconds} s)", flush=True)
+    start, running = time.perf_counter(), []
+    try:
+        for label, cmd in jobs:
+            log = tempfile.TemporaryFile()
+            running.append((label, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log), log))
+        for label, proc, log in running:
+            try:
+                rc = proc.wait(timeout=max(1.0, args.prewarm_seconds - (time.perf_counter() - start)))
+            except subprocess.TimeoutExpired:
+                rc = "stopped at the time limit"
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            note = "" if rc == 0 else f" ({rc}: {lines[-1][:160] if lines else 'no message'})"
+            print(f"  {label}: done after {time.perf_counter() - start:.0f} s{note}", flush=True)
+    finally:
+        for _, proc, log in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def warm(args) -> int:
+    """``--warm``: one step of every wanted provider at every shape and teacher (a ``prewarm`` subprocess)."""
+    for hd, v in args.shapes:
         for teacher in args.teachers:
             h, W, t = make_inputs(args.tokens, hd, v, teacher, torch.bfloat16, "cuda")
-            for name, fn in provider_fns("cuda", teacher).items():
-                if args.providers and not any(p in name for p in args.providers):
-                    continue
+            for name, fn in provider_fns("cuda", teacher, args.wanted)[0].items():
+                make_step(name, fn, h, W, t)[0]()
+            del h, W, t
+            torch.cuda.empty_cache()
+    return 0
+
+
+def run_gpu(args, rows: list, skipped: list, checkpoint) -> None:
+    if args.prewarm:
+        prewarm(args)
+    for hd, v in args.shapes:
+        for teacher in args.teachers:
+            h, W, t = make_inputs(args.tokens, hd, v, teacher, torch.bfloat16, "cuda")
+            fns, why = provider_fns("cuda", teacher, args.wanted)
+            for name, reason in why.items():
+                skip(skipped, name, reason, teacher=teacher)
+            for name, fn in fns.items():
                 row = {"n": args.tokens, "h": hd, "v": v, "teacher": teacher, "provider": name, "dtype": "bfloat16"}
                 try:
                     row.update(bench_gpu(name, fn, h, W, t, args.reps))
                 except Exception as error:  # an out-of-memory eager run must not end the table
-                    row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                    row["error"] = common.error_text(error, 200)
+                    skip(skipped, name, f"{ERRORED}: {row['error']}", teacher=teacher, shape=f"H {hd} V {v}")
                     torch.cuda.empty_cache()
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
             del h, W, t
             torch.cuda.empty_cache()
-    return rows
+            checkpoint()
 
 
 # ------------------------------------------------------------------------------------------------------
 # CPU measurement (a fresh subprocess per provider; peak RSS)
 # ------------------------------------------------------------------------------------------------------
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
@@ -246,21 +346,13 @@ def cpu_worker(provider: str, shapes, teachers, reps: int) -> list[dict]:
     rows = []
     for n, hd, v in shapes:
         for teacher in teachers:
-            fns = provider_fns("cpu", teacher)
+            fns, _ = provider_fns("cpu", teacher, lambda name: name == provider)
             if provider not in fns:
-                continue
-            fn = fns[provider]
+                continue  # the parent lists it as skipped for this teacher
             h, W, t = make_inputs(n, hd, v, teacher, torch.float32, "cpu")
             row = {"n": n, "h": hd, "v": v, "teacher": teacher, "provider": provider, "dtype": "float32"}
             try:
-                x = h.detach().requires_grad_()
-
-                def step():
-                    x.grad = None
-                    out = fn(x, W, t)
-                    if out.requires_grad:
-                        out.backward()
-
+                step, x = make_step(provider, fns[provider], h, W, t)
                 _mmap_threshold(64 * 1024)  # memory: no freed buffer may hide in the heap for the next step
                 step()  # warm-up (JIT build, thread pools)
                 x.grad = None
@@ -271,72 +363,101 @@ def cpu_worker(provider: str, shapes, teachers, reps: int) -> list[dict]:
                 step()
                 peak = _rss_kib("VmHWM:")
                 _mmap_threshold(32 * 2**20)  # timing steps: glibc's usual large-block behaviour
-                times = []
-                for _ in range(reps):
-                    start = time.perf_counter()
-                    step()
-                    times.append((time.perf_counter() - start) * 1e3)
-                times.sort()
-                row.update(median_ms=statistics.median(times), q20_ms=times[int(0.2 * (len(times) - 1))],
-                           q80_ms=times[int(0.8 * (len(times) - 1))], peak_extra_mib=max(0, peak - base) / 1024,
-                           peak_exact=exact)
+                times, _ = common.repeat(step, "cpu", reps)
+                row.update(common.quantiles_ms(times), peak_extra_mib=max(0, peak - base) / 1024, peak_exact=exact)
             except Exception as error:
-                row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                row["error"] = common.error_text(error, 200)
             rows.append(row)
             del h, W, t
             gc.collect()
     return rows
 
 
-def run_cpu(args) -> list[dict]:
+def run_cpu(args, rows: list, skipped: list, checkpoint) -> None:
     shapes = args.shapes or (QUICK_SHAPES if args.quick else CPU_SHAPES)
-    providers = [p for p in ("floor (2 GEMMs)", "torch eager", "fastsoft cpp", "fastsoft reference")
-                 if not args.providers or any(q in p for q in args.providers)]
-    rows = []
+    providers = []
+    for teacher in args.teachers:
+        fns, why = provider_fns("cpu", teacher, args.wanted)
+        for name, reason in why.items():
+            skip(skipped, name, reason, teacher=teacher)
+        providers += [name for name in fns if name not in providers]
     for provider in providers:
-        cmd = [sys.executable, __file__, "--worker", provider, "--device", "cpu", "--reps", str(args.reps),
-               "--teachers", *args.teachers, "--shapes", *[f"{n}x{h}x{v}" for n, h, v in shapes]]
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            provider,
+            "--device",
+            "cpu",
+            "--reps",
+            str(args.reps),
+            "--teachers",
+            *args.teachers,
+            "--shapes",
+            *[f"{n}x{h}x{v}" for n, h, v in shapes],
+        ]
+        env = dict(
+            os.environ,
+            MALLOC_MMAP_THRESHOLD_="65536",
+            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        )
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
             rows.append({"provider": provider, "error": proc.stderr[-500:]})
+            skip(skipped, provider, f"{ERRORED}: its worker exited with status {proc.returncode}: {last[:200]}")
             print(f"{provider}: worker failed\n{proc.stderr[-2000:]}", flush=True)
             continue
         for row in json.loads(proc.stdout.strip().splitlines()[-1]):
             rows.append(row)
+            if "error" in row:
+                shape = f"N {row['n']} H {row['h']} V {row['v']}"
+                skip(skipped, provider, f"{ERRORED}: {row['error']}", teacher=row["teacher"], shape=shape)
             print(_fmt_row(row), flush=True)
-    return rows
+        checkpoint()
 
 
 # ------------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------------
 
+
 def _fmt_row(row) -> str:
     shape = f"N={row.get('n')} H={row.get('h')} V={row.get('v')} {row.get('teacher', '')}"
     if "error" in row:
         return f"  {shape:42s} {row['provider']:22s} error: {row['error'][:120]}"
-    return (f"  {shape:42s} {row['provider']:22s} {row['median_ms']:9.3f} ms  [{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]"
-            f"  peak extra {row['peak_extra_mib']:9.1f} MiB")
+    return (
+        f"  {shape:42s} {row['provider']:22s} {row['median_ms']:9.3f} ms  [{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]"
+        f"  peak extra {row['peak_extra_mib']:9.1f} MiB"
+    )
 
 
 def add_ratios(rows):
-    floors = {(r["n"], r["h"], r["v"], r["teacher"]): r["median_ms"] for r in rows if r.get("provider") == "floor (2 GEMMs)" and "median_ms" in r}
+    floors = {
+        (r["n"], r["h"], r["v"], r["teacher"]): r["median_ms"]
+        for r in rows
+        if r.get("provider") == FLOOR and "median_ms" in r
+    }
     for r in rows:
         key = (r.get("n"), r.get("h"), r.get("v"), r.get("teacher"))
         if key in floors and "median_ms" in r:
             r["x_floor"] = r["median_ms"] / floors[key]
 
 
-def print_table(rows, device_name):
+def print_table(rows, skipped, device_name):
     groups = {}
     for r in rows:
         if "n" in r:
             groups.setdefault((r["teacher"], r["n"], r["h"], r["v"]), []).append(r)
     providers = list(dict.fromkeys(r["provider"] for r in rows if "n" in r))
-    print(f"\nsoftmax_kl fwd+bwd on {device_name}: median ms (x the 2-GEMM floor) / peak extra MiB")
-    header = f"| {'teacher':7s} | {'N, H, V':22s} | " + " | ".join(f"{p:>24s}" for p in providers) + " |"
-    print(header)
+    if not providers:
+        print("\nno provider was measured")
+        common.print_skipped(skipped)
+        return
+    print(
+        f"\nsoftmax_kl fwd+bwd on {device_name}: median ms (x the 2-GEMM floor) / peak extra MiB; '-': did not run (below)"
+    )
+    print(f"| {'teacher':7s} | {'N, H, V':22s} | " + " | ".join(f"{p:>24s}" for p in providers) + " |")
     print("|" + "---|" * (2 + len(providers)))
     for (teacher, n, hd, v), group in groups.items():
         cells = []
@@ -351,19 +472,15 @@ def print_table(rows, device_name):
                 ratio = f" ({r['x_floor']:.2f}x)" if "x_floor" in r else ""
                 cells.append(f"{r['median_ms']:.2f}{ratio} / {r['peak_extra_mib']:.0f}".rjust(24))
         print(f"| {teacher:7s} | {f'{n}, {hd}, {v}':22s} | " + " | ".join(cells) + " |")
+    common.print_skipped(skipped)
 
 
-def plot(rows, path: Path, device_name: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def plot(result, plt, path: Path):
+    rows = result["rows"]
     teachers = list(dict.fromkeys(r["teacher"] for r in rows if "median_ms" in r))
     if not teachers:
-        return None
+        print("no measured rows: nothing to plot")
+        return
     fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4.5), squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
         sub = [r for r in rows if r.get("teacher") == teacher and "median_ms" in r]
@@ -371,7 +488,12 @@ def plot(rows, path: Path, device_name: str):
         providers = list(dict.fromkeys(r["provider"] for r in sub))
         width = 0.8 / max(1, len(providers))
         for i, p in enumerate(providers):
-            ys = [next((r["median_ms"] for r in sub if r["provider"] == p and (r["n"], r["h"], r["v"]) == s), float("nan")) for s in shapes]
+            ys = [
+                next(
+                    (r["median_ms"] for r in sub if r["provider"] == p and (r["n"], r["h"], r["v"]) == s), float("nan")
+                )
+                for s in shapes
+            ]
             ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=p)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
         ax.set_xticklabels([f"N{n}\nH{h} V{v}" for n, h, v in shapes], fontsize=8)
@@ -379,63 +501,90 @@ def plot(rows, path: Path, device_name: str):
         ax.set_ylabel("fwd+bwd median ms (log)")
         ax.set_title(f"{teacher} teacher")
         ax.legend(fontsize=7)
-    fig.suptitle(f"softmax_kl on {device_name} (floor = 2 GEMMs)")
+    fig.suptitle(f"softmax_kl on {result['device']} (floor = 2 GEMMs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv):
+    parser = common.parser(__doc__)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="seconds-long CPU smoke run")
     parser.add_argument("--tokens", type=int, default=GPU_TOKENS, help="N on the GPU")
     parser.add_argument("--teachers", nargs="+", default=None, choices=["dense", "sparse", "hard"])
     parser.add_argument("--providers", nargs="+", default=None, help="substrings of provider names to run")
-    parser.add_argument("--shapes", nargs="+", default=None, help="GPU: HxV; CPU: NxHxV")
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="also copy the JSON and PNG here")
+    parser.add_argument("--shapes", nargs="+", default=None, help="GPU: small, large or HxV; CPU: NxHxV")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs (GPU: at least this many, and 100 ms)")
+    parser.add_argument(
+        "--no-prewarm", dest="prewarm", action="store_false", help="GPU: do not compile ahead in parallel"
+    )
+    parser.add_argument("--prewarm-seconds", type=float, default=150.0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.device = "cpu"
+    args.label = None
     if args.shapes:
-        args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+        named = [s for s in args.shapes if s in GPU_SHAPES]
+        if named and args.device != "cuda":
+            parser.error(f"--shapes {' '.join(named)} names GPU shapes; on the CPU give NxHxV")
+        args.label = "-".join(named) or None
+        args.shapes = [
+            shape for s in args.shapes for shape in (GPU_SHAPES.get(s) or [tuple(int(x) for x in s.split("x"))])
+        ]
+    elif args.device == "cuda":
+        args.shapes = [shape for shapes in GPU_SHAPES.values() for shape in shapes]
     if args.teachers is None:
         args.teachers = ["dense", "sparse"] if args.device == "cpu" else ["dense", "sparse", "hard"]
     if args.reps is None:
         args.reps = 2 if args.quick else (5 if args.device == "cpu" else 20)
+    args.wanted = wanted_by(args.providers)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.worker:
         print(json.dumps(cpu_worker(args.worker, args.shapes, args.teachers, args.reps)))
         return 0
-    if args.quick:
-        args.device = "cpu"
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # here and in the --warm subprocesses (one compile-cache key)
+    if args.warm:
+        return warm(args)
 
-    name = device_name(args.device)
-    print(f"softmax_kl fwd+bwd, measured against the 2-GEMM floor (h W^T then dz W, {'cuBLAS' if args.device == 'cuda' else 'torch CPU matmul'}) on {name}")
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    name = common.device_name(args.device)
+    gemm = "cuBLAS" if args.device == "cuda" else "torch CPU matmul"
+    print(f"softmax_kl fwd+bwd, measured against the 2-GEMM floor (h W^T then dz W, {gemm}) on {name}")
+    load_before = common.load_average()
     if args.device == "cpu" and load_before and load_before[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"note: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other work shares this CPU, timings are inflated")
-    rows = run_gpu(args) if args.device == "cuda" else run_cpu(args)
-    add_ratios(rows)
-    print_table(rows, name)
-
-    import triton
-
-    tag = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-    tag = f"{tag}{'-quick' if args.quick else ''}"
+        print(
+            f"note: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other work shares this CPU, timings are inflated"
+        )
+    rows, skipped = [], []
     result = {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "floor": "2 GEMMs: z = h W^T, then dz W",
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
-        "load_average_before_after": [load_before, os.getloadavg() if hasattr(os, "getloadavg") else None],
+        **common.run_info(name, "bench_softmax_kl.py", argv),
+        "floor": "2 GEMMs: z = h W^T, then dz W",
+        "providers_filter": args.providers,
+        "rows": rows,
+        "skipped": skipped,
     }
-    outdirs = ([] if args.quick and args.out else [ROOT / "benchmarks" / "results"]) + ([args.out] if args.out else [])
-    for outdir in outdirs:
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / f"softmax_kl-{tag}.json").write_text(json.dumps(result, indent=1))
-        plot(rows, outdir / f"softmax_kl-{tag}.png", name)
-    print(f"\nwrote {outdirs[0] / f'softmax_kl-{tag}.json'} and .png")
-    return 0
+    stem = f"softmax_kl-{common.file_tag(name, args.label, 'quick' if args.quick else '')}"
+    dirs = common.out_dirs(args.out, only_out=args.quick)
+
+    def checkpoint():
+        add_ratios(rows)
+        result["load_average_before_after"] = [load_before, common.load_average()]
+        common.save(result, stem, dirs)
+
+    status = common.run_keeping_partial(
+        result, lambda: (run_gpu if args.device == "cuda" else run_cpu)(args, rows, skipped, checkpoint)
+    )
+    checkpoint()
+    print_table(rows, skipped, name)
+    print()
+    print(common.save(result, stem, dirs, plot))
+    return status
 
 
 if __name__ == "__main__":

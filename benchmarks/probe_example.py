@@ -16,9 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT  # noqa: E402  (puts the checkout on sys.path)
 
 import fastsoft  # noqa: E402
 from fastsoft.config import CompressConfig  # noqa: E402
@@ -51,8 +50,15 @@ def main(argv=None) -> int:
             if run.step == 1 or run.step % args.every == 0:
                 kl = float(_token_kl(loaded, engine.bank.get(run.slot), held_out, 1.0)[0].mean())
                 recent = run.losses[-5:]
-                curve.append({"step": run.step, "train_loss_last5": round(sum(recent) / len(recent), 3), "heldout_kl": round(kl, 3),
-                              "gap_closed": round(1 - kl / kl_none, 3), "seconds": round(time.perf_counter() - started)})
+                curve.append(
+                    {
+                        "step": run.step,
+                        "train_loss_last5": round(sum(recent) / len(recent), 3),
+                        "heldout_kl": round(kl, 3),
+                        "gap_closed": round(1 - kl / kl_none, 3),
+                        "seconds": round(time.perf_counter() - started),
+                    }
+                )
                 print(json.dumps({"settings": overrides, **curve[-1]}), flush=True)
         print(json.dumps({"settings": overrides, "kl_none": round(kl_none, 3), "curve": curve}))
     return 0
