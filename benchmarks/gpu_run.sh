@@ -1,72 +1,236 @@
 #!/usr/bin/env bash
-# The one command for a GPU machine (no network; Python 3.12, torch 2.11, triton 3.6), run from the tree:
+# The GPU tests and benchmarks in parts, each short enough for one call of a lent GPU machine (no network;
+# Python 3.12, torch 2.11, triton 3.6, transformers 5.17, no flash-attn), run from the tree: PYTHONPATH=.,
+# nothing installed but the wheels carried in .whl/.
 #
-#     bash benchmarks/gpu_run.sh            # GPU tests, then the full benchmark
-#     bash benchmarks/gpu_run.sh tests      # only the tests (softmax_kl Triton suite, GPU marks included)
-#     bash benchmarks/gpu_run.sh bench      # only the softmax_kl benchmark; BENCH_ARGS="--teachers dense" narrows it
-#     bash benchmarks/gpu_run.sh e2e        # only the end-to-end benchmark (teacher, training vs PEFT)
+#     bash benchmarks/gpu_run.sh PART...   tests | bench-small | bench-large | e2e   (bench = bench-small bench-large;
+#                                          no PART or `all` = tests bench-small e2e bench-large)
 #
-# Each part fits in 10 minutes on an H100. Results go to benchmarks/results/ and to $OUT (default
-# benchmarks/results/gpu-run): pytest log, benchmark table, JSON and PNG, nvidia-smi, versions.
+# A session with a lent GPU (15 min of device time in all, 10 min a call, 1-2 min to start a machine):
+#   here, once:  bash benchmarks/fetch_gpu_wheels.sh        # liger-kernel + cut-cross-entropy into .whl/ (~0.9 MiB)
+#   call 1:      run(command="bash benchmarks/gpu_run.sh tests bench-small", carry=[".whl"], timeout_s=600)
+#   call 2:      run(command="BUDGET_S=<min(570, budget_left_s - 90)> bash benchmarks/gpu_run.sh e2e bench-large",
+#                    carry=[".whl"], timeout_s=600)   # right after call 1: a warm machine keeps the compile caches
+#   then copy the returned files (files_at) into benchmarks/results/ and commit them.
+#
+# Minutes on an H100, ESTIMATED (nothing has run on a GPU yet; the arithmetic is below):
+#   part          estimate   limit (stopped with SIGINT there; what was measured is already on disk)
+#   tests            2.0      5.0
+#   bench-small      2.5      5.0
+#   bench-large      2.0      4.5      (2.5 on a cold machine)
+#   e2e              2.5      4.5
+#   call 1 ~ 0.3 set-up + 2.0 + 2.5 = 5 min; call 2 ~ 0.3 + 2.5 + 2.0 = 5 min; with the machine's start
+#   (~1.5) and the transfers, ~12 of the 15 minutes. No part can pass its limit, and no call can pass
+#   BUDGET_S (default 570 s: a part that would not fit what is left is not started, and says so; run it
+#   in the next call). For the last call, BUDGET_S is what the session has left
+#   (status: budget_left_s) less a margin.
+#
+# How the estimates were made (H100 rates from shared/ANCHORS.md; Triton compile times measured on a CPU here):
+#   Start-up: python + torch + triton + fastsoft imports ~10-15 s a process, CUDA context ~2 s.
+#   Triton: each kernel variant autotunes over 5 forward + 6 backward configs; one config compiles in
+#     ~3 s (the sm_90 compile of 3 such kernels and a small one took 11 s on a loaded 2-core CPU here),
+#     so 11 configs ~35 s a variant.
+#   tests = `pytest tests -m gpu`: 12 bf16 cases (4 shapes x dense/sparse/hidden, N = 512) + fp32, sync,
+#     CUDA-graph, empty-batch and 3 engine tests; variants: weighted bf16 dense/sparse/hidden + fp32 dense,
+#     ~44 configs ~130 s in a row, so 4 pytest processes run at once, split by -k (dense / sparse / hidden /
+#     the rest): ~40 s compiling + ~25 s autotuning (16 keys x 11 configs x 0.15 s) + ~20 s collecting + ~15 s
+#     engine tests: ~2 min.
+#   bench-small = bench_softmax_kl.py --shapes small: (H, V) = (576, 49152), (896, 151936), N = 8192, bf16,
+#     dense / sparse / hard teachers, 17 providers a shape (7 dense, 4 sparse, 6 hard) = 34 measurements of
+#     ~0.4 s (do_bench: at least 20 runs and 100 ms; torch eager ~49 ms a run at V = 151936) ~15 s; compiling
+#     ahead in 8 parallel subprocesses (fastsoft Triton x 3 teachers ~35 s each, torch.compile ~40 s a shape,
+#     Liger, cut-cross-entropy) ~60 s wall instead of ~4 min in a row; autotuning and loading cached
+#     kernels ~25 s; start-up 15 s: ~2 min, 2.5 with margin.
+#   bench-large: (2048, 128256), (4096, 128256): the same count; eager up to 58 ms a run; the Triton kernels
+#     are cached from bench-small (V and H are not compile-time constants), torch.compile compiles the new
+#     shapes (~40 s in parallel): ~2 min.
+#   e2e = bench_e2e.py (Llama-3.2-1B shape, bf16): model 10 s; teacher forcing 6 calls x 4 methods ~15 s
+#     (naive 0.62 s a call); greedy naive 32 queries x (prefill + 48 decode steps at ~15 ms) ~25 s after a
+#     one-query warm-up, fastsoft ~5 s; training: the fused loss's compile ~35 s cold, 3 x 24 steps ~15 s;
+#     start-up 15 s: ~2 min, 2.5 with margin.
+#
+# Elsewhere (a GPU machine of your own, no call limit): BUDGET_S=3600 bash benchmarks/gpu_run.sh. TESTS_ARGS and
+# BENCH_ARGS add arguments to pytest and to bench_softmax_kl.py (e.g. BENCH_ARGS="--teachers dense").
+#
+# Results: benchmarks/results/ and $OUT (the device tool's folder that comes back: at most 8 files, so one
+# log for the whole call, gpu_run.log, plus each benchmark's JSON and PNG). Elapsed seconds per part are
+# printed after each part and in a summary. Exit status: 0 when every part asked for passed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
-OUT=${OUT:-$ROOT/benchmarks/results/gpu-run}
-mkdir -p "$OUT"
-WHAT=${1:-all}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export FASTSOFT_SKIP_EXT=1  # the C++ CPU backend is not what this machine is for
+PYTHON=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-570}
+OUT=${OUT:-}
+LOG_DIR=${OUT:-$ROOT/benchmarks/results}
+mkdir -p "$LOG_DIR" "$ROOT/benchmarks/results"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export FASTSOFT_SKIP_EXT=1  # no C++ CPU backend build: not what this machine is for
+export PIP_ROOT_USER_ACTION=ignore  # the device machine runs commands as root
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-python - <<'EOF' | tee "$OUT/versions.txt"
-import platform, torch
-try:
-    import triton; tv = triton.__version__
-except ImportError:
-    tv = "missing"
-print(f"python {platform.python_version()}  torch {torch.__version__}  triton {tv}  cuda {torch.version.cuda}")
-print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
-for pkg in ("liger_kernel", "cut_cross_entropy", "matplotlib", "pytest"):
+declare -A ESTIMATE_S=([tests]=120 [bench-small]=150 [bench-large]=120 [e2e]=150)
+declare -A LIMIT_S=([tests]=300 [bench-small]=300 [bench-large]=270 [e2e]=270)
+OUT_ARGS=()
+[[ -n $OUT ]] && OUT_ARGS=(--out "$OUT")
+
+parts=()
+for arg in "${@:-all}"; do
+    case $arg in
+        all) parts+=(tests bench-small e2e bench-large) ;;
+        bench) parts+=(bench-small bench-large) ;;
+        tests | bench-small | bench-large | e2e) parts+=("$arg") ;;
+        *) echo "unknown part '$arg': choose from tests, bench-small, bench-large, e2e, bench, all"; exit 2 ;;
+    esac
+done
+
+# -- set-up, once per call ---------------------------------------------------------------------------------------
+
+install_wheels() {  # the wheels carried in .whl/, into /tmp/site (the image's site-packages stay as they are)
+    [[ -n ${WHEELS_DONE:-} ]] && return 0
+    WHEELS_DONE=1
+    shopt -s nullglob
+    local wheels=(.whl/*.whl)
+    shopt -u nullglob
+    if [[ ${#wheels[@]} -eq 0 ]]; then
+        echo "no wheels in .whl/ (Liger and cut-cross-entropy, if not in the image, are listed as not installed)"
+        return 0
+    fi
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"; then
+        export PYTHONPATH="/tmp/site:$PYTHONPATH"
+        echo "installed into /tmp/site: ${wheels[*]#.whl/}"
+    else
+        echo "pip could not install .whl/*.whl into /tmp/site: going on without them (their providers are listed as not installed)"
+    fi
+}
+
+preflight() {  # versions, packages, the GPU, and fastsoft's Triton kernels imported from the tree (no install, no shim)
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    else
+        echo "nvidia-smi: not on PATH"
+    fi
+    "$PYTHON" - <<'EOF'
+import importlib, importlib.metadata, platform, sys
+import torch
+versions = [f"python {platform.python_version()}", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
+for dist in ("triton", "transformers", "liger-kernel", "cut-cross-entropy", "peft", "matplotlib", "pytest"):
     try:
-        __import__(pkg); print(f"{pkg}: installed")
+        module = importlib.import_module(dist.replace("-", "_"))
+        versions.append(f"{dist} {importlib.metadata.version(dist) if not hasattr(module, '__version__') else module.__version__}")
     except ImportError:
-        print(f"{pkg}: not installed (its provider / output is skipped)")
+        versions.append(f"{dist} NOT INSTALLED")
+    except importlib.metadata.PackageNotFoundError:
+        versions.append(f"{dist} (version unknown)")
+print("; ".join(versions))
+if not torch.cuda.is_available():
+    print("error: no CUDA device visible to torch: this script is for a GPU machine", file=sys.stderr)
+    sys.exit(2)
+print("device:", torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+try:
+    import fastsoft.kernels.softmax_kl as k
+except Exception as error:
+    print(f"error: `import fastsoft.kernels.softmax_kl` failed with PYTHONPATH={sys.path[1] if len(sys.path) > 1 else '.'}: "
+          f"{type(error).__name__}: {error}\nThe GPU parts need fastsoft's Triton kernels importable from the tree (no install, "
+          "no shim): without them every fastsoft number here would be a fallback. Nothing was run.", file=sys.stderr)
+    sys.exit(3)
+print("fastsoft.kernels.softmax_kl from", k.__file__)
 EOF
+}
 
-# fastsoft.kernels maps onto kernels/ only through the package install (setup.py package_dir).
-if ! python -c "import fastsoft.kernels.softmax_kl" 2>/dev/null; then
-    pip install --no-deps --no-build-isolation -e . > "$OUT/pip-install.txt" 2>&1 || true
-fi
-if ! python -c "import fastsoft.kernels.softmax_kl" 2>/dev/null; then
-    # no install possible (read-only site-packages, no setuptools): alias it at interpreter start-up
-    SHIM=$(mktemp -d)
-    cat > "$SHIM/sitecustomize.py" <<EOF
-import importlib.util, sys
-_spec = importlib.util.spec_from_file_location("fastsoft.kernels", "$ROOT/kernels/__init__.py",
-                                               submodule_search_locations=["$ROOT/kernels"])
-_mod = importlib.util.module_from_spec(_spec)
-sys.modules["fastsoft.kernels"] = _mod
-_spec.loader.exec_module(_mod)
-EOF
-    export PYTHONPATH="$SHIM:$PYTHONPATH"
-fi
-python -c "import fastsoft.kernels.softmax_kl as k; print('fastsoft.kernels from', k.__file__)" | tee -a "$OUT/versions.txt" || {
-    echo "fastsoft.kernels cannot be imported; see $OUT/pip-install.txt"; exit 1; }
+# -- the parts ---------------------------------------------------------------------------------------------------
 
-status=0
-if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
-    python -m pytest tests/test_softmax_kl_triton.py tests/test_softmax_kl.py tests/test_engine.py -q -rs 2>&1 | tee "$OUT/pytest.txt"
-    status=${PIPESTATUS[0]}
-fi
-if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
-    # shellcheck disable=SC2086
-    python benchmarks/bench_softmax_kl.py --device cuda --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
-    [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
-fi
-if [[ "$WHAT" == all || "$WHAT" == e2e ]]; then
-    # the PEFT baseline needs its wheel on a machine without network: carry .whl (see bench_e2e.py's docstring)
-    python benchmarks/bench_e2e.py --out "$OUT" 2>&1 | tee "$OUT/e2e.txt"
-    [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
-fi
-echo "results in $OUT"
-exit $status
+TEST_WORDS=(dense sparse hidden)  # the -k split of the GPU tests: one pytest per word, one for the rest (compiles overlap)
+
+part_tests() {  # $1: time limit in seconds
+    if ! "$PYTHON" -c "import pytest" 2>/dev/null; then
+        echo "tests: pytest is not installed on this machine: the tests did not run (carry its wheel:"
+        echo "       bash benchmarks/fetch_gpu_wheels.sh --image-packages, then carry .whl)"
+        return 1
+    fi
+    local exprs=() not="" word
+    for word in "${TEST_WORDS[@]}"; do
+        exprs+=("$word${not}")
+        not+=" and not $word"
+    done
+    exprs+=("${not# and }")
+    local pids=() logs=() expr i
+    for expr in "${exprs[@]}"; do
+        logs+=("$(mktemp)")
+        # shellcheck disable=SC2086  # TESTS_ARGS: extra pytest arguments, split on purpose
+        timeout -s INT -k 20 "$1" "$PYTHON" -m pytest tests -m gpu -k "$expr" -q -rs -p no:cacheprovider ${TESTS_ARGS:-} \
+            > "${logs[-1]}" 2>&1 &
+        pids+=($!)
+    done
+    local status=0 collected=0 rc
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}"
+        rc=$?
+        echo "-- pytest tests -m gpu -k '${exprs[$i]}': exit $rc"
+        cat "${logs[$i]}"
+        rm -f "${logs[$i]}"
+        case $rc in
+            0) collected=1 ;;
+            5) ;;  # no test of this group: fine, as long as some group had tests
+            *) collected=1; status=1 ;;
+        esac
+    done
+    if [[ $collected -eq 0 ]]; then
+        echo "tests: no GPU-marked test was collected (pytest -m gpu)"
+        return 1
+    fi
+    return $status
+}
+
+part_bench() {  # $1: time limit, $2: small or large
+    # shellcheck disable=SC2086  # BENCH_ARGS: extra benchmark arguments (e.g. --teachers dense), split on purpose
+    timeout -s INT -k 20 "$1" "$PYTHON" benchmarks/bench_softmax_kl.py --device cuda --shapes "$2" "${OUT_ARGS[@]}" ${BENCH_ARGS:-}
+}
+
+part_e2e() {  # $1: time limit
+    timeout -s INT -k 20 "$1" "$PYTHON" benchmarks/bench_e2e.py "${OUT_ARGS[@]}"
+}
+
+# -- run ---------------------------------------------------------------------------------------------------------
+
+main() {
+    echo "== gpu_run.sh ${parts[*]} at $(date -u +%FT%TZ); call budget ${BUDGET_S} s"
+    install_wheels
+    if ! preflight; then
+        echo "== preflight failed: no part was run"
+        exit 1
+    fi
+
+    local status=0 summary=() part left limit start rc elapsed note
+    for part in "${parts[@]}"; do
+        left=$((BUDGET_S - SECONDS - 15))  # 15 s to stop a part and write its results
+        limit=$((left < LIMIT_S[$part] ? left : LIMIT_S[$part]))
+        if ((limit < ESTIMATE_S[$part] / 2)); then
+            echo "== $part: not started, ${left} s left of this call's budget (estimate ${ESTIMATE_S[$part]} s): run it in another call"
+            summary+=("$part: not started (budget)")
+            status=1
+            continue
+        fi
+        echo "== $part: started (estimate ${ESTIMATE_S[$part]} s, limit ${limit} s)"
+        install_wheels
+        start=$SECONDS
+        case $part in
+            tests) part_tests "$limit" ;;
+            bench-small) part_bench "$limit" small ;;
+            bench-large) part_bench "$limit" large ;;
+            e2e) part_e2e "$limit" ;;
+        esac
+        rc=$?
+        elapsed=$((SECONDS - start))
+        [[ $rc -eq 124 || $rc -eq 130 || $rc -eq 137 ]] && note=" (stopped at its limit; results so far are written)" || note=""
+        echo "== $part: exit $rc after ${elapsed} s${note}"
+        summary+=("$part: exit $rc, ${elapsed} s (estimate ${ESTIMATE_S[$part]} s)${note}")
+        [[ $rc -ne 0 ]] && status=1
+    done
+
+    echo "== summary (${SECONDS} s in all)"
+    printf '   %s\n' "${summary[@]}"
+    echo "results: benchmarks/results/${OUT:+ and $OUT}"
+    return $status
+}
+
+main 2>&1 | tee -a "$LOG_DIR/gpu_run.log"
+exit "${PIPESTATUS[0]}"
