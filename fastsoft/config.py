@@ -1,61 +1,323 @@
-"""Settings of a compression run (one dataclass; the CLI flags map onto it one to one)."""
+"""Settings, checked when they are built: a bad one never reaches the model.
+
+One dataclass per group of flags:
+
+- :class:`CompressConfig`: the settings of a compression run, what ``fastsoft.compress(**config)`` takes; checkpoints
+  and exports store them (:meth:`CompressConfig.to_dict`) and ``--resume`` compares them;
+- :class:`RunOptions`: how a run is driven (checkpoints, resuming, overwriting); its results do not depend on them;
+- :class:`ModelOptions`: which model to load, on which device, in which dtype (flags of both commands);
+- :class:`GenerateOptions`: the other settings of ``fastsoft generate``.
+
+Each field carries its help text and its bounds (:func:`setting`); a field with a fixed set of values has a
+``Literal`` type. The command line builds its flags from these fields (``fastsoft/cli.py``), and building any of the
+classes checks every field, raising :class:`FastsoftError` with one sentence that names the flag.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import difflib
+import functools
+import math
+import re
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from fastsoft.errors import FastsoftError
+
+Teacher = Literal["dense", "topk", "sampled", "hidden"]
+CacheDtype = Literal["bf16", "fp32"]
+Init = Literal["context", "pooled", "vocab", "text", "random"]
+Placement = Literal["template", "first"]
+TemplateKind = Literal["auto", "chat", "plain"]
+Backend = Literal["auto", "triton", "cpp", "reference"]
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+OBJECTIVES = ("kl", "answer", "supervised")
+TEACHERS: tuple[str, ...] = get_args(Teacher)
+CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
+INITS: tuple[str, ...] = get_args(Init)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+TEMPLATES: tuple[str, ...] = get_args(TemplateKind)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+DTYPES: tuple[str, ...] = get_args(Dtype)
+
+
+def setting(
+    default: Any, help: str, *, at_least: float | None = None, above: float | None = None, below: float | None = None
+) -> Any:
+    """A dataclass field with its help text and bounds (``at_least <= value``, ``above < value``, ``value < below``)."""
+    return field(default=default, metadata={"help": help, "at_least": at_least, "above": above, "below": below})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``prompt_length`` -> ``--prompt-length``."""
+    return "--" + name.replace("_", "-")
+
+
+class Setting(NamedTuple):
+    """One field of a settings class, as the command line and the checks see it."""
+
+    name: str
+    flag: str
+    kind: type  # bool, int, float or str (a Literal's values are strings)
+    choices: tuple[str, ...] | None  # the values of a Literal field
+    optional: bool  # None is allowed
+    default: Any
+    help: str
+    at_least: float | None
+    above: float | None
+    below: float | None
+
+
+@functools.cache
+def settings_of(cls: type) -> tuple[Setting, ...]:
+    """The fields of a settings dataclass, with their types resolved."""
+    hints = get_type_hints(cls)
+    result = []
+    for f in fields(cls):
+        kind, optional = hints[f.name], False
+        if get_origin(kind) in (Union, types.UnionType):
+            args = [a for a in get_args(kind) if a is not type(None)]
+            optional, kind = len(args) < len(get_args(kind)), args[0]
+        choices = get_args(kind) if get_origin(kind) is Literal else None
+        meta = f.metadata
+        result.append(
+            Setting(
+                f.name,
+                flag(f.name),
+                str if choices else kind,
+                choices,
+                optional,
+                None if f.default is MISSING else f.default,
+                meta.get("help", ""),
+                meta.get("at_least"),
+                meta.get("above"),
+                meta.get("below"),
+            )
+        )
+    return tuple(result)
+
+
+def _one_of(choices) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+
+
+def _bounds(s: Setting) -> str:
+    if s.at_least is not None and s.below is not None:
+        return f"in [{s.at_least}, {s.below})"
+    if s.above == 0 and s.at_least is None and s.below is None:
+        return "positive"
+    bounds = (
+        f"at least {s.at_least}" if s.at_least is not None else "",
+        f"above {s.above}" if s.above is not None else "",
+        f"below {s.below}" if s.below is not None else "",
+    )
+    return " and ".join(b for b in bounds if b)
+
+
+def check_settings(obj) -> None:
+    """Check every field of a settings dataclass against its type, choices and bounds."""
+    for s in settings_of(type(obj)):
+        value = getattr(obj, s.name)
+        if value is None and s.optional:
+            continue
+        if s.choices is not None:
+            if not isinstance(value, str) or value not in s.choices:
+                raise FastsoftError(f"{s.flag} must be {_one_of(s.choices)}, got {value!r}")
+            continue
+        if s.kind is bool:
+            if not isinstance(value, bool):
+                raise FastsoftError(f"{s.flag} must be True or False, got {value!r}")
+            continue
+        if s.kind is str:
+            if not isinstance(value, str):
+                raise FastsoftError(f"{s.flag} must be a string, got {value!r}")
+            continue
+        if s.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise FastsoftError(f"{s.flag} must be a whole number, got {value!r}")
+        if s.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FastsoftError(f"{s.flag} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise FastsoftError(f"{s.flag} must be a finite number, got {value}")
+        if (
+            (s.at_least is not None and value < s.at_least)
+            or (s.above is not None and not value > s.above)
+            or (s.below is not None and not value < s.below)
+        ):
+            raise FastsoftError(f"{s.flag} must be {_bounds(s)}, got {value}")
+
+
+def parse_objective(text: str) -> dict[str, float]:
+    """``"kl"`` -> ``{"kl": 1.0}``; ``"kl:0.7,answer:0.3"`` -> ``{"kl": 0.7, "answer": 0.3}``.
+
+    Weights must be finite and at least 0, and not all 0. ``answer`` and ``supervised`` score different token
+    sequences, so they cannot be mixed with each other.
+    """
+    if not isinstance(text, str):
+        raise FastsoftError(f"--objective must be a string like kl or kl:0.7,answer:0.3, got {text!r}")
+    weights = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in OBJECTIVES:
+            raise FastsoftError(
+                f"--objective names an unknown objective {name!r}; choose kl, answer or supervised, or a mixture like kl:0.7,answer:0.3"
+            )
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise FastsoftError(f"--objective weight {weight!r} of {name!r} is not a number") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise FastsoftError(f"--objective weight of {name!r} must be a finite number at least 0, got {weight}")
+        if name in weights:
+            raise FastsoftError(f"--objective names {name!r} twice")
+        weights[name] = value
+    if "answer" in weights and "supervised" in weights:
+        raise FastsoftError("--objective cannot mix answer and supervised, which score different answers")
+    if not any(weights.values()):
+        raise FastsoftError(f"--objective weights are all zero in {text!r}")
+    return weights
+
+
+def check_backend(backend: str, device) -> None:
+    """Refuse an explicitly named softmax_kl ``backend`` that cannot run on ``device`` (may build the C++ one)."""
+    if backend in ("auto", "reference"):
+        return
+    import torch
+
+    from fastsoft.ops.softmax_kl import BackendUnavailable, resolve_backend
+
+    try:
+        resolve_backend(backend, torch.device(device))
+    except BackendUnavailable as error:
+        raise FastsoftError(f"--backend {backend} cannot run here: {error}") from None
 
 
 @dataclass
 class CompressConfig:
-    prompt_length: int = 16
-    steps: int = 200  # step budget per job
-    lr: float = 0.1
-    warmup: int = 10
-    batch_queries: int = 4  # training queries of a job per step
-    tol: float = 0.02  # a job converges when its mean loss over the last `patience` steps is below this
-    patience: int = 5
-    objective: str = "kl"
-    teacher: str = "dense"  # cache kind: dense | topk | sampled | hidden
-    top_k: int = 64
-    samples: int = 64
-    cache_dtype: str = "fp32"
-    temperature: float = 1.0
-    init: str = "context"
-    init_text: str | None = None
-    placement: str = "template"
-    template: str = "auto"
-    max_new_tokens: int = 24  # the facts come first; long greedy tails are mostly drift
-    eval_fraction: float = 0.2
-    slots: int = 4
-    token_budget: int = 4096
-    seed: int = 0
-    backend: str = "auto"  # softmax_kl backend
+    """The settings of a compression run; :meth:`to_dict` is what exports and checkpoints store (plain JSON)."""
 
-    def validate(self) -> None:
-        positive = (
-            "prompt_length",
-            "steps",
-            "batch_queries",
-            "max_new_tokens",
-            "slots",
-            "token_budget",
-            "top_k",
-            "samples",
-            "patience",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise FastsoftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise FastsoftError(f"--lr must be positive, got {self.lr}")
-        if not self.temperature > 0:
-            raise FastsoftError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 <= self.eval_fraction < 1:
-            raise FastsoftError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.warmup < 0 or self.tol < 0:
-            raise FastsoftError("--warmup and --tol must not be negative")
+    prompt_length: int = setting(16, "soft prompt length P (virtual tokens)", at_least=1)
+    steps: int = setting(200, "step budget per job", at_least=1)
+    lr: float = setting(0.1, "Adam learning rate", above=0)
+    warmup: int = setting(10, "warmup steps", at_least=0)
+    batch_queries: int = setting(4, "training queries of a job per step", at_least=1)
+    tol: float = setting(
+        0.02, "a job converges when its mean loss over the last --patience steps is below this", at_least=0
+    )
+    patience: int = setting(5, "steps averaged for the convergence test", at_least=1)
+    objective: str = setting("kl", "kl | answer | supervised, or a mixture like kl:0.7,answer:0.3")
+    teacher: Teacher = setting(
+        "dense", "teacher cache kind: dense (exact), topk, sampled or hidden (exact; logits recomputed in the loss)"
+    )
+    top_k: int = setting(64, "ids kept by the topk teacher", at_least=1)
+    samples: int = setting(64, "draws of the sampled teacher", at_least=1)
+    cache_dtype: CacheDtype = setting("fp32", "storage of dense and hidden teacher caches")
+    temperature: float = setting(1.0, "loss temperature", above=0)
+    init: Init = setting(
+        "context",
+        (
+            "initial prompt: context (evenly spaced context tokens), pooled (mean-pooled context chunks), "
+            "vocab (sampled vocabulary rows), text (the tokens of --init-text) or random"
+        ),
+    )
+    init_text: str | None = setting(None, "text for --init text")
+    placement: Placement = setting(
+        "template", "template (σ where the context was) | first (σ at position 0, identical under PEFT)"
+    )
+    template: TemplateKind = setting(
+        "auto", "chat (the model's chat template), plain, or auto (chat when the tokenizer has one)"
+    )
+    # the facts come first; long greedy tails are mostly drift
+    max_new_tokens: int = setting(24, "longest teacher/student answer", at_least=1)
+    eval_fraction: float = setting(0.2, "share of queries held out when no eval queries are given", at_least=0, below=1)
+    slots: int = setting(4, "prompt slots trained at once", at_least=1)
+    token_budget: int = setting(4096, "packed tokens per step", at_least=1)
+    seed: int = setting(0, "random seed")
+    backend: Backend = setting("auto", "softmax_kl backend (auto: the fastest one that runs on the device)")
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> CompressConfig:
+        """A config from keyword settings; an unknown key is refused with one sentence."""
+        names = [f.name for f in fields(cls)]
+        for key in settings:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"the settings are {', '.join(names)}"
+                raise FastsoftError(f"unknown setting {key!r}; {hint}")
+        return cls(**settings)
+
+    def validate(self, device=None) -> None:
+        """Check every setting (it is done at construction); with ``device``, also that the backend runs there."""
+        check_settings(self)
+        parse_objective(self.objective)
+        if self.init == "text" and not self.init_text:
+            raise FastsoftError("--init text needs --init-text, the text whose tokens start the prompt")
+        if device is not None:
+            check_backend(self.backend, device)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is driven; the keyword options of :func:`fastsoft.compress` of the same names."""
+
+    checkpoint_every: int = setting(10, "steps between checkpoints", at_least=1)
+    overwrite: bool = setting(False, "replace finished jobs' exports in OUT")
+    resume: bool = setting(False, "continue the run checkpointed in OUT (same jobs and settings)")
+    rebuild_cache: bool = setting(False, "rebuild a mismatched or corrupted teacher cache instead of refusing it")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to load, where, and in which dtype."""
+
+    model: str | None = setting(
+        None, "Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+    )
+    device: str | None = setting(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    dtype: Dtype | None = setting(None, "dtype of the model's weights (default: bf16 on cuda, fp32 on cpu)")
+
+    def __post_init__(self):
+        check_settings(self)
+        if self.device is None:
+            return
+        if not _DEVICE.fullmatch(self.device):
+            raise FastsoftError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise FastsoftError(f"--device {self.device} was asked for but no CUDA device is available")
+            index, count = int(self.device.partition(":")[2] or 0), torch.cuda.device_count()
+            if index >= count:
+                raise FastsoftError(f"--device {self.device} names a GPU this machine does not have ({count} found)")
+
+    def resolve(self, local_rank: int = 0) -> tuple[str, str]:
+        """``(device, dtype)`` to load on: ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; bf16 on CUDA."""
+        import torch
+
+        device = self.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        return device, self.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Settings of ``fastsoft generate`` beyond the model's."""
+
+    max_new_tokens: int = setting(64, "longest answer", at_least=1)
+
+    def __post_init__(self):
+        check_settings(self)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from fastsoft.config import PLACEMENTS
 from fastsoft.errors import FastsoftError
 
-PLACEMENTS = ("template", "first")
 _CONTEXT, _QUERY = "\x00FASTSOFT_CONTEXT\x00", "\x00FASTSOFT_QUERY\x00"
 
 

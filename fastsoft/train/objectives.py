@@ -12,34 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from fastsoft.errors import FastsoftError
+from fastsoft.config import OBJECTIVES, parse_objective  # noqa: F401  (the objective's parser lives with the settings)
 from fastsoft.ops import SparseTarget, Target, softmax_kl
 from fastsoft.train.packing import Segment, pack, scored_hidden
-
-OBJECTIVES = ("kl", "answer", "supervised")
-
-
-def parse_objective(text: str) -> dict[str, float]:
-    """``"kl"`` -> ``{"kl": 1.0}``; ``"kl:0.7,answer:0.3"`` -> ``{"kl": 0.7, "answer": 0.3}``."""
-    weights = {}
-    for part in text.split(","):
-        name, _, weight = part.strip().partition(":")
-        if name not in OBJECTIVES:
-            raise FastsoftError(
-                f"unknown objective {name!r}; choose kl, answer or supervised, or a mixture like kl:0.7,answer:0.3"
-            )
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise FastsoftError(f"objective weight {weight!r} of {name!r} is not a number") from None
-        if value < 0 or name in weights:
-            raise FastsoftError(f"objective {name!r} is repeated or has a negative weight")
-        weights[name] = value
-    if "answer" in weights and "supervised" in weights:
-        raise FastsoftError("the answer and supervised objectives score different answers and cannot be mixed")
-    if not any(weights.values()):
-        raise FastsoftError("the objective weights are all zero")
-    return weights
 
 
 def job_loss_sums(

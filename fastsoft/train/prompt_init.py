@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from fastsoft.config import INITS
 from fastsoft.data.templates import encode
 from fastsoft.errors import FastsoftError
-
-INITS = ("context", "pooled", "vocab", "text", "random")
 
 
 def init_prompt(
