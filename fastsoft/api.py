@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastsoft.config import CompressConfig
+from fastsoft.config import CompressConfig, RunOptions
 from fastsoft.data.jobs import Job
 from fastsoft.train.engine import Engine
 
@@ -39,17 +39,25 @@ def compress(
     process's :class:`fastsoft.distributed.Dist` under torchrun (``jobs`` are then this rank's). ``on_step(runs)`` is
     called at every training step with the jobs it trains (see :class:`fastsoft.train.engine.Engine`). Returns one
     dict per job: the report of a finished job, or ``{"job_id", "error"}`` for a failed one.
+
+    Every setting is checked first, the backend on ``model``'s device included: a bad one (or an unknown key in
+    ``config``) raises :class:`fastsoft.FastsoftError` before any work.
     """
+    settings = CompressConfig.from_dict(config)
+    settings.validate(device=model.device)
+    options = RunOptions(
+        checkpoint_every=checkpoint_every, overwrite=overwrite, resume=resume, rebuild_cache=rebuild_cache
+    )
     engine = Engine(
         model,
-        CompressConfig(**config),
+        settings,
         out,
         cache_dir=cache,
-        overwrite=overwrite,
+        overwrite=options.overwrite,
         progress=progress,
-        resume=resume,
-        checkpoint_every=checkpoint_every,
-        rebuild_cache=rebuild_cache,
+        resume=options.resume,
+        checkpoint_every=options.checkpoint_every,
+        rebuild_cache=options.rebuild_cache,
         dist=dist,
         on_step=on_step,
     )

@@ -9,44 +9,42 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from fastsoft.config import CompressConfig
+from fastsoft.config import CompressConfig, GenerateOptions, ModelOptions, RunOptions, settings_of
 from fastsoft.errors import FastsoftError
 from fastsoft.io.checkpoint import CHECKPOINT
 
-HELP = {
-    "prompt_length": "soft prompt length P (virtual tokens)",
-    "steps": "step budget per job",
-    "lr": "Adam learning rate",
-    "warmup": "warmup steps",
-    "batch_queries": "training queries of a job per step",
-    "tol": "convergence tolerance on the mean loss",
-    "patience": "steps averaged for the convergence test",
-    "objective": "kl | answer | supervised, or a mixture like kl:0.7,answer:0.3",
-    "teacher": "teacher cache kind: dense | topk | sampled | hidden",
-    "top_k": "ids kept by the topk teacher",
-    "samples": "draws of the sampled teacher",
-    "cache_dtype": "bf16 | fp32 storage of dense/hidden caches",
-    "temperature": "loss temperature",
-    "init": "context (evenly spaced context tokens) | pooled | vocab | text | random",
-    "init_text": "text for --init text",
-    "placement": "template (σ where the context was) | first (σ at position 0, identical under PEFT)",
-    "template": "auto | chat | plain",
-    "max_new_tokens": "longest teacher/student answer",
-    "eval_fraction": "share of queries held out when no eval queries are given",
-    "slots": "prompt slots trained at once",
-    "token_budget": "packed tokens per step",
-    "seed": "random seed",
-    "backend": "softmax_kl backend: auto | triton | cpp | reference",
-}
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error, like every other mistake (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"fastsoft: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_settings(parser, cls, title: str) -> None:
+    """One flag per field of the settings dataclass ``cls``, with the field's help text (``fastsoft/config.py``)."""
+    group = parser.add_argument_group(title)
+    for s in settings_of(cls):
+        text = s.help.replace("%", "%%")
+        if s.kind is bool:
+            group.add_argument(s.flag, action="store_true", help=text)
+            continue
+        if s.default is not None:
+            text += f" (default: {s.default})"
+        metavar = "{" + ",".join(s.choices) + "}" if s.choices else None
+        group.add_argument(s.flag, type=s.kind, default=s.default, metavar=metavar, help=text)
+
+
+def _build(cls, args):
+    """The settings ``cls`` from the parsed flags; refuses a bad one with one sentence (FastsoftError)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastsoft", description="Compress contexts into soft prompts for a frozen LLM."
-    )
+    parser = _Parser(prog="fastsoft", description="Compress contexts into soft prompts for a frozen LLM.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="learn soft prompts for one context or a JSONL of jobs")
     source = c.add_mutually_exclusive_group(required=True)
@@ -58,63 +56,43 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--job-id", help="id of the --context job (default: the context file's name)")
     c.add_argument("--out", required=True, help="output folder: one sub-folder per job")
     c.add_argument("--cache", help="teacher cache folder (default: OUT/cache)")
-    c.add_argument("--overwrite", action="store_true", help="replace finished jobs' exports in OUT")
-    c.add_argument(
-        "--resume", action="store_true", help="continue the run checkpointed in OUT (same jobs and settings)"
-    )
-    c.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (default: 10)")
-    c.add_argument(
-        "--rebuild-cache",
-        action="store_true",
-        help="rebuild a mismatched or corrupted teacher cache instead of refusing it",
-    )
     c.add_argument(
         "--split-jobs",
         action="store_true",
         help="under torchrun: every rank shares every job (gradient all-reduce) instead of sharding jobs across ranks",
     )
-    _model_args(c)
-    for f in fields(CompressConfig):
-        c.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(f.default) if f.default is not None else str,
-            default=f.default,
-            help=f"{HELP[f.name]} (default: {f.default})",
-        )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_settings(c, RunOptions, "run")
+    _add_settings(c, ModelOptions, "model")
+    _add_settings(c, CompressConfig, "settings (stored with every export and checkpoint)")
     g = sub.add_parser("generate", help="answer a query with a saved soft prompt")
     g.add_argument("--prompt", required=True, help="a folder written by `fastsoft compress` (OUT/<job id>)")
     g.add_argument("--query", required=True, help="the question")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    _model_args(g)
+    g.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # accepted as before; nothing to show
+    _add_settings(g, GenerateOptions, "generation")
+    _add_settings(g, ModelOptions, "model")
     return parser
 
 
-def _model_args(parser) -> None:
-    parser.add_argument(
-        "--model", help="Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _load(args, local_rank: int = 0):
-    import torch
-
+def _load(options: ModelOptions, local_rank: int = 0):
     from fastsoft.models import load_model
 
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FastsoftError("--device cuda was asked for but no CUDA device is available")
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    device, dtype = options.resolve(local_rank)
     print(
-        f"fastsoft: loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} on {device} in {dtype}",
+        f"fastsoft: loading {options.model or 'the default model (SmolLM2-135M-Instruct)'} on {device} in {dtype}",
         file=sys.stderr,
     )
-    return load_model(args.model, dtype=dtype, device=device)
+    return load_model(options.model, dtype=dtype, device=device)
 
 
 def _compress(args) -> int:
+    # Every setting first, the backend on the device it will run on included: all before any file is read or
+    # the model loads (which takes about 40 s for the real one).
+    config = _build(CompressConfig, args)
+    options = _build(RunOptions, args)
+    model = _build(ModelOptions, args)
+    config.validate(device=model.resolve()[0])
+
     from fastsoft.api import compress
     from fastsoft.data.jobs import job_from_files, read_jobs
     from fastsoft.distributed import Dist, init_from_env, shutdown
@@ -130,10 +108,6 @@ def _compress(args) -> int:
                 "--queries, --eval-queries and --answers go with --context; put them inside the --jobs file instead"
             )
         jobs = read_jobs(args.jobs)
-    config = {f.name: getattr(args, f.name) for f in fields(CompressConfig)}
-    CompressConfig(**config).validate()
-    if args.checkpoint_every < 1:
-        raise FastsoftError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     dist = init_from_env()
     try:
         if dist.active:
@@ -142,20 +116,17 @@ def _compress(args) -> int:
             mine = jobs if split else jobs[dist.rank :: dist.world]
         else:
             mine = jobs
-        loaded = _load(args, dist.local_rank)
+        loaded = _load(model, dist.local_rank)
         started = time.perf_counter()
         reports = compress(
             mine,
             loaded,
             args.out,
             cache=args.cache,
-            overwrite=args.overwrite,
             progress=not args.no_progress and dist.rank == 0,
-            resume=args.resume,
-            checkpoint_every=args.checkpoint_every,
-            rebuild_cache=args.rebuild_cache,
             dist=dist,
-            **config,
+            **asdict(options),
+            **config.to_dict(),
         )
         gathered = dist.gather(reports)
     finally:
@@ -189,12 +160,15 @@ def _compress(args) -> int:
 
 
 def _generate(args) -> int:
+    options = _build(GenerateOptions, args)
+    model = _build(ModelOptions, args)
+
     from fastsoft.data.templates import make_template
     from fastsoft.eval.generate import generate
     from fastsoft.io.export import load_prompt
 
     prompt, template, meta = load_prompt(args.prompt)
-    loaded = _load(args)
+    loaded = _load(model)
     if meta and meta.get("model_fingerprint") != loaded.fingerprint:
         raise FastsoftError(
             f"the soft prompt in {args.prompt} was trained for another model; pass the same --model it was trained with"
@@ -202,7 +176,7 @@ def _generate(args) -> int:
     if prompt.shape[1] != loaded.hidden_size:
         raise FastsoftError(f"the soft prompt has hidden size {prompt.shape[1]}, the model {loaded.hidden_size}")
     template = template or make_template(loaded.tokenizer, "first")
-    print(generate(loaded, template, prompt, args.query, args.max_new_tokens))
+    print(generate(loaded, template, prompt, args.query, options.max_new_tokens))
     return 0
 
 
