@@ -1,0 +1,382 @@
+"""Every setting is checked when the settings are built: a bad one is one sentence naming its flag, exit status 2,
+before the model loads (CLI), and a FastsoftError at construction (API), before any work."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastsoft
+import fastsoft.models
+from fastsoft.cli import main
+from fastsoft.config import (
+    BACKENDS,
+    CACHE_DTYPES,
+    DTYPES,
+    INITS,
+    PLACEMENTS,
+    TEACHERS,
+    CompressConfig,
+    GenerateOptions,
+    ModelOptions,
+    RunOptions,
+    settings_of,
+)
+from fastsoft.errors import FastsoftError
+
+
+class ModelLoaded(Exception):
+    """Raised instead of loading the model: a test that meets it validated too late."""
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(fastsoft.models, "load_model", refuse)
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA, whatever this one has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
+def files(tmp_path, tiny_job):
+    (tmp_path / "ctx.txt").write_text(tiny_job.context)
+    (tmp_path / "q.txt").write_text("\n".join(tiny_job.queries) + "\n")
+    return tmp_path
+
+
+def _compress_argv(files, model, extra):
+    return [
+        "compress",
+        "--context",
+        str(files / "ctx.txt"),
+        "--queries",
+        str(files / "q.txt"),
+        "--out",
+        str(files / "out"),
+        "--model",
+        str(model),
+        "--steps",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def run(argv: list[str]) -> int:
+    """``main``'s exit status, argparse's own refusals (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "loading" not in err and "Traceback" not in err
+    assert lines[0].startswith("fastsoft: error: ")
+    return lines[0]
+
+
+# (flags, what the sentence must contain); each sentence names its flag
+CASES = [
+    (["--backend", "bogus"], "--backend must be auto, triton, cpp or reference, got 'bogus'"),
+    (["--backend", "triton", "--device", "cpu"], "--backend triton cannot run here"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cuda:"], "--device"),
+    (["--init", "bogus"], "--init must be context, pooled, vocab, text or random, got 'bogus'"),
+    (["--init", "text"], "--init text needs --init-text"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--temperature", "-1"], "--temperature must be positive"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--tol", "nan"], "--tol must be a finite number"),
+    (["--tol", "-0.1"], "--tol must be at least 0"),
+    (["--eval-fraction", "nan"], "--eval-fraction must be a finite number"),
+    (["--eval-fraction", "1"], "--eval-fraction must be in [0, 1)"),
+    (["--eval-fraction", "-0.2"], "--eval-fraction must be in [0, 1)"),
+    (["--objective", "kl:0.7,answer:nan"], "--objective weight of 'answer' must be a finite number at least 0"),
+    (["--objective", "kl:inf"], "--objective weight of 'kl' must be a finite number"),
+    (["--objective", "kl:-1"], "--objective weight of 'kl' must be a finite number at least 0"),
+    (["--objective", "kl:0,answer:0"], "--objective weights are all zero"),
+    (["--objective", "kl:x"], "--objective weight 'x' of 'kl' is not a number"),
+    (["--objective", "kld"], "--objective names an unknown objective 'kld'"),
+    (["--objective", "kl,kl"], "--objective names 'kl' twice"),
+    (["--objective", "answer,supervised"], "--objective cannot mix answer and supervised"),
+    (["--dtype", "fp64"], "--dtype must be fp32, bf16 or fp16, got 'fp64'"),
+    (["--template", "fancy"], "--template must be auto, chat or plain, got 'fancy'"),
+    (["--placement", "middle"], "--placement must be template or first, got 'middle'"),
+    (["--cache-dtype", "fp16"], "--cache-dtype must be bf16 or fp32, got 'fp16'"),
+    (["--teacher", "fuzzy"], "--teacher must be dense, topk, sampled or hidden, got 'fuzzy'"),
+    (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
+    (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),  # argparse's own refusal, on one line too
+] + [
+    ([f"--{name}", "0"], f"--{name} must be at least 1, got 0")
+    for name in (
+        "prompt-length",
+        "steps",
+        "batch-queries",
+        "patience",
+        "top-k",
+        "samples",
+        "max-new-tokens",
+        "slots",
+        "token-budget",
+    )
+]
+
+
+@pytest.mark.parametrize("flags,message", CASES, ids=[" ".join(flags) for flags, _ in CASES])
+def test_bad_setting_is_one_sentence_before_the_model_loads(files, tiny_model_dir, capsys, no_load, flags, message):
+    assert run(_compress_argv(files, tiny_model_dir, flags)) == 2
+    line = _one_error_line(capsys)
+    assert message in line and flags[0] in line
+    assert not (files / "out").exists()  # nothing written either
+
+
+def test_triton_backend_refused_on_a_machine_without_cuda(files, tiny_model_dir, capsys, no_load, no_cuda, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert run(_compress_argv(files, tiny_model_dir, ["--backend", "triton"])) == 2
+    line = _one_error_line(capsys)
+    assert "--backend triton cannot run here" in line and "TRITON_INTERPRET=1" in line
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_cuda_device_refused_without_cuda(files, tiny_model_dir, capsys, no_load, no_cuda, device):
+    assert run(_compress_argv(files, tiny_model_dir, ["--device", device])) == 2
+    assert f"--device {device} was asked for but no CUDA device is available" in _one_error_line(capsys)
+
+
+def test_cpp_backend_refused_with_its_reason_when_unavailable(files, tiny_model_dir, capsys, no_load, monkeypatch):
+    from fastsoft.ops import cpp
+
+    monkeypatch.setattr(cpp, "is_available", lambda: (False, "the C++ backend failed to build just in time (test)"))
+    assert run(_compress_argv(files, tiny_model_dir, ["--backend", "cpp", "--device", "cpu"])) == 2
+    line = _one_error_line(capsys)
+    assert "--backend cpp cannot run here: the C++ backend failed to build just in time (test)" in line
+
+
+def test_generate_settings_checked_before_the_model_loads(tmp_path, capsys, no_load):
+    base = ["generate", "--prompt", str(tmp_path / "no-prompt"), "--query", "Who?"]
+    assert run([*base, "--device", "tpu"]) == 2
+    assert "--device must be cpu, cuda or cuda:N" in _one_error_line(capsys)
+    assert run([*base, "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be at least 1, got 0" in _one_error_line(capsys)
+    assert run([*base, "--dtype", "int8"]) == 2
+    assert "--dtype must be fp32, bf16 or fp16" in _one_error_line(capsys)
+
+
+def test_good_settings_go_on_to_load_the_model(files, tiny_model_dir, no_load):
+    """The guard of the tests above: with valid settings the CLI does reach the model load."""
+    with pytest.raises(ModelLoaded):
+        main(_compress_argv(files, tiny_model_dir, ["--backend", "reference", "--device", "cpu", "--dtype", "fp32"]))
+
+
+def test_module_entry_point_refuses_before_loading(tmp_path):
+    """A fresh process, a model path that does not exist: the settings' sentence comes first, alone."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fastsoft", "compress", "--context", "c.txt", "--queries", "q.txt", "--out", "o"]
+        + ["--model", str(tmp_path / "no-model"), "--temperature", "inf"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "fastsoft: error: --temperature must be a finite number, got inf\n"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_backend_allowed_on_cpu_under_triton_interpret(tmp_path):
+    """TRITON_INTERPRET=1 runs Triton on CPU tensors, so the check lets it through (to the model load)."""
+    (tmp_path / "c.txt").write_text("Some context.")
+    (tmp_path / "q.txt").write_text("A query?\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "fastsoft", "compress", "--context", "c.txt", "--queries", "q.txt", "--out", "o"]
+        + ["--model", str(tmp_path / "no-model"), "--device", "cpu", "--backend", "triton"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert result.returncode == 2 and "--backend" not in result.stderr
+    assert "loading" in result.stderr and "does not exist" in result.stderr
+
+
+# -- the Python API -------------------------------------------------------------------------------------------------
+
+_TYPES = {s.flag: s for cls in (CompressConfig, RunOptions, ModelOptions) for s in settings_of(cls)}
+
+
+def _api_call(flags: list[str]):
+    """The settings class and keyword arguments the CLI builds from ``flags``."""
+    kwargs, owner = {}, CompressConfig
+    for name, value in zip(flags[::2], flags[1::2]):
+        s = _TYPES[name]
+        kwargs[s.name] = s.kind(value)
+        for cls in (RunOptions, ModelOptions):
+            if any(t.name == s.name for t in settings_of(cls)):
+                owner = cls
+    return owner, kwargs
+
+
+API_CASES = [(flags, message) for flags, message in CASES if "argument" not in message and "cannot run" not in message]
+
+
+@pytest.mark.parametrize("flags,message", API_CASES, ids=[" ".join(flags) for flags, _ in API_CASES])
+def test_api_refuses_at_construction_with_the_cli_sentence(files, tiny_model_dir, capsys, no_load, flags, message):
+    owner, kwargs = _api_call(flags)
+    with pytest.raises(FastsoftError) as refused:
+        owner(**kwargs)
+    assert run(_compress_argv(files, tiny_model_dir, flags)) == 2
+    assert _one_error_line(capsys) == f"fastsoft: error: {refused.value}"
+
+
+@pytest.mark.parametrize("name", [s.name for s in settings_of(CompressConfig) if s.kind is float])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_every_float_setting_refuses_inf_and_nan(name, value):
+    with pytest.raises(FastsoftError, match=f"--{name.replace('_', '-')} must be a finite number"):
+        CompressConfig(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(steps="3"), "--steps must be a whole number, got '3'"),
+        (dict(steps=True), "--steps must be a whole number, got True"),
+        (dict(lr="0.1"), "--lr must be a number, got '0.1'"),
+        (dict(teacher=None), "--teacher must be dense, topk, sampled or hidden, got None"),
+        (dict(objective=0.5), "--objective must be a string"),
+        (dict(init_text=3), "--init-text must be a string, got 3"),
+    ],
+)
+def test_api_refuses_wrong_types(kwargs, message):
+    with pytest.raises(FastsoftError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        CompressConfig(**kwargs)
+
+
+def test_backend_checked_on_the_device():
+    CompressConfig(backend="reference").validate(device="cpu")
+    CompressConfig(backend="auto").validate(device="cpu")
+    with pytest.raises(FastsoftError, match="--backend triton cannot run here"):
+        CompressConfig(backend="triton").validate(device="meta")
+
+
+class _NoEngine:
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("the engine started although a setting was bad")
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(temperature=math.inf), "--temperature must be a finite number, got inf"),
+        (dict(objective="kl:0.7,answer:nan"), "--objective weight of 'answer' must be a finite number"),
+        (dict(init="bogus"), "--init must be context, pooled, vocab, text or random, got 'bogus'"),
+        (dict(stepz=3), "unknown setting 'stepz'; did you mean 'steps'?"),
+        (dict(wibble=3), "unknown setting 'wibble'; the settings are prompt_length, steps, "),
+        (dict(checkpoint_every=0), "--checkpoint-every must be at least 1, got 0"),
+        (dict(backend="triton"), "--backend triton cannot run here"),  # the tiny model is on the CPU
+    ],
+)
+def test_compress_refuses_before_any_work(tiny, tiny_job, tmp_path, monkeypatch, settings, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(fastsoft.api, "Engine", _NoEngine)
+    with pytest.raises(FastsoftError) as refused:
+        fastsoft.compress([tiny_job], tiny, tmp_path / "out", progress=False, **settings)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+# -- what did not change --------------------------------------------------------------------------------------------
+
+DEFAULTS = {
+    "prompt_length": 16,
+    "steps": 200,
+    "lr": 0.1,
+    "warmup": 10,
+    "batch_queries": 4,
+    "tol": 0.02,
+    "patience": 5,
+    "objective": "kl",
+    "teacher": "dense",
+    "top_k": 64,
+    "samples": 64,
+    "cache_dtype": "fp32",
+    "temperature": 1.0,
+    "init": "context",
+    "init_text": None,
+    "placement": "template",
+    "template": "auto",
+    "max_new_tokens": 24,
+    "eval_fraction": 0.2,
+    "slots": 4,
+    "token_budget": 4096,
+    "seed": 0,
+    "backend": "auto",
+}
+
+
+def test_to_dict_is_the_same_plain_json_as_before():
+    """Checkpoints compare it on --resume and exports store it: same keys, order, values and types."""
+    plain = CompressConfig().to_dict()
+    assert list(plain) == list(DEFAULTS) and plain == DEFAULTS
+    assert [type(v) for v in plain.values()] == [type(v) for v in DEFAULTS.values()]
+    custom = dict(objective="kl:0.7,answer:0.3", teacher="topk", top_k=8, lr=1, init="text", init_text="x", seed=-3)
+    assert CompressConfig(**custom).to_dict() == {**DEFAULTS, **custom}
+    assert type(CompressConfig(lr=1).to_dict()["lr"]) is int  # kept as given, as before
+    assert json.loads(json.dumps(CompressConfig(**custom).to_dict())) == CompressConfig(**custom).to_dict()
+
+
+def test_cli_defaults_are_the_config_defaults(files):
+    from fastsoft.cli import _build, _parser
+
+    args = _parser().parse_args(["compress", "--context", "c", "--queries", "q", "--out", "o"])
+    assert _build(CompressConfig, args) == CompressConfig()
+    assert _build(RunOptions, args) == RunOptions() and _build(ModelOptions, args) == ModelOptions()
+    generate = _parser().parse_args(["generate", "--prompt", "p", "--query", "q"])
+    assert _build(GenerateOptions, generate) == GenerateOptions()
+
+
+def test_every_flag_has_its_fields_help(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping (argparse also breaks lines at hyphens)
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for cls in (CompressConfig, RunOptions, ModelOptions):
+        for s in settings_of(cls):
+            assert s.help and s.flag in text and " ".join(s.help.split()) in text
+
+
+def test_choices_agree_with_what_implements_them():
+    from fastsoft.teacher import targets
+
+    softmax_kl = importlib.import_module("fastsoft.ops.softmax_kl")  # fastsoft.ops.softmax_kl is also the function
+
+    assert TEACHERS == tuple(targets.KINDS)
+    assert set(CACHE_DTYPES) == set(targets.CACHE_DTYPES)
+    assert BACKENDS == ("auto", *softmax_kl.BACKENDS)
+    assert set(DTYPES) <= set(fastsoft.models.DTYPES)
+    from fastsoft.data.templates import PLACEMENTS as placements
+    from fastsoft.train.prompt_init import INITS as inits
+
+    assert inits is INITS and placements is PLACEMENTS
