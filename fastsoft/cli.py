@@ -6,8 +6,9 @@ A user's mistake ends with one sentence on stderr and exit status 2, never a tra
 from __future__ import annotations
 
 import argparse
-import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -96,6 +97,8 @@ def _compress(args) -> int:
     from fastsoft.api import compress
     from fastsoft.data.jobs import job_from_files, read_jobs
     from fastsoft.distributed import Dist, init_from_env, shutdown
+    from fastsoft.io.atomic import write_json
+    from fastsoft.io.outputs import cache_folder, check_run_folders
     from fastsoft.io.report import format_table
 
     if args.context:
@@ -116,6 +119,8 @@ def _compress(args) -> int:
             mine = jobs if split else jobs[dist.rank :: dist.world]
         else:
             mine = jobs
+        rank = dist.rank if dist.active else None
+        check_run_folders(Path(args.out), cache_folder(Path(args.out), args.cache, rank), dist.rank)
         loaded = _load(model, dist.local_rank)
         started = time.perf_counter()
         reports = compress(
@@ -145,8 +150,7 @@ def _compress(args) -> int:
         "ranks": dist.world,
         "reports": [{k: v for k, v in r.items() if k not in ("losses", "samples")} for r in reports],
     }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(Path(args.out) / "summary.json", summary)
     if done:
         print(format_table(done))
     for r in reports:
@@ -180,20 +184,40 @@ def _generate(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster preempting the job, Slurm or Kubernetes): handled as Ctrl-C is, with a checkpoint."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = (
+        signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         return _compress(args) if args.command == "compress" else _generate(args)
     except FastsoftError as error:
         print(f"fastsoft: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        resumable = args.command == "compress" and (Path(args.out) / CHECKPOINT).exists()
+    except OSError as error:  # outside a run's own handling (which checkpoints first): still one sentence
         print(
-            "fastsoft: interrupted" + ("; checkpoint saved, continue with --resume" if resumable else ""),
+            f"fastsoft: error: {error.strerror or error}{f' ({error.filename})' if error.filename else ''}",
             file=sys.stderr,
         )
-        return 130
+        return 1
+    except KeyboardInterrupt as interrupt:
+        resumable = args.command == "compress" and (Path(args.out) / CHECKPOINT).exists()
+        what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        print(
+            f"fastsoft: {what}" + ("; checkpoint saved, continue with --resume" if resumable else ""), file=sys.stderr
+        )
+        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -90,12 +90,18 @@ class LoadedModel:
     def max_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def kv_cache_of(self, output) -> dict:
-        """The keyword that hands ``output``'s KV cache to the next decoder call: ``cache=`` in transformers
-        5.24 and later (``past_key_values`` is deprecated there), ``past_key_values=`` before."""
-        if "cache" in inspect.signature(self.decoder.forward).parameters:
-            return {"cache": output.cache}
-        return {"past_key_values": output.past_key_values}
+    @property
+    def _cache_keyword(self) -> str:
+        """``cache`` in transformers 5.24 and later (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+        return "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+
+    def kv_cache(self, output):
+        """The KV cache a ``use_cache=True`` decoder call returned."""
+        return getattr(output, self._cache_keyword)
+
+    def kv_cache_arg(self, cache) -> dict:
+        """The keyword argument that hands ``cache`` to the next decoder call."""
+        return {self._cache_keyword: cache}
 
     def hidden_states(self, **inputs) -> torch.Tensor:
         """Final hidden states ``[B, L, H]``; packed rows need ``position_ids`` (``use_cache`` is forced off)."""
@@ -128,6 +134,18 @@ def _fingerprint(model: torch.nn.Module, tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     digest.update(json.dumps(vocab, ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
+
+
+def _gguf_damaged(file: Path) -> bool:
+    """Whether a GGUF file fails to parse, or its tensors' data runs past its end (a cut-off copy)."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(file))
+        size = file.stat().st_size
+        return any(int(t.data_offset) + int(t.n_bytes) > size for t in reader.tensors)
+    except Exception:
+        return True
 
 
 def load_model(
@@ -163,8 +181,15 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
         )
-    except (OSError, ValueError) as error:
-        raise FastsoftError(f"could not load the model at {file}: {str(error).splitlines()[0]}") from error
+    except Exception as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        if "gguf_file" in kwargs and _gguf_damaged(file):
+            raise FastsoftError(
+                f"model file {file} is truncated or damaged ({reason}); download or copy it again"
+            ) from error
+        if isinstance(error, (OSError, ValueError)):
+            raise FastsoftError(f"could not load the model at {file}: {reason}") from error
+        raise
     finally:
         hf_logging.set_verbosity(verbosity)
     _check_plain_lm_head(model, str(file))

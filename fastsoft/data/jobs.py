@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastsoft.errors import FastsoftError
 
 JOB_KEYS = {"id", "context", "queries", "answers", "eval_queries"}
+# A job's id names its folder OUT/<id>/, beside what the run itself writes there (fastsoft/io/outputs.py).
+RUN_OWN_NAMES = ("cache", "summary.json")
+RUN_OWN_PREFIXES = ("checkpoint",)
+MAX_ID_BYTES = 255  # a file name's limit on common filesystems
+
+
+def check_job_id(job_id, at: str = "") -> None:
+    """Refuse an id that cannot be a folder of its own in OUT, with one sentence."""
+    if not isinstance(job_id, str) or not job_id:
+        raise FastsoftError(f"{at}job id {job_id!r} must be a non-empty string")
+    if "/" in job_id or job_id.startswith(".") or any(ord(c) < 32 or ord(c) == 127 for c in job_id):
+        raise FastsoftError(f"{at}job id {job_id!r} must not contain '/' or control characters, nor start with '.'")
+    if len(job_id.encode()) > MAX_ID_BYTES:
+        raise FastsoftError(
+            f"{at}job id {job_id[:40]!r}... is {len(job_id.encode())} bytes; at most {MAX_ID_BYTES} fit a folder name"
+        )
+    if job_id in RUN_OWN_NAMES or job_id.startswith(RUN_OWN_PREFIXES):
+        raise FastsoftError(
+            f"{at}job id {job_id!r} is a name the run writes in its output folder "
+            f"({', '.join(RUN_OWN_NAMES)}, {'*, '.join(RUN_OWN_PREFIXES)}*); choose another id"
+        )
 
 
 @dataclass
@@ -22,10 +44,7 @@ class Job:
 
     def validate(self, where: str = "") -> None:
         at = f"{where}: " if where else ""
-        if not self.id or not isinstance(self.id, str) or "/" in self.id or self.id.startswith("."):
-            raise FastsoftError(
-                f"{at}job id {self.id!r} must be a non-empty string without '/' that does not start with '.'"
-            )
+        check_job_id(self.id, at)
         if not isinstance(self.context, str) or not self.context.strip():
             raise FastsoftError(f"{at}job {self.id!r} has an empty context")
         for name in ("queries", "eval_queries"):
@@ -41,6 +60,10 @@ class Job:
                 raise FastsoftError(
                     f"{at}job {self.id!r} has {len(self.answers)} answers for {len(self.queries)} queries"
                 )
+
+    def digest(self) -> str:
+        """A hash of everything the teacher sees of this job (context, queries, answers, eval queries)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
     def with_eval_split(self, fraction: float = 0.2, seed: int = 0) -> Job:
         """Hold out a share of the queries for evaluation when no eval queries were given."""

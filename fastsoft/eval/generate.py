@@ -25,7 +25,9 @@ def generate_ids(
         if token in ends:
             break
         out = loaded.decoder(
-            input_ids=torch.tensor([[token]], device=device), use_cache=True, **loaded.kv_cache_of(out)
+            input_ids=torch.tensor([[token]], device=device),
+            use_cache=True,
+            **loaded.kv_cache_arg(loaded.kv_cache(out)),
         )
     return answer
 

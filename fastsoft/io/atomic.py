@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +22,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
-        raise
+        code = _errno_of(error)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from error  # the file the caller wrote, not the temporary one
+
+
+def _errno_of(error: BaseException) -> int | None:
+    """The OS error behind a failed write: an ``OSError``'s errno, or the ``(os error N)`` that writers outside
+    Python (safetensors) put in their messages."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return int(found.group(1)) if found and isinstance(error, Exception) else None
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -32,3 +45,33 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data, indent: int | None = 2) -> None:
     write_text(path, json.dumps(data, indent=indent))
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writers which died mid-write left in ``folder`` and its sub-folders (one level).
+
+    Only files named like :func:`atomic_write`'s (``.<name>.tmp<pid>``) whose process is gone are removed; call it
+    while holding the folder's lock. Returns what was removed.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in [*folder.glob(".*.tmp*"), *folder.glob("*/.*.tmp*")]:
+        pid = path.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fastsoft.data.templates import Template
@@ -64,14 +65,21 @@ def load_prompt(folder: str | Path) -> tuple[torch.Tensor, Template, dict]:
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FastsoftError(f"{folder} holds no soft prompt ({ADAPTER_WEIGHTS} is missing)")
-    prompt = load_file(str(weights)).get("prompt_embeddings")
+    try:
+        prompt = load_file(str(weights)).get("prompt_embeddings")
+    except (SafetensorError, OSError) as error:
+        raise FastsoftError(f"{weights} is truncated or damaged ({error}); export the prompt again") from error
     if prompt is None or prompt.dim() != 2:
         raise FastsoftError(f"{weights} has no [P, H] tensor named prompt_embeddings")
     meta_path = folder / FASTSOFT_META
-    if meta_path.is_file():
+    if not meta_path.is_file():  # a plain PEFT export: its virtual tokens stand first
+        return prompt, None, {}
+    try:
         meta = json.loads(meta_path.read_text())
         t = meta["template"]
         template = Template(t["head"], t["middle"], t["tail"], meta["placement"], t.get("kind", "chat"))
-    else:  # a plain PEFT export: its virtual tokens stand first
-        meta, template = {}, None
+    except (ValueError, KeyError, TypeError) as error:  # bad JSON (a ValueError), or not the keys fastsoft writes
+        raise FastsoftError(
+            f"{meta_path} is damaged ({type(error).__name__}: {error}); export the prompt again"
+        ) from error
     return prompt, template, meta

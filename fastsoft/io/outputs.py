@@ -5,6 +5,7 @@ last: a job whose report exists is finished and exported."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,9 +13,41 @@ import torch
 from fastsoft.errors import FastsoftError
 from fastsoft.io.atomic import write_json
 from fastsoft.io.export import save_prompt
+from fastsoft.io.lock import FolderLock
 from fastsoft.io.report import write_report
 
 REPORT, ERROR = "report.json", "error.json"
+
+
+def make_folder(path: Path, flag: str) -> None:
+    """Create a folder the run writes into, or say in one sentence why it cannot be."""
+    if path.exists() and not path.is_dir():
+        raise FastsoftError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FastsoftError(f"{flag} {path} cannot be created ({error.strerror})") from error
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FastsoftError(f"{flag} {path} is not writable (a read-only file system, or no permission)")
+
+
+def cache_folder(out: Path, cache: str | Path | None, rank: int | None) -> Path:
+    """The teacher cache folder of a run: ``--cache`` or ``OUT/cache``, one sub-folder a rank under torchrun
+    (``rank`` None: a single process) so that no two writers share a file."""
+    root = Path(cache) if cache is not None else Path(out) / "cache"
+    return root if rank is None else root / f"rank{rank}"
+
+
+def check_run_folders(out: Path, cache: Path, rank: int) -> None:
+    """Before any work: both folders can be created and written, and no other run holds them (the engine then takes
+    the locks for the run's life; this only refuses early, before a model loads)."""
+    for folder, flag, what, mine in (
+        (out, "--out", "output folder", rank == 0),
+        (cache, "--cache", "teacher cache folder", True),
+    ):
+        make_folder(folder, flag)
+        if mine:
+            FolderLock(folder, what).acquire().release()
 
 
 class RunFolder:

@@ -35,6 +35,30 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_index(path: Path) -> dict:
+    """``index.json``, checked to have the shape this module writes; anything else is refused as corrupted."""
+    try:
+        index = json.loads(path.read_text())
+        ok = (
+            isinstance(index, dict)
+            and isinstance(index.get("fingerprint"), dict)
+            and isinstance(index.get("jobs"), dict)
+        )
+        entry_keys = {"file": str, "sha256": str, "queries": int, "rows": int}
+        if ok and not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in entry_keys.items())
+            for e in index["jobs"].values()
+        ):
+            ok = False
+        if not ok:
+            raise ValueError("not the index this version writes")
+    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+        raise FastsoftError(
+            f"teacher cache index {path} is corrupted ({error}); pass --rebuild-cache to rebuild it"
+        ) from error
+    return index
+
+
 def _flat(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(x) for x in lists], dtype=torch.int64)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
@@ -69,15 +93,11 @@ class TeacherCache:
         self.index = None
         if path.exists():
             try:
-                self.index = json.loads(path.read_text())
-                self._check_fingerprint(self.index.get("fingerprint", {}))
-            except (json.JSONDecodeError, FastsoftError) as error:
+                self.index = _read_index(path)
+                self._check_fingerprint(self.index["fingerprint"])
+            except FastsoftError:
                 if not rebuild:
-                    if isinstance(error, FastsoftError):
-                        raise
-                    raise FastsoftError(
-                        f"teacher cache index {path} is corrupted ({error.msg}); pass --rebuild-cache to rebuild it"
-                    ) from error
+                    raise
                 self._clear()
             else:
                 if rebuild:
@@ -117,8 +137,11 @@ class TeacherCache:
     def _save_index(self) -> None:
         write_json(self.root / INDEX, self.index, indent=1)
 
-    def has(self, job_id: str) -> bool:
-        return job_id in self.index["jobs"]
+    def has(self, job_id: str, digest: str | None = None) -> bool:
+        """Whether a teacher for ``job_id`` is cached (for exactly the job of ``digest``, :meth:`Job.digest`, when given:
+        a job whose context or queries changed under the same id is taught again)."""
+        entry = self.index["jobs"].get(job_id)
+        return entry is not None and (digest is None or entry.get("job_digest") == digest)
 
     def put(
         self,
@@ -128,6 +151,7 @@ class TeacherCache:
         targets: Target,
         eval: list[Taught],
         flush: bool = True,
+        digest: str | None = None,
     ) -> None:
         """Write one job's shard atomically and index it. With ``flush=False`` the index is written by the next
         :meth:`flush` (one index write per batch of jobs: the index is rewritten whole, so per-job writes would
@@ -147,6 +171,7 @@ class TeacherCache:
             "queries": len(train),
             "rows": sum(len(t.answer) for t in train),
             "sha256": sha256_file(self.root / name),
+            "job_digest": digest,
         }
         if flush:
             self.flush()
@@ -155,7 +180,12 @@ class TeacherCache:
         """Write the index (atomically)."""
         self._save_index()
 
-    def get(self, job_id: str) -> JobTeacher:
+    def get(self, job_id: str, digest: str | None = None) -> JobTeacher:
+        """The cached teacher of ``job_id`` (checked against ``digest`` when given), its shard verified by its sha256."""
+        if not self.has(job_id, digest):
+            raise FastsoftError(
+                f"teacher cache {self.root} holds no teacher for this job {job_id!r}; pass --rebuild-cache to teach it again"
+            )
         entry = self.index["jobs"][job_id]
         path = self.root / entry["file"]
         if not path.exists():

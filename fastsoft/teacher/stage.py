@@ -27,7 +27,7 @@ def teach_into_cache(
     ``seed`` seeds the job's sampled teacher (the ``sampled`` kind), so a job's cache never depends on the
     other jobs. A job whose teacher outputs hold NaN or infinities fails alone and nothing is cached for it.
     """
-    todo = [(job, seed) for job, seed in jobs if not cache.has(job.id)]
+    todo = [(job, seed) for job, seed in jobs if not cache.has(job.id, job.digest())]
     if not todo:
         return {}
     errors = {}
@@ -47,6 +47,6 @@ def teach_into_cache(
         targets = spec.build(
             loaded.lm_weight, torch.cat([t.hidden for t in train]), torch.Generator().manual_seed(seed)
         )
-        cache.put(job.id, encode(loaded.tokenizer, job.context), train, targets, held, flush=False)
+        cache.put(job.id, encode(loaded.tokenizer, job.context), train, targets, held, flush=False, digest=job.digest())
     cache.flush()
     return errors

@@ -24,8 +24,10 @@ from fastsoft.data.templates import make_template
 from fastsoft.distributed import Dist
 from fastsoft.errors import FastsoftError
 from fastsoft.eval.evaluate import evaluate
+from fastsoft.io.atomic import remove_leftovers
 from fastsoft.io.checkpoint import CHECKPOINT, jobs_digest, load_checkpoint, save_checkpoint
-from fastsoft.io.outputs import RunFolder
+from fastsoft.io.lock import FolderLock
+from fastsoft.io.outputs import RunFolder, cache_folder, make_folder
 from fastsoft.teacher.cache import TeacherCache
 from fastsoft.teacher.stage import teach_into_cache
 from fastsoft.teacher.targets import CacheSpec
@@ -70,7 +72,10 @@ class Engine:
             checkpoint_every,
             on_step,
         )
-        self.out.root.mkdir(parents=True, exist_ok=True)
+        self.locks = []
+        make_folder(self.out.root, "--out")
+        if self.dist.rank == 0:  # one run per output folder (every run has a rank 0)
+            self.locks.append(FolderLock(self.out.root, "output folder").acquire())
         self.template = make_template(loaded.tokenizer, config.placement, config.template)
         self.objective = parse_objective(config.objective)
         self.spec = CacheSpec(config.teacher, config.top_k, config.samples, config.temperature, config.cache_dtype)
@@ -82,15 +87,27 @@ class Engine:
             "kind": self.spec.kind,
             "params": {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens},
         }
-        cache_root = Path(cache_dir or self.out.root / "cache")
-        if self.dist.active:  # each rank owns its shards and index: no two writers on one file
-            cache_root = cache_root / f"rank{self.dist.rank}"
+        cache_root = cache_folder(self.out.root, cache_dir, self.dist.rank if self.dist.active else None)
+        make_folder(cache_root, "--cache")
+        try:
+            self.locks.append(FolderLock(cache_root, "teacher cache folder").acquire())
+        except FastsoftError:
+            self.close()
+            raise
+        for folder in (self.out.root, cache_root):  # what writers killed mid-write left behind
+            remove_leftovers(folder)
         self.cache = TeacherCache(cache_root, fingerprint, self.spec.target_type, rebuild=rebuild_cache)
         self.bank = PromptBank(config.slots, config.prompt_length, loaded.hidden_size, device=loaded.device)
         self.scheduler = Scheduler(config.slots, config.token_budget)
         self.tokens_trained = 0
         self.loop_steps = 0  # loop iterations, the checkpoint clock
         self.oom_retries = 0
+
+    def close(self) -> None:
+        """Release the folders' locks (``run`` does when it ends; an engine never run can call it)."""
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
 
     # -- job life cycle ---------------------------------------------------------------------------
 
@@ -104,6 +121,7 @@ class Engine:
         if duplicates:
             raise FastsoftError(f"job ids must be unique; repeated: {', '.join(duplicates)}")
         for job in jobs:
+            job.validate()
             if "supervised" in self.objective and job.answers is None:
                 raise FastsoftError(f"job {job.id!r} has no answers, which the supervised objective needs")
             if self.out.is_finished(job.id) and not self.overwrite and not self.resume:
@@ -131,7 +149,7 @@ class Engine:
             try:
                 if job.id in errors:  # a waiting run meets its error again when it is admitted
                     raise errors[job.id]
-                run.teacher = self.cache.get(job.id)
+                run.teacher = self.cache.get(job.id, job.digest())
                 context_length = len(run.teacher.context_ids)
                 if cfg.prompt_length > context_length:
                     raise FastsoftError(
@@ -324,8 +342,30 @@ class Engine:
             if self.out.is_finished(job_id):  # finished and exported after the last checkpoint: never redo it
                 run.report = self.out.read_report(job_id)
                 s.retire(run, State.DONE)
-            else:
-                run.teacher = self.cache.get(job_id)
+        # a rebuilt cache (--rebuild-cache) dropped what failed its checks: teach those jobs again
+        cfg = self.config
+        missing = [(r.job, r.seed) for r in s.running if not self.cache.has(r.job.id, r.job.digest())]
+        errors = teach_into_cache(self.loaded, self.template, self.cache, self.spec, missing,
+                                  max_new_tokens=cfg.max_new_tokens, use_answers="answer" not in self.objective)  # fmt: skip
+        for run in list(s.running):
+            if run.job.id in errors:  # it cannot be taught again (nor could it be the first time): it fails alone
+                self._fail(run, errors[run.job.id])
+                continue
+            run.teacher = self.cache.get(
+                run.job.id, run.job.digest()
+            )  # a damaged shard refuses the resume, naming --rebuild-cache
+            if run.stop_reason:  # it had stopped, and its export or report failed to be written: finish it now
+                self._finish(run, run.stop_reason)
+
+    def _write_failed(self, error: OSError) -> str:
+        """One sentence for a write that failed mid-run, after trying to save a checkpoint to resume from."""
+        where = f" writing {error.filename}" if error.filename else ""
+        try:
+            self._checkpoint()
+            resume = "a checkpoint was saved: fix it and run again with --resume"
+        except OSError:
+            resume = "run again with --resume once it is fixed (from the last checkpoint)"
+        return f"{error.strerror or error}{where}; {resume}"
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -376,7 +416,10 @@ class Engine:
         except KeyboardInterrupt:
             self._checkpoint()
             raise
+        except OSError as error:  # a full disk, a read-only or vanished folder: say so, keep what can be kept
+            raise FastsoftError(self._write_failed(error)) from error
         finally:
             progress.close()
+            self.close()
         order = {job.id: i for i, job in enumerate(jobs)}
         return sorted(self.scheduler.finished, key=lambda r: order[r.job.id])

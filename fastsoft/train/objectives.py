@@ -28,6 +28,7 @@ def job_loss_sums(
     *,
     temperature: float = 1.0,
     backend: str = "auto",
+    attention: str | None = None,
 ) -> torch.Tensor:
     """One packed student step's summed token losses per job, for any objective mixture.
 
@@ -41,6 +42,7 @@ def job_loss_sums(
             read when the mixture has ``kl``. The ``answer`` and ``supervised`` terms score each segment's own
             answer tokens (the teacher's greedy answer, or the given one).
         objective: weights by name, as :func:`parse_objective` returns them.
+        attention: overrides the packed attention implementation (``fastsoft.attention.packed_attention``'s choice).
 
     Returns:
         ``[jobs]`` fp32 sums of the weighted token losses (differentiable w.r.t. ``prompts``); divide by each job's
@@ -48,7 +50,7 @@ def job_loss_sums(
     """
     device = loaded.device
     row_job = [job for seg, job in zip(segments, job_of_segment) for _ in seg.answer]
-    hidden = scored_hidden(loaded, prompts, pack(segments, prompts.shape[1]))  # [N, H]
+    hidden = scored_hidden(loaded, prompts, pack(segments, prompts.shape[1]), attention)  # [N, H]
     row_loss = torch.zeros(hidden.shape[0], device=device)
     for name, weight in objective.items():
         if weight == 0:
