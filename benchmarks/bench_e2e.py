@@ -22,7 +22,7 @@ V 128256, tied embeddings), bf16, sdpa for the baselines. Tokens are words of a 
 (``t<id>``), so lengths are exact.
 
     python benchmarks/bench_e2e.py                 # GPU (about 2.5 minutes on an H100, estimated)
-    python benchmarks/bench_e2e.py --cpu-small     # tiny random model on CPU, seconds (tests/test_engine.py)
+    python benchmarks/bench_e2e.py --cpu-small     # tiny random model on CPU, seconds (tests/e2e/test_benchmarks.py)
 
 Writes ``benchmarks/results/e2e-<device>.json`` (after the teacher section, again after training) and the
 ``.png`` (loss curves side by side; without matplotlib: skipped, one line says so), and prints a table;
@@ -151,7 +151,7 @@ def random_ids(generator: torch.Generator, n: int, vocab: int) -> list[int]:
 
 
 def plain_template():
-    from fastsoft.templates import Template
+    from fastsoft.data.templates import Template
 
     return Template(head="", middle="", tail="", placement="template", kind="plain")  # prefix = the context's tokens
 
@@ -182,7 +182,7 @@ def naive_forced(loaded, prompts, answers, batch: int = 1):
 def repeated_prefix_cache(loaded, context, queries, answers):
     """The foundation's teacher: the context encoded once, its DynamicCache repeated over every query, one padded forward."""
     device, P = loaded.device, len(context)
-    cache = loaded.decoder(input_ids=torch.tensor([context], device=device), use_cache=True).past_key_values
+    cache = loaded.kv_cache(loaded.decoder(input_ids=torch.tensor([context], device=device), use_cache=True))
     rows = copy.deepcopy(cache)
     rows.batch_repeat_interleave(len(queries))
     suffixes = [q + a for q, a in zip(queries, answers)]
@@ -192,7 +192,7 @@ def repeated_prefix_cache(loaded, context, queries, answers):
     mask = torch.cat([torch.ones(len(suffixes), P, dtype=torch.long, device=device), real], 1)
     positions = P + torch.arange(width, device=device).expand(len(suffixes), width)
     hidden = loaded.decoder(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=rows, use_cache=True
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **loaded.kv_cache_arg(rows)
     ).last_hidden_state
     return [hidden[i, len(q) - 1 : len(q) + len(a) - 1] for i, (q, a) in enumerate(zip(queries, answers))]
 
@@ -210,14 +210,17 @@ def naive_greedy(loaded, prompts, new_tokens: int):
             if token == EOS or i == new_tokens - 1:
                 break
             step = loaded.decoder(
-                input_ids=torch.tensor([[token]], device=device), past_key_values=step.past_key_values, use_cache=True
+                input_ids=torch.tensor([[token]], device=device),
+                use_cache=True,
+                **loaded.kv_cache_arg(loaded.kv_cache(step)),
             )
         out.append(answer)
     return out
 
 
 def bench_teacher(loaded, spec: dict) -> dict:
-    from fastsoft.teacher import TeachRequest, teach_jobs
+    from fastsoft.data.jobs import Job
+    from fastsoft.teacher.batching import teach_jobs
 
     cfg, device, vocab = spec["teacher"], loaded.device, loaded.vocab_size
     gen = torch.Generator().manual_seed(1)
@@ -226,7 +229,7 @@ def bench_teacher(loaded, spec: dict) -> dict:
     answers = [random_ids(gen, cfg["answer"] - 1, vocab) + [EOS] for _ in range(cfg["queries"])]
     prompts = [context + q for q in queries]
     template = plain_template()
-    request = TeachRequest("bench", words(context), [words(q) for q in queries], [words(a[:-1]) for a in answers])
+    request = Job("bench", words(context), [words(q) for q in queries], [words(a[:-1]) for a in answers])
     rows = []
 
     def add(method, mode, fn, reps=cfg["reps"], warmup=None):
@@ -247,7 +250,7 @@ def bench_teacher(loaded, spec: dict) -> dict:
     diff = max(float((t.hidden - h.float()).abs().max()) for t, h in zip(ours, naive))
 
     new = cfg["greedy_new"]
-    greedy_request = TeachRequest("greedy", request.context, request.queries)
+    greedy_request = Job("greedy", request.context, request.queries)
     naive_answers = add(
         "naive per query",
         "greedy",
@@ -294,8 +297,9 @@ def bench_teacher(loaded, spec: dict) -> dict:
 
 def training_data(loaded, spec: dict):
     """Sequences (query, answer) and their dense teacher log-probs from the full-context teacher."""
-    from fastsoft.cache import CacheSpec, make_targets
-    from fastsoft.teacher import TeachRequest, teach_jobs
+    from fastsoft.data.jobs import Job
+    from fastsoft.teacher.batching import teach_jobs
+    from fastsoft.teacher.targets import CacheSpec
 
     cfg, vocab = spec["training"], loaded.vocab_size
     gen = torch.Generator().manual_seed(2)
@@ -303,12 +307,10 @@ def training_data(loaded, spec: dict):
     queries = [random_ids(gen, n, vocab) for n in lengths]
     answers = [random_ids(gen, cfg["answer"] - 1, vocab) + [EOS] for _ in lengths]
     context = random_ids(gen, cfg["context"], vocab)
-    request = TeachRequest("data", words(context), [words(q) for q in queries], [words(a[:-1]) for a in answers])
+    request = Job("data", words(context), [words(q) for q in queries], [words(a[:-1]) for a in answers])
     taught = teach_jobs(loaded, plain_template(), [request], cfg["answer"])["data"][0]
     hidden = torch.cat([t.hidden for t in taught])
-    logprobs = make_targets(loaded.lm_weight, hidden, CacheSpec("dense", dtype=spec["cache_dtype"]))["logprobs"].to(
-        loaded.device
-    )
+    logprobs = CacheSpec("dense", dtype=spec["cache_dtype"]).build(loaded.lm_weight, hidden).logprobs.to(loaded.device)
     offsets = [0]
     for a in answers:
         offsets.append(offsets[-1] + len(a))
@@ -331,9 +333,10 @@ def initial_prompt(loaded, length: int, seed: int) -> torch.Tensor:
 
 def train_fastsoft(loaded, spec, data, jobs: int, attention: str | None):
     """``jobs`` prompts trained at once (one slot each), every step packing each job's minibatch of 8."""
-    from fastsoft.bank import PromptBank
-    from fastsoft.ops import softmax_kl
-    from fastsoft.student import Segment, pack, scored_hidden
+    from fastsoft.ops import DenseTarget
+    from fastsoft.train.bank import PromptBank
+    from fastsoft.train.objectives import job_loss_sums, tokens_per_job
+    from fastsoft.train.packing import Segment
 
     cfg, device = spec["training"], loaded.device
     queries, answers, logprobs, offsets = data
@@ -345,17 +348,17 @@ def train_fastsoft(loaded, spec, data, jobs: int, attention: str | None):
     for step in range(len(schedule[0])):
         sync(device)
         start = time.perf_counter()
-        segments, rows, job_of_row = [], [], []
+        segments, rows, job_of_segment = [], [], []
         for slot in range(jobs):
             for i in schedule[slot][step]:
                 segments.append(Segment(slot, [], queries[i], answers[i]))
                 rows += range(offsets[i], offsets[i + 1])
-                job_of_row += [slot] * len(answers[i])
-        packed = pack(segments, cfg["prompt"])
-        hidden = scored_hidden(loaded, bank.prompts, packed, attention)
-        row_loss = softmax_kl(hidden, loaded.lm_weight, logprobs[torch.tensor(rows, device=device)], reduction="none")
-        owner = torch.tensor(job_of_row, device=device)
-        per_job = torch.zeros(jobs, device=device).index_add(0, owner, row_loss) / torch.bincount(owner, minlength=jobs)
+                job_of_segment.append(slot)
+        teacher = DenseTarget(logprobs[torch.tensor(rows, device=device)])
+        sums = job_loss_sums(
+            loaded, bank.prompts, segments, job_of_segment, jobs, teacher, {"kl": 1.0}, attention=attention
+        )
+        per_job = sums / tokens_per_job(segments, job_of_segment, jobs).to(device)
         per_job.sum().backward()
         bank.step({slot: cfg["lr"] for slot in range(jobs)})
         losses = per_job.detach().cpu().tolist()  # the host sync the engine also makes (per-job losses)
@@ -363,7 +366,7 @@ def train_fastsoft(loaded, spec, data, jobs: int, attention: str | None):
         times.append(time.perf_counter() - start)
         if step > 0:  # the first step warms up (kernel autotuning, allocator)
             scored += len(rows)
-            real += len(packed.ids)
+            real += sum(seg.length(cfg["prompt"]) for seg in segments)
         for slot in range(jobs):
             curves[slot].append(losses[slot])
     seconds = sum(times[1:])
@@ -439,7 +442,7 @@ def train_peft(loaded, spec, data, peft):
 
 def bench_training(loaded, spec: dict, skipped: list) -> dict:
     """Training throughput of fastsoft (1 job, then all jobs at once) and of PEFT; a PEFT that does not run goes to ``skipped``."""
-    from fastsoft.student import BUCKETS_ATTENTION, packed_attention
+    from fastsoft.attention import BUCKETS_ATTENTION, packed_attention
 
     cfg, device = spec["training"], loaded.device
     data = training_data(loaded, spec)

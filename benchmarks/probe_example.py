@@ -21,10 +21,9 @@ from common import ROOT  # noqa: E402  (puts the checkout on sys.path)
 
 import fastsoft  # noqa: E402
 from fastsoft.config import CompressConfig  # noqa: E402
-from fastsoft.engine import Engine  # noqa: E402
-from fastsoft.evaluate import _token_kl  # noqa: E402
-from fastsoft.jobs import job_from_files  # noqa: E402
-from fastsoft.scheduler import JobRun, job_seed  # noqa: E402
+from fastsoft.data.jobs import job_from_files  # noqa: E402
+from fastsoft.eval.evaluate import token_kl  # noqa: E402
+from fastsoft.train.engine import Engine  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,29 +37,29 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fastsoft-probe-"))
     for overrides in json.loads(args.settings):
         config = CompressConfig(**overrides)
-        engine = Engine(loaded, config, work / "out", cache_dir=work / "cache", progress=False, overwrite=True)
-        run = JobRun(job.with_eval_split(config.eval_fraction, config.seed), job_seed(config.seed, job.id))
-        engine.scheduler.submit(run)
-        engine._teach(engine.scheduler.admit())  # the engine's own teacher pass and cache (taught once, then reused)
-        held_out = run.teacher.eval
-        kl_none = float(_token_kl(loaded, None, held_out, 1.0)[0].mean())
-        started, curve = time.perf_counter(), []
-        while run.step < config.steps:
-            engine.step()
-            if run.step == 1 or run.step % args.every == 0:
-                kl = float(_token_kl(loaded, engine.bank.get(run.slot), held_out, 1.0)[0].mean())
-                recent = run.losses[-5:]
-                curve.append(
-                    {
-                        "step": run.step,
-                        "train_loss_last5": round(sum(recent) / len(recent), 3),
-                        "heldout_kl": round(kl, 3),
-                        "gap_closed": round(1 - kl / kl_none, 3),
-                        "seconds": round(time.perf_counter() - started),
-                    }
-                )
-                print(json.dumps({"settings": overrides, **curve[-1]}), flush=True)
-        print(json.dumps({"settings": overrides, "kl_none": round(kl_none, 3), "curve": curve}))
+        started, curve, kl_none = time.perf_counter(), [], {}
+
+        def measure(run, kl: float) -> None:
+            recent = run.losses[-5:]
+            curve.append({"step": run.step, "train_loss_last5": round(sum(recent) / len(recent), 3), "heldout_kl": round(kl, 3),
+                          "gap_closed": round(1 - kl / kl_none["value"], 3), "seconds": round(time.perf_counter() - started)})  # fmt: skip
+            print(json.dumps({"settings": overrides, **curve[-1]}), flush=True)
+
+        def at_step(runs):  # called before each step: the prompt in the bank has trained run.step steps
+            (run,) = runs
+            if "value" not in kl_none:
+                kl_none["value"] = float(token_kl(loaded, None, run.teacher.eval)[0].mean())
+            if run.step == 1 or (run.step and run.step % args.every == 0):
+                measure(run, float(token_kl(loaded, engine.bank.get(run.slot), run.teacher.eval)[0].mean()))
+
+        # the engine's own teacher pass and cache (taught once, then reused by every setting)
+        engine = Engine(
+            loaded, config, work / "out", cache_dir=work / "cache", progress=False, overwrite=True, on_step=at_step
+        )
+        (run,) = engine.run([job])
+        if not curve or curve[-1]["step"] != run.step:  # the last point: what the run's own evaluation measured
+            measure(run, run.report["kl_soft"])
+        print(json.dumps({"settings": overrides, "kl_none": round(kl_none["value"], 3), "curve": curve}))
     return 0
 
 
