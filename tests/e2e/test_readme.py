@@ -18,10 +18,8 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert command in lines
     before = lines[: lines.index(command)]
     assert not [line for line in before if "pip" in line], "CI must install nothing the README's command does not"
-    for install in (
-        "setuptools",
-        "ninja",
-    ):  # --no-build-isolation needs setuptools (not in Python >= 3.12 venvs); ninja builds the C++
+    # --no-build-isolation needs setuptools (absent from Python >= 3.12 venvs); ninja builds the C++ backend
+    for install in ("setuptools", "ninja"):
         assert install in command.split("--no-build-isolation")[0]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 import fastsoft
@@ -17,6 +19,17 @@ def test_generate_with_a_saved_prompt(tiny, tiny_job, tmp_path):
     prompt, template, _ = load_prompt(tmp_path / tiny_job.id)
     text = generate(tiny, template, prompt, "Who is the mayor?", max_new_tokens=5)
     assert isinstance(text, str) and text == generate(tiny, template, prompt, "Who is the mayor?", max_new_tokens=5)
+
+
+def test_no_deprecation_warning_from_our_own_calls(tiny, tiny_job, tmp_path):
+    """A whole compress + generate with deprecation warnings raised as errors (transformers renames keywords, e.g.
+    ``past_key_values`` -> ``cache`` in 5.24, removed in 5.40: a warning today is a break tomorrow)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        fastsoft.compress([tiny_job], tiny, tmp_path, **TRAIN)
+        prompt, template, _ = load_prompt(tmp_path / tiny_job.id)
+        generate(tiny, template, prompt, "Who is the mayor?", max_new_tokens=5)
 
 
 def test_rouge_l():
