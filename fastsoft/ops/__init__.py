@@ -1,7 +1,7 @@
 """Loss ops. ``softmax_kl`` is the one entry point every objective goes through."""
 
 from fastsoft.ops.softmax_kl import BackendUnavailable, SoftmaxKLLoss, resolve_backend, softmax_kl
-from fastsoft.ops.targets import DenseTarget, HiddenTarget, SparseTarget, Target, as_target
+from fastsoft.ops.targets import CompactTarget, DenseTarget, HiddenTarget, SparseTarget, Target, as_target
 
 __all__ = [
     "softmax_kl",
@@ -9,6 +9,7 @@ __all__ = [
     "DenseTarget",
     "SparseTarget",
     "HiddenTarget",
+    "CompactTarget",
     "Target",
     "as_target",
     "BackendUnavailable",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher, as_target
+from fastsoft.ops.targets import CompactTarget, HiddenTarget, SparseTarget, Teacher, as_target
 
 # Bytes of one [C, V] temporary; the chunk loop keeps about five of them alive.
 CHUNK_BYTES = 16 * 2**20
@@ -64,7 +64,8 @@ def softmax_kl_rows(
     Args:
         hidden: ``[N, H]`` student final hidden states.
         lm_weight: ``[V, H]`` frozen lm_head weight (no gradient for it is ever computed).
-        teacher: dense log-probs ``[N, V]``, a :class:`SparseTarget` or a :class:`HiddenTarget`.
+        teacher: dense log-probs ``[N, V]``, a :class:`SparseTarget`, a :class:`HiddenTarget` or a
+            :class:`CompactTarget` (built at ``temperature``; ``softmax_kl`` checks that).
         temperature: student (and dense/hidden teacher) logits are divided by it.
         token_weight: ``[N]`` or None; rows whose weight is 0 give loss 0 and gradient 0, and their
             teacher row is never trusted (NaN there does not leak).
@@ -87,19 +88,29 @@ def softmax_kl_rows(
         rows = slice(start, min(n, start + chunk))
         z = (hidden[rows].to(cd) @ weight.T) / temperature  # [C, V]
         lse = torch.logsumexp(z, dim=-1)
+        compact = None
         if isinstance(teacher, SparseTarget):
             loss, dz = _sparse_rows(z, lse, teacher[rows])
+        elif isinstance(teacher, CompactTarget):
+            # cross-entropy-shaped: sum q log q - h . wbar / T + lse, dz = p (the teacher's -wbar is added after the GEMM)
+            compact = teacher.wbar[rows].to(cd)  # [C, H]
+            dot = (hidden[rows].to(cd) * compact).sum(-1)
+            loss = teacher.neg_entropy[rows].to(cd) - dot / temperature + lse
+            dz = (z - lse[:, None]).exp()
         elif isinstance(teacher, HiddenTarget):
             loss, dz = _dense_rows(z - lse[:, None], teacher.hidden[rows].to(cd) @ weight.T, temperature)
         else:
             loss, dz = _dense_rows(z - lse[:, None], teacher.logprobs[rows].to(cd), temperature)
-        if token_weight is not None:
-            keep = token_weight[rows] != 0
+        keep = None if token_weight is None else token_weight[rows] != 0
+        if keep is not None:
             loss = torch.where(keep, loss, torch.zeros_like(loss))
             dz = torch.where(keep[:, None], dz, torch.zeros_like(dz))
         loss_out[rows] = loss
         if need_grad:
-            grad_out[rows] = ((dz @ weight) / temperature).to(hidden.dtype)
+            dh = dz @ weight
+            if compact is not None:
+                dh = dh - (compact if keep is None else torch.where(keep[:, None], compact, torch.zeros_like(compact)))
+            grad_out[rows] = (dh / temperature).to(hidden.dtype)
     return loss_out, grad_out
 
 
@@ -123,6 +134,9 @@ def softmax_kl_naive(
             outside = torch.logsumexp(logp.scatter(1, ids, float("-inf")), -1)
             loss = loss + torch.xlogy(r, r) - r * outside
         return loss
+    if isinstance(teacher, CompactTarget):
+        dot = (hidden.to(z.dtype) * teacher.wbar.to(z.dtype)).sum(-1)
+        return teacher.neg_entropy.to(z.dtype) - dot / temperature + torch.logsumexp(z, -1)
     logits = teacher.hidden.to(lm_weight.dtype) @ lm_weight.T if isinstance(teacher, HiddenTarget) else teacher.logprobs
     q = torch.log_softmax(logits.to(z.dtype) / temperature, -1)
     return (q.exp() * (q - logp)).sum(-1)

@@ -15,6 +15,7 @@ row-wise scale of the stored gradient and never touches the vocabulary again.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from fastsoft.ops import reference
-from fastsoft.ops.targets import DenseTarget, HiddenTarget, Teacher, as_target
+from fastsoft.ops.targets import CompactTarget, DenseTarget, HiddenTarget, Teacher, as_target
 
 BACKENDS = ("triton", "cpp", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -119,6 +120,14 @@ def _check(
     n, v = hidden.shape[0], lm_weight.shape[0]
     if isinstance(teacher, HiddenTarget) and teacher.hidden.shape[1] != hidden.shape[1]:
         raise ValueError(f"HiddenTarget has hidden size {teacher.hidden.shape[1]}, the student {hidden.shape[1]}")
+    if isinstance(teacher, CompactTarget):
+        if teacher.wbar.shape[1] != hidden.shape[1]:
+            raise ValueError(f"CompactTarget has hidden size {teacher.wbar.shape[1]}, the student {hidden.shape[1]}")
+        if not math.isclose(teacher.temperature, float(temperature), rel_tol=1e-9):
+            raise ValueError(
+                f"this CompactTarget was built at temperature {teacher.temperature} and is exact only there; "
+                f"softmax_kl was called with temperature {temperature} (build the target at the loss temperature)"
+            )
     if isinstance(teacher, DenseTarget) and teacher.logprobs.shape[1] != v:
         raise ValueError(
             f"a dense teacher must be log-probs of shape [N, V] = [{n}, {v}], got {tuple(teacher.logprobs.shape)}"
@@ -158,7 +167,10 @@ def softmax_kl(
             - :class:`SparseTarget` ``(ids [N, K], probs [N, K], tail [N] | None)``: top-k (with the
               exact ``K + 1``-bucket KL when ``tail`` is given) or sampled ids with count weights, used
               as given; ``K = 1`` with prob 1 is plain cross-entropy;
-            - :class:`HiddenTarget` ``(hidden [N, H])``: teacher logits ``hidden_t @ lm_weight.T / T``.
+            - :class:`HiddenTarget` ``(hidden [N, H])``: teacher logits ``hidden_t @ lm_weight.T / T``;
+            - :class:`CompactTarget` ``(wbar [N, H], neg_entropy [N], T)``: a dense or hidden teacher reduced to
+              ``H + 1`` numbers a token, exact at the temperature it was built at (another ``T`` raises
+              ``ValueError``); the loss is ``neg_entropy - h . wbar / T + logsumexp(z)``.
         temperature: ``T > 0``. No ``T**2`` factor is applied.
         token_weight: ``[N]`` per-row weights; 0 ignores a row (its teacher row is never trusted).
         reduction: ``"mean"`` (``sum(w * L) / sum(w)``, 0 when every row is ignored), ``"sum"``

@@ -8,11 +8,16 @@ around (the cache, the packed step) never switches on the kind:
 - ``Kind.concat(parts)``: one target from row blocks of the same kind;
 - ``t.tensors()`` / ``Kind.from_tensors(d)``: the named tensors a cache stores, and back.
 
+Kinds: :class:`DenseTarget` (teacher log-probs ``[N, V]``), :class:`SparseTarget` (ids and weights, optional
+tail), :class:`HiddenTarget` (teacher hidden states ``[N, H]``) and :class:`CompactTarget` (``wbar [N, H]`` and
+``sum q log q [N]``: a dense or hidden teacher, exact for the forward KL at the temperature it was built at).
+
 A bare ``[N, V]`` tensor passed to ``softmax_kl`` is read as a :class:`DenseTarget` (:func:`as_target`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -144,7 +149,122 @@ class HiddenTarget:
         return cls(tensors["hidden"])
 
 
-Target = Union[DenseTarget, SparseTarget, HiddenTarget]
+# Bytes of one [C, V] temporary while a CompactTarget is built; about four of them are alive at a time.
+_BUILD_CHUNK_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class CompactTarget:
+    """A dense or hidden teacher in ``H + 1`` numbers a token, exact for the forward KL at one temperature.
+
+    With the frozen ``lm_weight`` ``W [V, H]`` and ``q = softmax(teacher logits / T)``,
+    ``KL(q || softmax(h W^T / T)) = sum_v q_v log q_v - h . wbar / T + logsumexp(h W^T / T)`` with
+    ``wbar = sum_v q_v W_v``, and its gradient is ``(sum_v p_v W_v - wbar) / T``: both exact, and the loss
+    is cross-entropy-shaped (no teacher read over the vocabulary). See ``kernels/softmax_kl.md``.
+
+    Args:
+        wbar: ``[N, H]`` the teacher-weighted sums of ``W`` rows (fp32, fp64 for the tests' ground truth).
+        neg_entropy: ``[N]`` the teacher's ``sum_v q_v log q_v``.
+        temperature: the ``T`` the target was built at; ``softmax_kl`` refuses it at any other temperature.
+
+    Build it with :meth:`from_logprobs` (dense teacher log-probs or logits) or :meth:`from_hidden`
+    (teacher final hidden states); both stream the vocabulary in row chunks (one ``[C, V]`` block alive).
+    """
+
+    wbar: torch.Tensor
+    neg_entropy: torch.Tensor
+    temperature: float
+
+    def __post_init__(self):
+        if self.wbar.dim() != 2 or self.neg_entropy.shape != self.wbar.shape[:1]:
+            raise ValueError(
+                f"CompactTarget needs wbar [N, H] and neg_entropy [N], got {tuple(self.wbar.shape)} and {tuple(self.neg_entropy.shape)}"
+            )
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ValueError(f"CompactTarget temperature must be a positive number, got {self.temperature!r}")
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+    def __getitem__(self, rows) -> CompactTarget:
+        return CompactTarget(self.wbar[rows], self.neg_entropy[rows], self.temperature)
+
+    def __len__(self) -> int:
+        return self.wbar.shape[0]
+
+    def to(self, device) -> CompactTarget:
+        return CompactTarget(self.wbar.to(device), self.neg_entropy.to(device), self.temperature)
+
+    @classmethod
+    def concat(cls, parts: list[CompactTarget]) -> CompactTarget:
+        temps = {p.temperature for p in parts}
+        if len(temps) != 1:
+            raise ValueError(f"cannot concatenate CompactTargets built at different temperatures {sorted(temps)}")
+        return cls(torch.cat([p.wbar for p in parts]), torch.cat([p.neg_entropy for p in parts]), temps.pop())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        temperature = torch.tensor(self.temperature, dtype=torch.float64)
+        return {"wbar": self.wbar, "neg_entropy": self.neg_entropy, "temperature": temperature}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> CompactTarget:
+        return cls(tensors["wbar"], tensors["neg_entropy"], float(tensors["temperature"]))
+
+    @classmethod
+    def from_logprobs(
+        cls, logprobs: torch.Tensor, lm_weight: torch.Tensor, temperature: float, *, chunk_rows: int | None = None
+    ) -> CompactTarget:
+        """Exact compact form of a dense teacher ``[N, V]`` at ``temperature``: ``q = softmax(logprobs / T)``.
+
+        The same re-tempering as the dense path (``log_softmax(t / T)``), so logits work as well as log-probs.
+        Computed in fp32 (fp64 when an input is fp64); at most ``chunk_rows`` rows of ``[C, V]`` alive at a time.
+        """
+        if logprobs.dim() != 2 or lm_weight.dim() != 2 or logprobs.shape[1] != lm_weight.shape[0]:
+            raise ValueError(
+                f"from_logprobs needs log-probs [N, V] and lm_weight [V, H], got {tuple(logprobs.shape)} and {tuple(lm_weight.shape)}"
+            )
+        return cls._build(
+            lambda rows, w: logprobs[rows].to(w.dtype), len(logprobs), lm_weight, temperature, chunk_rows, logprobs
+        )
+
+    @classmethod
+    def from_hidden(
+        cls, hidden: torch.Tensor, lm_weight: torch.Tensor, temperature: float, *, chunk_rows: int | None = None
+    ) -> CompactTarget:
+        """Exact compact form of a hidden-state teacher ``[N, H]`` at ``temperature``: ``q = softmax(h_t W^T / T)``.
+
+        Computed in fp32 (fp64 when an input is fp64); at most ``chunk_rows`` rows of ``[C, V]`` alive at a time.
+        """
+        if hidden.dim() != 2 or lm_weight.dim() != 2 or hidden.shape[1] != lm_weight.shape[1]:
+            raise ValueError(
+                f"from_hidden needs hidden states [N, H] and lm_weight [V, H], got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}"
+            )
+        return cls._build(
+            lambda rows, w: hidden[rows].to(w.dtype) @ w.T, len(hidden), lm_weight, temperature, chunk_rows, hidden
+        )
+
+    @classmethod
+    def _build(
+        cls, logits_of, n: int, lm_weight: torch.Tensor, temperature: float, chunk_rows, source
+    ) -> CompactTarget:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        cd = torch.float64 if torch.float64 in (source.dtype, lm_weight.dtype) else torch.float32
+        weight = lm_weight.to(cd)
+        vocab = weight.shape[0]
+        chunk = chunk_rows or max(1, _BUILD_CHUNK_BYTES // (max(vocab, 1) * torch.finfo(cd).bits // 8))
+        wbar = torch.empty(n, weight.shape[1], dtype=cd, device=weight.device)
+        neg_entropy = torch.empty(n, dtype=cd, device=weight.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            q_log = torch.log_softmax(logits_of(rows, weight) / temperature, -1)  # [C, V]
+            q = q_log.exp()
+            wbar[rows] = q @ weight
+            neg_entropy[rows] = torch.where(q > 0, q * q_log, torch.zeros_like(q)).sum(-1)  # 0 log 0 = 0
+        return cls(wbar, neg_entropy, float(temperature))
+
+
+Target = Union[DenseTarget, SparseTarget, HiddenTarget, CompactTarget]
 Teacher = Union[torch.Tensor, Target]  # what softmax_kl accepts: a bare tensor is dense
 
 
@@ -152,8 +272,9 @@ def as_target(teacher: Teacher) -> Target:
     """The target object for what a caller passed: a bare ``[N, V]`` tensor becomes a :class:`DenseTarget`."""
     if isinstance(teacher, torch.Tensor):
         return DenseTarget(teacher)
-    if isinstance(teacher, (DenseTarget, SparseTarget, HiddenTarget)):
+    if isinstance(teacher, (DenseTarget, SparseTarget, HiddenTarget, CompactTarget)):
         return teacher
     raise TypeError(
-        f"teacher must be a [N, V] tensor, DenseTarget, SparseTarget or HiddenTarget, got {type(teacher).__name__}"
+        "teacher must be a [N, V] tensor, DenseTarget, SparseTarget, HiddenTarget or CompactTarget, "
+        f"got {type(teacher).__name__}"
     )
