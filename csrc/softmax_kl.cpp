@@ -1,7 +1,7 @@
 // softmax_kl on CPU: fused lm_head matmul + streaming softmax + KL / cross-entropy, gradient for the
 // hidden states only (W is frozen: no dW). Implements the row contract of
-// fastsoft/ops/reference.py::softmax_kl_rows for the three teacher kinds, registered as
-// fastsoft::softmax_kl_rows_{dense,sparse,hidden}.
+// fastsoft/ops/reference.py::softmax_kl_rows for the four teacher kinds, registered as
+// fastsoft::softmax_kl_rows_{dense,sparse,hidden,compact}.
 //
 // Work split: tasks of up to BN token rows run in parallel (at::parallel_for; MKL single-threaded
 // inside); each task streams the vocabulary once, in tiles of BV columns, so scratch memory is
@@ -21,6 +21,8 @@
 // - sparse teachers: O sums only the vocabulary outside the row's ids (their columns are zeroed in
 //   the tile), which gives the tail bucket exactly; the ids' own terms come from gathered W rows:
 //   dh = [((sum w + r) / S - r / S_tail) O + sum_ids ((sum w + r) p_v - w_v) W_v] / T. 2 GEMMs.
+// - compact teachers (wbar = sum q W, sum q log q): the sparse pass with no ids gives lse and O / S = sum p W;
+//   KL = sum q log q - h . wbar / T + lse, dh = (O / S - wbar) / T. 2 GEMMs, no teacher read over V.
 // The loss and gradient formulas are those of fastsoft/ops/reference.py.
 
 #include <ATen/ATen.h>
@@ -479,6 +481,83 @@ void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::T
   });
 }
 
+// ---------------------------------------------------------------- compact teachers
+
+// Compact teacher (wbar = sum_v q_v W_v, nq = sum_v q_v log q_v, built at this temperature): the loss is
+// cross-entropy-shaped, KL = nq - h . wbar / T + lse, and dh = (sum_v p_v W_v - wbar) / T. One pass over
+// the vocabulary with the sparse tile kernel and no ids (its "tail" is the whole vocabulary): running max m,
+// S = sum e^{z - m} and O = sum e^{z - m} W_v. 2 GEMMs a token, no teacher read over the vocabulary.
+template <typename T>
+void compact_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& wbar,
+                  const at::Tensor& neg_entropy, double temperature, const uint8_t* keep, bool need_grad,
+                  at::Tensor& loss, at::Tensor& grad) {
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  const T inv_t = T(1) / static_cast<T>(temperature);
+  const Plan plan = plan_rows(N);
+  const T* wbar_p = wbar.const_data_ptr<T>();  // [N, H] in the compute dtype
+  const T* nq_p = neg_entropy.const_data_ptr<T>();
+  T* loss_out = loss.mutable_data_ptr<T>();
+
+  at::parallel_for(0, plan.tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    const auto opts = hidden.options().dtype(acc);
+    const int64_t bn = plan.bn;
+    WeightTiles w_tile(weight, acc);
+    at::Tensor h_buf = at::empty({hidden.scalar_type() == acc ? 0 : bn * H}, opts);  // h upcast if bf16/fp16
+    at::Tensor z_buf = at::empty({bn * BV}, opts);
+    // the sum accumulates in the gradient rows themselves when they are in the compute dtype
+    at::Tensor o_buf = need_grad && grad.scalar_type() != acc ? at::empty({bn * H}, opts) : at::Tensor();
+    std::vector<int64_t> ucount(bn, 0), cursor(bn, 0);
+    std::vector<T> m(bn), s(bn), alpha(bn);
+
+    for (int64_t task = t_begin; task < t_end; ++task) {
+      const int64_t n0 = task * bn, rows = std::min(bn, N - n0);
+      const uint8_t* kp = keep + n0;
+      const at::Tensor h_mat = as_compute(hidden.narrow(0, n0, rows), h_buf);
+      std::fill(m.begin(), m.begin() + rows, NEG_INF<T>);
+      std::fill(s.begin(), s.begin() + rows, T(0));
+      at::Tensor o;  // [rows, H]: sum_v e^{z_v - m} W_v
+      if (need_grad) {
+        o = o_buf.defined() ? matrix(o_buf, rows, H) : grad.narrow(0, n0, rows);
+        o.zero_();
+      }
+
+      for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        const int64_t bv = std::min(BV, V - v0);
+        const at::Tensor w_t = w_tile(v0, bv);
+        at::Tensor z = matrix(z_buf, rows, bv);
+        at::mm_out(z, h_mat, w_t.t());
+        sparse_tile(z.mutable_data_ptr<T>(), inv_t, rows, bv, v0, kp, nullptr, ucount.data(), 0, cursor.data(), nullptr,
+                    m.data(), s.data(), alpha.data());
+        if (!need_grad) continue;
+        rescale_rows(o, alpha.data());
+        o.addmm_(z, w_t);
+      }
+
+      const T* hp = h_mat.const_data_ptr<T>();
+      T* op = need_grad ? o.mutable_data_ptr<T>() : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = n0 + r;
+        if (!kp[r]) {  // an ignored row's target is never read (it may hold NaN)
+          loss_out[n] = T(0);
+          if (need_grad) std::fill(op + r * H, op + (r + 1) * H, T(0));
+          continue;
+        }
+        const T* hr = hp + r * H;
+        const T* wr = wbar_p + n * H;
+        T dot = 0;
+        for (int64_t j = 0; j < H; ++j) dot += hr[j] * wr[j];
+        loss_out[n] = nq_p[n] - dot * inv_t + m[r] + std::log(s[r]);
+        if (!need_grad) continue;
+        T* g = op + r * H;
+        const T c = inv_t / s[r];
+        for (int64_t j = 0; j < H; ++j) g[j] = g[j] * c - wr[j] * inv_t;
+      }
+      if (need_grad && o_buf.defined()) grad.narrow(0, n0, rows).copy_(o);
+    }
+  });
+}
+
 // ---------------------------------------------------------------- entry points
 
 bool is_float(const at::Tensor& t) {
@@ -605,6 +684,27 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_sparse(const at::Tensor& hidd
   return {loss, grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_compact(const at::Tensor& hidden, const at::Tensor& lm_weight,
+                                                           const at::Tensor& wbar, const at::Tensor& neg_entropy,
+                                                           double temperature,
+                                                           const std::optional<at::Tensor>& token_weight,
+                                                           bool need_grad) {
+  const auto keep = check_common(hidden, lm_weight, temperature, token_weight);
+  check_float(wbar, "wbar");
+  check_float(neg_entropy, "neg_entropy");
+  TORCH_CHECK(wbar.sizes() == hidden.sizes(), "fastsoft softmax_kl (C++): wbar must have the shape of hidden ",
+              hidden.sizes(), ", got ", wbar.sizes());
+  TORCH_CHECK(neg_entropy.dim() == 1 && neg_entropy.size(0) == hidden.size(0),
+              "fastsoft softmax_kl (C++): neg_entropy must have shape [", hidden.size(0), "], got ", neg_entropy.sizes());
+  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
+  auto [loss, grad] = outputs(hidden, acc, need_grad);
+  if (hidden.size(0) == 0) return {loss, grad};
+  const at::Tensor wb = wbar.to(acc), nq = neg_entropy.to(acc);
+  if (acc == at::kDouble) compact_rows<double>(hidden, lm_weight, wb, nq, temperature, keep.data(), need_grad, loss, grad);
+  else compact_rows<float>(hidden, lm_weight, wb, nq, temperature, keep.data(), need_grad, loss, grad);
+  return {loss, grad};
+}
+
 // Shapes and dtypes only, for tracing (torch.compile, FakeTensor).
 std::tuple<at::Tensor, at::Tensor> meta_outputs(const at::Tensor& hidden, const at::Tensor& lm_weight, bool need_grad) {
   const at::ScalarType acc = compute_dtype(hidden, lm_weight);
@@ -621,12 +721,15 @@ TORCH_LIBRARY_FRAGMENT(fastsoft, m) {
         "float temperature, Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
   m.def("softmax_kl_rows_hidden(Tensor hidden, Tensor lm_weight, Tensor teacher_hidden, float temperature, "
         "Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
+  m.def("softmax_kl_rows_compact(Tensor hidden, Tensor lm_weight, Tensor wbar, Tensor neg_entropy, float temperature, "
+        "Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastsoft, CPU, m) {
   m.impl("softmax_kl_rows_dense", &softmax_kl_rows_dense);
   m.impl("softmax_kl_rows_sparse", &softmax_kl_rows_sparse);
   m.impl("softmax_kl_rows_hidden", &softmax_kl_rows_hidden);
+  m.impl("softmax_kl_rows_compact", &softmax_kl_rows_compact);
 }
 
 TORCH_LIBRARY_IMPL(fastsoft, Meta, m) {
@@ -637,6 +740,9 @@ TORCH_LIBRARY_IMPL(fastsoft, Meta, m) {
                                       bool g) { return meta_outputs(h, w, g); });
   m.impl("softmax_kl_rows_hidden", [](const at::Tensor& h, const at::Tensor& w, const at::Tensor&, double,
                                       const std::optional<at::Tensor>&, bool g) { return meta_outputs(h, w, g); });
+  m.impl("softmax_kl_rows_compact", [](const at::Tensor& h, const at::Tensor& w, const at::Tensor&, const at::Tensor&,
+                                       double, const std::optional<at::Tensor>&,
+                                       bool g) { return meta_outputs(h, w, g); });
 }
 
 }  // namespace fastsoft

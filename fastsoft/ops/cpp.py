@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastsoft.ops.targets import HiddenTarget, SparseTarget, Teacher, as_target
+from fastsoft.ops.targets import CompactTarget, HiddenTarget, SparseTarget, Teacher, as_target
 
 _SOURCE = "softmax_kl.cpp"
 _FLAGS = [
@@ -117,6 +117,16 @@ def softmax_kl_rows(
             teacher.ids.contiguous(),
             teacher.probs.detach().contiguous(),
             tail,
+            float(temperature),
+            token_weight,
+            need_grad,
+        )
+    elif isinstance(teacher, CompactTarget):
+        loss, grad = ops.softmax_kl_rows_compact(
+            hidden,
+            lm_weight,
+            teacher.wbar.detach().contiguous(),
+            teacher.neg_entropy.detach().contiguous(),
             float(temperature),
             token_weight,
             need_grad,
