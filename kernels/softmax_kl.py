@@ -28,12 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsoft.ops.targets import HiddenTarget, SparseTarget, as_target
+from fastsoft.ops.targets import CompactTarget, HiddenTarget, SparseTarget, as_target
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Teacher kinds (constexpr TEACHER).
-DENSE, HIDDEN, SPARSE = 0, 1, 2
+# Teacher kinds (constexpr TEACHER). COMPACT (wbar, sum q log q) runs the sparse path with no ids: the loss adds
+# neg_entropy - h . wbar / T (row kernel), the gradient -wbar / T (backward kernel, first vocabulary split).
+DENSE, HIDDEN, SPARSE, COMPACT = 0, 1, 2, 3
 # Dtype codes for tl.dot operands (constexpr DOT).
 _DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Width of the vocabulary tiles the statistics are kept per; the forward kernel's BV equals it and the
@@ -41,7 +42,7 @@ _DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 BV_STATS = 64 if INTERPRET else 128
 # Stats slots: student max (then gradient scale), student sum, teacher max (then scale) or max outside the
 # sparse ids, teacher sum or sum outside the ids, teacher cross term.
-_SLOTS = {DENSE: 5, HIDDEN: 5, SPARSE: 4}
+_SLOTS = {DENSE: 5, HIDDEN: 5, SPARSE: 4, COMPACT: 2}
 
 
 def _env_int(name: str) -> int | None:
@@ -178,7 +179,7 @@ def _softmax_kl_fwd_kernel(
         # ignored rows may hold NaN teachers: store zeros so the gradient pass multiplies 0 by 0
         tl.store(e_ptr + p_e, tl.where(b_keep[:, None], b_e, 0.0).to(e_ptr.dtype.element_ty), mask=m_e)
 
-    if TEACHER != 2:
+    if TEACHER < 2:
         if TEACHER == 0:
             p_t = t_ptr + o_n[:, None] * stride_tn + o_v[None, :] * stride_tc
             b_a = tl.load(p_t, mask=m_e, other=0.0).to(tl.float32)  # [BN, BV]
@@ -191,7 +192,7 @@ def _softmax_kl_fwd_kernel(
         tl.store(stats_ptr + 4 * SS + o_st, b_x, mask=m_n)
         if STORE:
             tl.store(f_ptr + p_e, tl.where(b_keep[:, None], b_f, 0.0).to(f_ptr.dtype.element_ty), mask=m_e)
-    else:
+    elif TEACHER == 2:
         # walk this row's sorted ids that fall in the tile: pick z at them, mark them for the tail sum
         v_end = (i_v + 1) * BV
         b_ptr = _lower_bound(ids_ptr, o_n, b_keep, K, i_v * BV, LOG2K)  # [BN]
@@ -227,10 +228,18 @@ def _softmax_kl_row_kernel(
     zk_ptr,
     corr_ptr,
     tail_ptr,
+    h_ptr,
+    t_ptr,
     K,
     NVT,
     SS,
+    H,
+    inv_temp,
     stride_tw,
+    stride_hn,
+    stride_hh,
+    stride_tn,
+    stride_tc,
     TEACHER: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -254,7 +263,7 @@ def _softmax_kl_row_kernel(
         o_j = j0 + tl.arange(0, BT)
         m_j = o_j < NVT
         b_mx = tl.maximum(b_mx, tl.load(p_m + o_j, mask=m_j, other=float("-inf")))
-        if TEACHER != 2 or HAS_TAIL:
+        if TEACHER < 2 or HAS_TAIL:
             b_mtx = tl.maximum(b_mtx, tl.load(p_2 + o_j, mask=m_j, other=float("-inf")))
     mx = tl.max(b_mx, 0)
     mtx = tl.max(b_mtx, 0)
@@ -269,20 +278,32 @@ def _softmax_kl_row_kernel(
         m_j = o_j < NVT
         b_scale = tl.exp(tl.load(p_m + o_j, mask=m_j, other=float("-inf")) - mx)
         b_s += tl.load(p_s + o_j, mask=m_j, other=0.0) * b_scale
-        if TEACHER != 2:
+        if TEACHER < 2:
             b_tscale = tl.exp(tl.load(p_2 + o_j, mask=m_j, other=float("-inf")) - mtx_safe)
             b_st += tl.load(stats_ptr + 3 * SS + i_n * NVT + o_j, mask=m_j, other=0.0) * b_tscale
             b_x += tl.load(stats_ptr + 4 * SS + i_n * NVT + o_j, mask=m_j, other=0.0) * b_tscale
-        elif HAS_TAIL:
+        elif TEACHER == 2 and HAS_TAIL:
             b_tscale = tl.exp(tl.load(p_2 + o_j, mask=m_j, other=float("-inf")) - mtx_safe)
             b_st += tl.load(stats_ptr + 3 * SS + i_n * NVT + o_j, mask=m_j, other=0.0) * b_tscale
     lse = mx + tl.log(tl.sum(b_s, 0))
 
     gamma = 1.0  # dz = gamma * p - (teacher part)
-    if TEACHER != 2:
+    if TEACHER < 2:
         s_t = tl.sum(b_st, 0)
         lse_t = mtx + tl.log(s_t)
         loss = tl.sum(b_x, 0) / s_t - lse_t + lse
+    elif TEACHER == 3:
+        # cross-entropy-shaped: sum q log q (in tail_ptr) - h . wbar / T + lse; an ignored row's NaN is dropped by
+        # the final tl.where
+        b_dot = tl.zeros([BT], tl.float32)
+        for j0 in range(0, H, BT):
+            o_j = j0 + tl.arange(0, BT)
+            m_j = o_j < H
+            b_h = tl.load(h_ptr + i_n * stride_hn + o_j * stride_hh, mask=m_j, other=0.0).to(tl.float32)
+            b_t = tl.load(t_ptr + i_n * stride_tn + o_j * stride_tc, mask=m_j, other=0.0).to(tl.float32)
+            b_dot += b_h * b_t
+        nq = tl.load(tail_ptr + i_n).to(tl.float32)
+        loss = nq - tl.sum(b_dot, 0) * inv_temp + lse
     else:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -315,7 +336,7 @@ def _softmax_kl_row_kernel(
             m_j = o_j < NVT
             b_c = gamma * tl.exp(tl.load(p_m + o_j, mask=m_j, other=float("-inf")) - lse)
             tl.store(p_m + o_j, tl.where(keep, b_c, 0.0), mask=m_j)
-            if TEACHER != 2:
+            if TEACHER < 2:
                 b_d = tl.exp(tl.load(p_2 + o_j, mask=m_j, other=float("-inf")) - lse_t)
                 tl.store(p_2 + o_j, tl.where(keep, b_d, 0.0), mask=m_j)
 
@@ -331,6 +352,7 @@ def _softmax_kl_bwd_kernel(
     ids_ptr,
     corr_ptr,
     tw_ptr,
+    t_ptr,
     C,
     V,
     H,
@@ -347,6 +369,8 @@ def _softmax_kl_bwd_kernel(
     stride_gn,
     stride_gh,
     stride_tw,
+    stride_tn,
+    stride_tc,
     TEACHER: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     FILTER: tl.constexpr,
@@ -379,7 +403,7 @@ def _softmax_kl_bwd_kernel(
         o_st = o_n * NVT + v0 // BV_STATS
         b_c = tl.load(stats_ptr + o_st, mask=m_n, other=0.0)  # [BN]
         b_dz = tl.load(e_ptr + p_e, mask=m_e, other=0.0).to(tl.float32) * b_c[:, None]  # [BN, BV]
-        if TEACHER != 2:
+        if TEACHER < 2:
             b_d = tl.load(stats_ptr + 2 * SS + o_st, mask=m_n, other=0.0)  # [BN]
             b_dz -= tl.load(f_ptr + p_e, mask=m_e, other=0.0).to(tl.float32) * b_d[:, None]
         p_w = w_ptr + o_v[:, None] * stride_wv + o_h[None, :] * stride_wh
@@ -409,6 +433,15 @@ def _softmax_kl_bwd_kernel(
             b_r = tl.load(p_r, mask=b_hit[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BN, BH]
             b_acc += b_corr[:, None] * b_r
             b_k += b_hit.to(tl.int64)
+    if TEACHER == 3:
+        if i_s == 0:
+            # the teacher's part of dh, -wbar (times 1/T below), added once: by the first vocabulary split
+            if HAS_WEIGHT:
+                b_keep = m_n & (tl.load(tw_ptr + o_n * stride_tw, mask=m_n, other=0.0) != 0)
+            else:
+                b_keep = m_n
+            p_t = t_ptr + o_n[:, None] * stride_tn + o_h[None, :] * stride_tc
+            b_acc -= tl.load(p_t, mask=b_keep[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BN, BH]
     p_g = g_ptr + i_s * stride_gs + o_n[:, None] * stride_gn + o_h[None, :] * stride_gh
     tl.store(p_g, (b_acc * inv_temp).to(g_ptr.dtype.element_ty), mask=m_n[:, None] & m_h[None, :])
 
@@ -506,6 +539,8 @@ def _prepare_teacher(teacher, n: int, device: torch.device):
         return SPARSE, None, sparse
     if isinstance(teacher, HiddenTarget):
         return HIDDEN, teacher.hidden, None
+    if isinstance(teacher, CompactTarget):
+        return COMPACT, teacher.wbar, None
     return DENSE, teacher.logprobs, None
 
 
@@ -523,7 +558,8 @@ def softmax_kl_rows(
         hidden: ``[N, H]`` bf16/fp16/fp32 student hidden states, any strides.
         lm_weight: ``[V, H]`` frozen lm_head weight, any strides (never differentiated).
         teacher: dense log-probs ``[N, V]`` (re-tempered as ``log_softmax(t / T)``), a :class:`SparseTarget`
-            (ids, probs, optional tail) or a :class:`HiddenTarget` (``[N, H]``).
+            (ids, probs, optional tail), a :class:`HiddenTarget` (``[N, H]``) or a :class:`CompactTarget`
+            (``wbar [N, H]``, ``neg_entropy [N]``; the sparse path with no ids plus ``-h . wbar / T``).
         temperature: ``T > 0``; student (and dense/hidden teacher) logits are divided by it.
         token_weight: ``[N]`` or None; rows with weight 0 give loss 0 and gradient 0 and their teacher
             rows are never trusted.
@@ -532,7 +568,7 @@ def softmax_kl_rows(
     Returns:
         ``loss [N]`` fp32 (unweighted) and ``grad [N, H]`` in ``hidden.dtype`` (or None).
 
-    Memory: one token chunk of ``[C, V]`` buffers (two for dense/hidden teachers, one for sparse;
+    Memory: one token chunk of ``[C, V]`` buffers (two for dense/hidden teachers, one for sparse and compact;
     fp16 for 16-bit inputs, fp32 otherwise) plus ``[C, V/128]`` fp32 statistics; never ``[N, V]``; no
     ``[V, H]`` gradient. No host synchronisation.
     """
@@ -550,14 +586,19 @@ def softmax_kl_rows(
         return loss32, None if grad32 is None else grad32.to(hidden.dtype)
 
     kind, tensor, sparse = _prepare_teacher(teacher, n, device)
+    neg_entropy = teacher.neg_entropy if kind == COMPACT else None
     dot, precision, buf_dtype = _dot_settings(hidden, lm_weight)
-    nbuf = (1 if kind == SPARSE else 2) if need_grad else 0
+    nbuf = (2 if kind in (DENSE, HIDDEN) else 1) if need_grad else 0
     rows = chunk_rows(n, vocab, hsize, nbuf * buf_dtype.itemsize)
     nvt = triton.cdiv(vocab, BV_STATS)
     stride_e = triton.cdiv(vocab, 8) * 8  # 16-byte aligned buffer rows
     stats = torch.empty((_SLOTS[kind], rows, nvt), dtype=torch.float32, device=device)
     e_buf = torch.empty((rows, stride_e), dtype=buf_dtype, device=device) if need_grad else stats
-    f_buf = torch.empty((rows, stride_e), dtype=buf_dtype, device=device) if need_grad and kind != SPARSE else e_buf
+    f_buf = (
+        torch.empty((rows, stride_e), dtype=buf_dtype, device=device)
+        if need_grad and kind in (DENSE, HIDDEN)
+        else e_buf
+    )
     inv_temp = 1.0 / float(temperature)
     has_weight = token_weight is not None
     tw = token_weight if has_weight else loss
@@ -624,6 +665,8 @@ def softmax_kl_rows(
             **common,
         )
         tail = sparse["tail"][r0:r1] if sparse and sparse["tail"] is not None else loss
+        if kind == COMPACT:
+            tail = neg_entropy[r0:r1]  # the row kernel reads sum q log q from the tail slot
         _softmax_kl_row_kernel[(c,)](
             stats,
             loss[r0:r1],
@@ -633,10 +676,18 @@ def softmax_kl_rows(
             zk,
             corr,
             tail,
+            h,
+            t,
             k,
             nvt,
             rows * nvt,
+            hsize,
+            inv_temp,
             stride_tw,
+            h.stride(0),
+            h.stride(1),
+            stride_t[0],
+            stride_t[1],
             HAS_TAIL=bool(sparse and sparse["tail"] is not None),
             NEED_GRAD=need_grad,
             BT=min(1024, triton.next_power_of_2(nvt)),
@@ -662,6 +713,7 @@ def softmax_kl_rows(
             ids,
             corr,
             tw_c,
+            t,
             c,
             vocab,
             hsize,
@@ -676,6 +728,8 @@ def softmax_kl_rows(
             lm_weight.stride(1),
             *stride_out,
             stride_tw,
+            stride_t[0],
+            stride_t[1],
             FILTER=filter_eps is not None,
             LOG2K=log2k,
             BV_STATS=BV_STATS,

@@ -6,9 +6,9 @@ import zlib
 
 import torch
 
-from fastsoft.ops import HiddenTarget, SparseTarget
+from fastsoft.ops import CompactTarget, HiddenTarget, SparseTarget
 
-KINDS = ["dense", "hidden", "topk", "sampled", "onehot"]
+KINDS = ["dense", "hidden", "topk", "sampled", "onehot", "compact"]
 
 
 def stable_seed(*parts) -> int:
@@ -26,6 +26,8 @@ def make_teacher(
     sharp: float = 1.0,
     k: int = 5,
     ids_dtype=torch.long,
+    lm_weight: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ):
     """A random teacher of ``kind`` for ``n`` rows over a vocabulary of ``v``.
 
@@ -33,7 +35,19 @@ def make_teacher(
     0 gives flat teachers, large values near one-hot ones. Beyond :data:`KINDS`: ``dense-sharp`` (sharp 8
     with exact zeros in row 0), ``topk-wide`` (K = 40), ``topk-dup`` (a repeated id), ``topk-tinytail``
     (tail mass 1e-4).
+
+    ``compact`` (a hidden teacher as a :class:`CompactTarget`) and ``compact-dense`` (a dense one) are built with
+    ``lm_weight`` at ``temperature``, the temperature the loss must then be called with.
     """
+    if kind in ("compact", "compact-dense"):
+        if lm_weight is None:
+            raise ValueError("a compact teacher is built with the lm_head: pass lm_weight= (and temperature=)")
+        if kind == "compact":
+            return CompactTarget.from_hidden(
+                sharp * torch.randn(n, h_dim, generator=gen, dtype=dtype), lm_weight, temperature
+            )
+        logprobs = torch.log_softmax(sharp * torch.randn(n, v, generator=gen, dtype=dtype), -1)
+        return CompactTarget.from_logprobs(logprobs, lm_weight, temperature)
     if kind in ("dense", "dense-sharp"):
         t = torch.log_softmax(
             (8.0 if kind == "dense-sharp" else sharp) * torch.randn(n, v, generator=gen, dtype=dtype), -1
@@ -68,4 +82,6 @@ def cast_teacher(teacher, dtype):
         )
     if isinstance(teacher, HiddenTarget):
         return HiddenTarget(teacher.hidden.to(dtype))
+    if isinstance(teacher, CompactTarget):
+        return CompactTarget(teacher.wbar.to(dtype), teacher.neg_entropy.to(dtype), teacher.temperature)
     return teacher.to(dtype)

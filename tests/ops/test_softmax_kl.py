@@ -26,7 +26,7 @@ def test_reference_matches_naive_fp64(kind, temperature, reduction, weighted):
     n, v, hd = 9, 1271, 123
     h = torch.randn(n, hd, generator=gen, dtype=torch.float64, requires_grad=True)
     W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd)
-    teacher = make_teacher(kind, n, v, hd, gen)
+    teacher = make_teacher(kind, n, v, hd, gen, lm_weight=W, temperature=temperature)
     tw = torch.rand(n, generator=gen, dtype=torch.float64) if weighted else None
     if weighted:
         tw[3] = 0
@@ -51,7 +51,7 @@ def test_reference_fp32_error_within_twice_naive(kind):
     n, v, hd = 6, 66_001, 576
     h64 = torch.randn(n, hd, generator=gen, dtype=torch.float64)
     W64 = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * 4
-    t64 = make_teacher(kind, n, v, hd, gen)
+    t64 = make_teacher(kind, n, v, hd, gen, lm_weight=W64)
     truth = softmax_kl_naive(h64, W64, t64, 1.0)
     naive32 = softmax_kl_naive(h64.float(), W64.float(), cast(t64, torch.float32), 1.0).double()
     ours = softmax_kl(
@@ -141,12 +141,12 @@ def test_reference_keeps_only_a_chunk_of_logits(monkeypatch):
 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.3, 5.0, 20.0])
-@pytest.mark.parametrize("kind", ["dense", "topk", "onehot"])
+@pytest.mark.parametrize("kind", ["dense", "topk", "onehot", "compact", "compact-dense"])
 def test_extreme_temperatures_stay_finite_and_exact(kind, temperature):
     gen = torch.Generator().manual_seed(5)
     h = torch.randn(5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     W = torch.randn(200, 16, generator=gen, dtype=torch.float64)
-    teacher = make_teacher(kind, 5, 200, 16, gen, sharp=8.0)
+    teacher = make_teacher(kind, 5, 200, 16, gen, sharp=8.0, lm_weight=W, temperature=temperature)
     loss = softmax_kl(h, W, teacher, temperature=temperature, backend="reference", reduction="sum")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(h.grad).all()

@@ -18,7 +18,7 @@ from softmax_kl_cases import KINDS
 from softmax_kl_cases import cast_teacher as cast
 from softmax_kl_cases import make_teacher as _make_teacher
 
-from fastsoft.ops import BackendUnavailable, HiddenTarget, SparseTarget, cpp, reference, softmax_kl
+from fastsoft.ops import BackendUnavailable, CompactTarget, HiddenTarget, SparseTarget, cpp, reference, softmax_kl
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def test_matches_reference(kind, temperature, weighted, reduction):
     n, v, hd = 9, 1271, 123  # V is not a multiple of the vocab tile
     h = torch.randn(n, hd, generator=gen, dtype=torch.float64)
     W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * 3
-    teacher = make_teacher(kind, n, v, hd, gen)
+    teacher = make_teacher(kind, n, v, hd, gen, lm_weight=W, temperature=temperature)
     tw = None
     if weighted:
         tw = torch.rand(n, generator=gen, dtype=torch.float64) + 0.1
@@ -83,14 +83,14 @@ def test_matches_reference(kind, temperature, weighted, reduction):
     assert_within_twice_reference(h, W, teacher, torch.float32, **kw)
 
 
-@pytest.mark.parametrize("kind", ["dense", "hidden", "topk"])
+@pytest.mark.parametrize("kind", ["dense", "hidden", "topk", "compact"])
 @pytest.mark.parametrize("shape", [(601, 1271, 123), (3, 66_001, 64), (40, 300, 576)], ids=["tasks", "V66001", "H576"])
 def test_odd_shapes(kind, shape):
     n, v, hd = shape
     gen = torch.Generator().manual_seed(v)
     h = torch.randn(n, hd, generator=gen, dtype=torch.float64)
     W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * 4
-    teacher = make_teacher(kind, n, v, hd, gen, k=64)
+    teacher = make_teacher(kind, n, v, hd, gen, k=64, lm_weight=W, temperature=0.8)
     grad_out = torch.randn(n, generator=gen, dtype=torch.float64)
     assert_within_twice_reference(h, W, teacher, torch.float32, reduction="none", temperature=0.8, grad_out=grad_out)
 
@@ -103,7 +103,7 @@ def test_low_precision_inputs(dtype, kind):
     n, v, hd = 33, 777, 64
     h = torch.randn(n, hd, generator=gen).to(dtype).double()
     W = (torch.randn(v, hd, generator=gen) / 4).to(dtype).double()
-    teacher = cast(cast(make_teacher(kind, n, v, hd, gen), dtype), torch.float64)
+    teacher = cast(cast(make_teacher(kind, n, v, hd, gen, lm_weight=W, temperature=1.5), dtype), torch.float64)
     tw = torch.ones(n, dtype=torch.float64)
     tw[7] = 0
     assert_within_twice_reference(h, W, teacher, dtype, token_weight=tw, temperature=1.5)
@@ -116,7 +116,8 @@ def test_flat_and_sharp_teachers(kind, sharp):
     n, v, hd = 12, 1000, 32
     h = torch.randn(n, hd, generator=gen, dtype=torch.float64)
     W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd)
-    assert_within_twice_reference(h, W, make_teacher(kind, n, v, hd, gen, sharp=sharp), torch.float32)
+    teacher = make_teacher(kind, n, v, hd, gen, sharp=sharp, lm_weight=W)
+    assert_within_twice_reference(h, W, teacher, torch.float32)
 
 
 @pytest.mark.parametrize("eps", [1e-2, 1e-4])
@@ -145,7 +146,7 @@ def test_huge_logits(kind):
     elif kind == "hidden":
         teacher = HiddenTarget(torch.randn(n, hd, generator=gen, dtype=torch.float64) * 1e3)
     else:
-        teacher = make_teacher(kind, n, v, hd, gen, sharp=1e4)
+        teacher = make_teacher(kind, n, v, hd, gen, sharp=1e4, lm_weight=W)
     assert_within_twice_reference(h, W, teacher, torch.float32)
 
 
@@ -156,7 +157,7 @@ def test_ignored_rows_never_leak(kind):
     n, v, hd = 6, 500, 16
     h = torch.randn(n, hd, generator=gen)
     W = torch.randn(v, hd, generator=gen)
-    teacher = cast(make_teacher(kind, n, v, hd, gen), torch.float32)
+    teacher = cast(make_teacher(kind, n, v, hd, gen, lm_weight=W.double()), torch.float32)
     bad = [1, 4]
     if isinstance(teacher, SparseTarget):
         teacher.ids[bad] = -100  # padding
@@ -165,6 +166,9 @@ def test_ignored_rows_never_leak(kind):
             teacher.tail[bad] = float("nan")
     elif isinstance(teacher, HiddenTarget):
         teacher.hidden[bad] = float("nan")
+    elif isinstance(teacher, CompactTarget):
+        teacher.wbar[bad] = float("nan")
+        teacher.neg_entropy[bad] = float("nan")
     else:
         teacher[bad] = float("nan")
     tw = torch.ones(n)
@@ -246,6 +250,12 @@ def test_ops_check_their_inputs():
         ops.softmax_kl_rows_sparse(h, W, torch.zeros(4, 1), torch.ones(4, 1), None, 1.0, None, True)
     with pytest.raises(RuntimeError, match="shape of hidden"):
         ops.softmax_kl_rows_hidden(h, W, torch.zeros(4, 7), 1.0, None, True)
+    with pytest.raises(RuntimeError, match="wbar must have the shape of hidden"):
+        ops.softmax_kl_rows_compact(h, W, torch.zeros(4, 7), torch.zeros(4), 1.0, None, True)
+    with pytest.raises(RuntimeError, match=r"neg_entropy must have shape \[4\]"):
+        ops.softmax_kl_rows_compact(h, W, torch.zeros(4, 8), torch.zeros(3), 1.0, None, True)
+    with pytest.raises(RuntimeError, match="fp32, fp64, bf16 or fp16"):
+        ops.softmax_kl_rows_compact(h, W, torch.zeros(4, 8), torch.zeros(4, dtype=torch.long), 1.0, None, True)
 
 
 def test_registered_ops_pass_opcheck():
@@ -258,6 +268,10 @@ def test_registered_ops_pass_opcheck():
         (ops.softmax_kl_rows_dense, (h, W, torch.log_softmax(torch.randn(5, 40, generator=gen), -1), 1.5, tw, True)),
         (ops.softmax_kl_rows_sparse, (h, W, ids, torch.full((5, 3), 0.2), torch.full((5,), 0.4), 1.0, None, True)),
         (ops.softmax_kl_rows_hidden, (h, W, torch.randn(5, 8, generator=gen), 1.0, None, False)),
+        (
+            ops.softmax_kl_rows_compact,
+            (h, W, torch.randn(5, 8, generator=gen), -torch.rand(5, generator=gen), 0.7, tw, True),
+        ),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from softmax_kl_cases import KINDS, cast_teacher, make_teacher
 
-from fastsoft.ops import HiddenTarget, SparseTarget, softmax_kl
+from fastsoft.ops import CompactTarget, HiddenTarget, SparseTarget, softmax_kl
 
 REDUCTIONS = ["mean", "sum", "none"]
 ATOL = {"float32": 2e-6, "float16": 2e-3}  # relative to max |truth|
@@ -65,7 +65,7 @@ def _cases():
         cases.append(_case(f"{kind}-fp16-weighted", kind=kind, dtype="float16", weighted=True, T=0.5, reduction="none"))
         cases.append(_case(f"{kind}-unweighted-mean-T1", kind=kind, T=1.0, reduction="mean"))
     # odd sizes, several token chunks, the gradient GEMM split over the vocabulary
-    for kind in ("dense", "topk", "hidden"):
+    for kind in ("dense", "topk", "hidden", "compact"):
         cases.append(
             _case(
                 f"{kind}-V1271-H123-chunks-split",
@@ -92,7 +92,7 @@ def _cases():
     )
     cases.append(_case("dense-tiny-V-H", kind="dense", n=5, v=7, h=3, weighted=True, reduction="none"))
     cases.append(_case("topk-K-exceeds-tile", kind="topk-wide", n=6, v=97, h=20, weighted=True))
-    for kind in ("dense", "hidden", "topk"):
+    for kind in ("dense", "hidden", "topk", "compact"):
         cases.append(
             _case(
                 f"{kind}-noncontiguous", kind=kind, n=10, v=211, h=29, layout="strided", weighted=True, reduction="sum"
@@ -101,7 +101,7 @@ def _cases():
     cases.append(_case("dense-sharp-teacher-huge-logits", kind="dense-sharp", n=7, v=257, h=31, scale=60.0, T=0.5))
     cases.append(_case("topk-tiny-tail", kind="topk-tinytail", n=7, v=257, h=31, scale=3.0))
     cases.append(_case("topk-repeated-id", kind="topk-dup", n=7, v=257, h=31, weighted=True))
-    for kind in ("dense", "topk", "hidden"):
+    for kind in ("dense", "topk", "hidden", "compact"):
         cases.append(_case(f"{kind}-empty-batch", kind=kind, n=0, reduction="sum"))
     cases.append(
         _case("onehot-filter-eps-zero", kind="onehot", env={"FASTSOFT_SOFTMAX_KL_FILTER_EPS": "0"}, weighted=True)
@@ -126,7 +126,7 @@ def build(p, gen):
     n, v, hd = p["n"], p["v"], p["h"]
     h = torch.randn(n, hd, generator=gen, dtype=torch.float64)
     W = torch.randn(v, hd, generator=gen, dtype=torch.float64) / math.sqrt(hd) * p["scale"]
-    teacher = make_teacher(p["kind"], n, v, hd, gen)
+    teacher = make_teacher(p["kind"], n, v, hd, gen, lm_weight=W, temperature=p["T"])
     if p["kind"] == "topk-tinytail" and n:
         h = W[teacher.ids[:, 0]].clone() * 3.0  # the student also puts almost all its mass on the top-k ids
     tw = None
@@ -139,6 +139,9 @@ def build(p, gen):
                 teacher[1] = float("nan")  # an ignored row's teacher is never trusted
             elif isinstance(teacher, HiddenTarget):
                 teacher.hidden[1] = float("nan")
+            elif isinstance(teacher, CompactTarget):
+                teacher.wbar[1] = float("nan")
+                teacher.neg_entropy[1] = float("nan")
             else:
                 teacher.probs[1] = float("nan")
                 if teacher.tail is not None:
@@ -155,6 +158,8 @@ def evaluate(h, W, teacher, tw, grad_out, p, backend, dtype):
             teacher = strided(teacher.to(dtype))
         elif isinstance(teacher, HiddenTarget):
             teacher = HiddenTarget(strided(teacher.hidden.to(dtype)))
+        elif isinstance(teacher, CompactTarget):
+            teacher = CompactTarget(strided(teacher.wbar.to(dtype)), teacher.neg_entropy.to(dtype), teacher.temperature)
         hh = strided(h.detach().to(dtype)).requires_grad_()
     out = softmax_kl(
         hh,
@@ -410,6 +415,8 @@ def _gpu_inputs(hd, v, kind, n=512, seed=0):
         teacher = torch.log_softmax(torch.randn(n, v, device="cuda", generator=gen) * 2, -1)
     elif kind == "hidden":
         teacher = HiddenTarget(torch.randn(n, hd, device="cuda", generator=gen) * 2)
+    elif kind == "compact":  # fp32 wbar and entropy, as the cache stores them, built at the tests' T = 1.5
+        teacher = CompactTarget.from_hidden(torch.randn(n, hd, device="cuda", generator=gen) * 2, W, 1.5)
     else:
         ids = torch.rand(n, v, device="cuda", generator=gen).topk(64, dim=-1).indices
         probs = torch.softmax(torch.randn(n, 64, device="cuda", generator=gen), -1) * 0.9
@@ -421,7 +428,7 @@ def _gpu_inputs(hd, v, kind, n=512, seed=0):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("kind", ["dense", "sparse", "hidden"])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "hidden", "compact"])
 @pytest.mark.parametrize("hd,v", GPU_SHAPES)
 def test_gpu_bf16_within_twice_naive_bf16_error(hd, v, kind):
     h, W, teacher, tw = _gpu_inputs(hd, v, kind)
@@ -431,7 +438,7 @@ def test_gpu_bf16_within_twice_naive_bf16_error(hd, v, kind):
         out = softmax_kl(
             x,
             W.to(dtype),
-            cast_teacher(teacher, dtype),
+            teacher if isinstance(teacher, CompactTarget) else cast_teacher(teacher, dtype),
             temperature=1.5,
             token_weight=tw,
             reduction="sum",
@@ -442,9 +449,12 @@ def test_gpu_bf16_within_twice_naive_bf16_error(hd, v, kind):
 
     def naive_bf16():  # the eager code a user would write in bf16: bf16 logits, fp32 softmax, autograd
         x = h.bfloat16().requires_grad_()
-        t = cast_teacher(teacher, torch.bfloat16)
+        t = teacher if isinstance(teacher, CompactTarget) else cast_teacher(teacher, torch.bfloat16)
         logp = torch.log_softmax((x @ W.bfloat16().T).float() / 1.5, -1)
-        if isinstance(t, SparseTarget):
+        if isinstance(t, CompactTarget):
+            z = (x @ W.bfloat16().T).float() / 1.5
+            rows = t.neg_entropy - (x.float() * t.wbar).sum(-1) / 1.5 + torch.logsumexp(z, -1)
+        elif isinstance(t, SparseTarget):
             w, r = t.probs.float(), t.tail.float()
             rows = (torch.xlogy(w, w) - w * logp.gather(1, t.ids)).sum(-1)
             rows = rows + torch.xlogy(r, r) - r * torch.logsumexp(logp.scatter(1, t.ids, float("-inf")), -1)
