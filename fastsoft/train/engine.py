@@ -65,17 +65,8 @@ class Engine:
         config.validate()
         self.dist = dist or Dist()
         self.loaded, self.config, self.out = loaded, config, RunFolder(out_dir)
-        self.overwrite, self.progress, self.resume, self.checkpoint_every, self.on_step = (
-            overwrite,
-            progress,
-            resume,
-            checkpoint_every,
-            on_step,
-        )
-        self.locks = []
-        make_folder(self.out.root, "--out")
-        if self.dist.rank == 0:  # one run per output folder (every run has a rank 0)
-            self.locks.append(FolderLock(self.out.root, "output folder").acquire())
+        self.overwrite, self.progress, self.resume = overwrite, progress, resume
+        self.checkpoint_every, self.on_step = checkpoint_every, on_step
         self.template = make_template(loaded.tokenizer, config.placement, config.template)
         self.objective = parse_objective(config.objective)
         self.spec = CacheSpec(config.teacher, config.top_k, config.samples, config.temperature, config.cache_dtype)
@@ -88,15 +79,19 @@ class Engine:
             "params": {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens},
         }
         cache_root = cache_folder(self.out.root, cache_dir, self.dist.rank if self.dist.active else None)
-        make_folder(cache_root, "--cache")
+        self.locks: list[FolderLock] = []  # held until run() ends (or close())
         try:
+            make_folder(self.out.root, "--out")
+            if self.dist.rank == 0:  # one run per output folder (every run has a rank 0)
+                self.locks.append(FolderLock(self.out.root, "output folder").acquire())
+            make_folder(cache_root, "--cache")
             self.locks.append(FolderLock(cache_root, "teacher cache folder").acquire())
-        except FastsoftError:
+            for folder in (self.out.root, cache_root):  # what writers killed mid-write left behind
+                remove_leftovers(folder)
+            self.cache = TeacherCache(cache_root, fingerprint, self.spec.target_type, rebuild=rebuild_cache)
+        except BaseException:
             self.close()
             raise
-        for folder in (self.out.root, cache_root):  # what writers killed mid-write left behind
-            remove_leftovers(folder)
-        self.cache = TeacherCache(cache_root, fingerprint, self.spec.target_type, rebuild=rebuild_cache)
         self.bank = PromptBank(config.slots, config.prompt_length, loaded.hidden_size, device=loaded.device)
         self.scheduler = Scheduler(config.slots, config.token_budget)
         self.tokens_trained = 0
@@ -372,8 +367,15 @@ class Engine:
     def run(self, jobs: list[Job]) -> list[JobRun]:
         """Compress every job; returns the runs (DONE with ``run.report``, or FAILED with ``run.error``).
 
-        Writes a checkpoint every ``checkpoint_every`` steps and on Ctrl-C (then re-raises it).
+        Writes a checkpoint every ``checkpoint_every`` steps and on Ctrl-C (then re-raises it). The folders'
+        locks are released when it returns or raises.
         """
+        try:
+            return self._run(jobs)
+        finally:
+            self.close()
+
+    def _run(self, jobs: list[Job]) -> list[JobRun]:
         self._check_jobs(jobs)
         cfg = self.config
         self.jobs_hash = jobs_digest(jobs)
@@ -420,6 +422,5 @@ class Engine:
             raise FastsoftError(self._write_failed(error)) from error
         finally:
             progress.close()
-            self.close()
         order = {job.id: i for i, job in enumerate(jobs)}
         return sorted(self.scheduler.finished, key=lambda r: order[r.job.id])
