@@ -545,9 +545,11 @@ void compact_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::
         }
         const T* hr = hp + r * H;
         const T* wr = wbar_p + n * H;
-        T dot = 0;
-        for (int64_t j = 0; j < H; ++j) dot += hr[j] * wr[j];
-        loss_out[n] = nq_p[n] - dot * inv_t + m[r] + std::log(s[r]);
+        // h . wbar and the sum of the O(|z|) terms in fp64: only the logits' own rounding is left in the loss
+        double dot = 0;
+        for (int64_t j = 0; j < H; ++j) dot += static_cast<double>(hr[j]) * wr[j];
+        const double lse = static_cast<double>(m[r]) + std::log(static_cast<double>(s[r]));
+        loss_out[n] = static_cast<T>(static_cast<double>(nq_p[n]) - dot / temperature + lse);
         if (!need_grad) continue;
         T* g = op + r * H;
         const T c = inv_t / s[r];
