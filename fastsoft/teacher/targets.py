@@ -7,7 +7,9 @@ targets' shared protocol (slice, move, concatenate, serialise).
 - ``dense``: log-probs ``[V]`` a token (exact);
 - ``topk``: the top-k ids and probabilities plus the tail mass (the exact ``K + 1``-bucket KL);
 - ``sampled``: ids drawn from the teacher with count weights (unbiased; Anshumann et al. 2025);
-- ``hidden``: the teacher's final hidden states ``[H]`` (exact; logits recomputed inside the loss).
+- ``hidden``: the teacher's final hidden states ``[H]`` (exact; logits recomputed inside the loss);
+- ``compact``: ``wbar = sum_v q_v W_v`` ``[H]`` and ``sum_v q_v log q_v`` at the loss temperature, fp32: the exact
+  forward KL in ``(H + 1) * 4`` bytes a token, and a cross-entropy-shaped loss (no teacher read over the vocabulary).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fastsoft.errors import FastsoftError
-from fastsoft.ops import DenseTarget, HiddenTarget, SparseTarget, Target
+from fastsoft.ops import CompactTarget, DenseTarget, HiddenTarget, SparseTarget, Target
 
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -30,7 +32,7 @@ class CacheSpec:
     kind: str = "dense"
     top_k: int = 64
     samples: int = 64
-    temperature: float = 1.0  # sparse kinds are truncated/sampled at this temperature
+    temperature: float = 1.0  # sparse kinds are truncated/sampled, compact ones built, at this temperature
     dtype: str = "fp32"  # storage of dense log-probs and hidden states
 
     def __post_init__(self):
@@ -81,6 +83,12 @@ def _sampled(spec: CacheSpec, lm_weight, hidden, generator) -> SparseTarget:
     return SparseTarget(ids.to(torch.int32), weights / spec.samples)
 
 
+def _compact(spec: CacheSpec, lm_weight, hidden, generator) -> CompactTarget:
+    # fp32 whatever the model dtype (exact up to fp32 rounding); only valid at the loss temperature it is built at
+    target = CompactTarget.from_hidden(hidden.float(), lm_weight, spec.temperature)
+    return target.to("cpu")
+
+
 @dataclass(frozen=True)
 class Kind:
     target_type: type
@@ -93,4 +101,5 @@ KINDS: dict[str, Kind] = {
     "topk": Kind(SparseTarget, ("top_k", "temperature"), _topk),
     "sampled": Kind(SparseTarget, ("samples", "temperature"), _sampled),
     "hidden": Kind(HiddenTarget, ("dtype",), _hidden),
+    "compact": Kind(CompactTarget, ("temperature",), _compact),
 }

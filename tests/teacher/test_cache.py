@@ -12,7 +12,7 @@ from fastsoft.teacher.cache import TeacherCache
 from fastsoft.teacher.targets import CacheSpec
 
 
-@pytest.mark.parametrize("kind", ["dense", "topk", "sampled", "hidden"])
+@pytest.mark.parametrize("kind", ["dense", "topk", "sampled", "hidden", "compact"])
 def test_cache_kinds_round_trip(tiny, tiny_job, tmp_path, kind):
     template = make_template(tiny.tokenizer)
     train = teach(tiny, template, "j", tiny_job.context, tiny_job.queries[:3], None, max_new_tokens=4)
@@ -37,6 +37,10 @@ def test_cache_kinds_round_trip(tiny, tiny_job, tmp_path, kind):
         torch.testing.assert_close(teacher.logprobs.exp(), probs, rtol=1e-5, atol=1e-6)
     elif kind == "hidden":
         torch.testing.assert_close(teacher.hidden, hidden)
+    elif kind == "compact":  # wbar = sum q W and sum q log q at the spec's temperature, fp32
+        assert teacher.wbar.dtype == teacher.neg_entropy.dtype == torch.float32 and teacher.temperature == 1.0
+        torch.testing.assert_close(teacher.wbar, probs @ tiny.lm_weight.float(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(teacher.neg_entropy, (probs * probs.log()).sum(-1), rtol=1e-4, atol=1e-6)
     elif kind == "topk":
         assert teacher.ids.shape[1] == 8
         torch.testing.assert_close(teacher.probs, probs.gather(1, teacher.ids.long()))
