@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_ty
 
 from fastsoft.errors import FastsoftError
 
-Teacher = Literal["dense", "topk", "sampled", "hidden"]
+Teacher = Literal["dense", "topk", "sampled", "hidden", "compact"]
 CacheDtype = Literal["bf16", "fp32"]
 Init = Literal["context", "pooled", "vocab", "text", "random"]
 Placement = Literal["template", "first"]
@@ -209,7 +209,9 @@ class CompressConfig:
     patience: int = setting(5, "steps averaged for the convergence test", at_least=1)
     objective: str = setting("kl", "kl | answer | supervised, or a mixture like kl:0.7,answer:0.3")
     teacher: Teacher = setting(
-        "dense", "teacher cache kind: dense (exact), topk, sampled or hidden (exact; logits recomputed in the loss)"
+        "compact",
+        "teacher cache kind: compact (exact forward KL at --temperature in H+1 fp32 numbers a token), dense (exact "
+        "[V] log-probs), topk, sampled or hidden (exact; logits recomputed in the loss)",
     )
     top_k: int = setting(64, "ids kept by the topk teacher", at_least=1)
     samples: int = setting(64, "draws of the sampled teacher", at_least=1)
