@@ -12,7 +12,9 @@ the least any fused loss has to do. Each provider runs when it is installed:
   the compile-heavy providers are compiled in parallel subprocesses (Triton's and Inductor's on-disk
   caches; ``--no-prewarm`` to skip): every measurement still warms up and autotunes in this process.
 - CPU (``--device cpu``): floor (torch matmuls), torch eager, fastsoft reference, fastsoft cpp; fp32;
-  small shapes plus the C++ target shape N=2048, H=576, V=49152. Each provider runs in a fresh
+  small shapes plus the C++ target shape N=2048, H=576, V=49152. Dense and sparse teachers by default;
+  ``--teachers compact`` measures the compact (``wbar``, ``sum q log q``) teacher, hard targets' twin (any
+  teacher list but the default writes ``softmax_kl-<device>-<teachers>.json``). Each provider runs in a fresh
   subprocess and its peak extra memory is the rise of the process's peak RSS (VmHWM, reset before
   each measurement; glibc is told to return large blocks to the system so freed memory is not hidden).
 
@@ -27,6 +29,7 @@ CPU smoke run (one tiny shape, two repetitions); with ``--out`` it writes only t
     python benchmarks/bench_softmax_kl.py                 # GPU, all four shapes
     python benchmarks/bench_softmax_kl.py --device cpu    # CPU
     python benchmarks/bench_softmax_kl.py --device cpu --quick
+    python benchmarks/bench_softmax_kl.py --device cpu --teachers compact --shapes 2048x576x49152
 
 GPU time, estimated for an H100 (no GPU run yet; benchmarks/gpu_run.sh has the arithmetic): about
 2.5 minutes for ``--shapes small`` with cold compile caches, about 2 for ``--shapes large`` after it.
@@ -105,6 +108,11 @@ def make_inputs(n, hd, v, teacher, dtype, device, seed=0):
         ids = (ids + torch.arange(n, device=device)[:, None] * 7919) % v  # distinct ids per row, varied rows
         probs = torch.softmax(torch.randn(n, SPARSE_K, device=device, generator=gen), -1) * 0.9
         t = SparseTarget(ids.contiguous(), probs, 1 - probs.sum(-1))
+    elif teacher == "compact":  # a hidden teacher as (wbar, sum q log q) in fp32, built outside the measurement
+        from fastsoft.ops import CompactTarget
+
+        h_t = torch.randn(n, hd, device=device, generator=gen, dtype=torch.float32) * 2
+        t = CompactTarget.from_hidden(h_t, W.float(), TEMPERATURE)
     else:  # hard targets: one id per row
         t = torch.randint(0, v, (n,), device=device, generator=gen)
     return h, W, t
@@ -501,7 +509,13 @@ def parse_args(argv):
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="seconds-long CPU smoke run")
     parser.add_argument("--tokens", type=int, default=GPU_TOKENS, help="N on the GPU")
-    parser.add_argument("--teachers", nargs="+", default=None, choices=["dense", "sparse", "hard"])
+    parser.add_argument(
+        "--teachers",
+        nargs="+",
+        default=None,
+        choices=["dense", "sparse", "hard", "compact"],
+        help="teachers to measure (a run restricted to teachers other than the default writes its own file)",
+    )
     parser.add_argument("--providers", nargs="+", default=None, help="substrings of provider names to run")
     parser.add_argument("--shapes", nargs="+", default=None, help="GPU: small, large or HxV; CPU: NxHxV")
     parser.add_argument("--reps", type=int, default=None, help="timed runs (GPU: at least this many, and 100 ms)")
@@ -525,8 +539,11 @@ def parse_args(argv):
         ]
     elif args.device == "cuda":
         args.shapes = [shape for shapes in GPU_SHAPES.values() for shape in shapes]
+    default_teachers = ["dense", "sparse"] if args.device == "cpu" else ["dense", "sparse", "hard"]
     if args.teachers is None:
-        args.teachers = ["dense", "sparse"] if args.device == "cpu" else ["dense", "sparse", "hard"]
+        args.teachers = default_teachers
+    elif args.teachers != default_teachers and not (args.worker or args.warm):
+        args.label = "-".join([args.label or "", *args.teachers]).strip("-")  # never overwrites the full table
     if args.reps is None:
         args.reps = 2 if args.quick else (5 if args.device == "cpu" else 20)
     args.wanted = wanted_by(args.providers)
