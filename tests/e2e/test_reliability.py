@@ -170,7 +170,7 @@ def test_nan_in_one_jobs_cache_leaves_the_others_running(tiny, tiny_job, tmp_pat
     )
     fastsoft.compress(all_jobs[1:2], tiny, tmp_path / "probe", **FAST)
     shard = TeacherCache(tmp_path / "probe" / "cache", engine.cache.fingerprint, engine.spec.target_type).get("job1")
-    shard.targets.logprobs[0, 3] = float("nan")
+    shard.targets.wbar[0, 3] = float("nan")  # the default teacher kind, compact
     engine.cache.put("job1", shard.context_ids, shard.train, shard.targets, shard.eval, digest=all_jobs[1].digest())
     runs = engine.run(all_jobs)
     assert [r.state.value for r in runs] == ["done", "failed", "done"]

@@ -126,7 +126,7 @@ CASES = [
     (["--template", "fancy"], "--template must be auto, chat or plain, got 'fancy'"),
     (["--placement", "middle"], "--placement must be template or first, got 'middle'"),
     (["--cache-dtype", "fp16"], "--cache-dtype must be bf16 or fp32, got 'fp16'"),
-    (["--teacher", "fuzzy"], "--teacher must be dense, topk, sampled or hidden, got 'fuzzy'"),
+    (["--teacher", "fuzzy"], "--teacher must be dense, topk, sampled, hidden or compact, got 'fuzzy'"),
     (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
     (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),  # argparse's own refusal, on one line too
@@ -264,7 +264,7 @@ def test_every_float_setting_refuses_inf_and_nan(name, value):
         (dict(steps="3"), "--steps must be a whole number, got '3'"),
         (dict(steps=True), "--steps must be a whole number, got True"),
         (dict(lr="0.1"), "--lr must be a number, got '0.1'"),
-        (dict(teacher=None), "--teacher must be dense, topk, sampled or hidden, got None"),
+        (dict(teacher=None), "--teacher must be dense, topk, sampled, hidden or compact, got None"),
         (dict(objective=0.5), "--objective must be a string"),
         (dict(init_text=3), "--init-text must be a string, got 3"),
     ],
@@ -318,7 +318,7 @@ DEFAULTS = {
     "tol": 0.02,
     "patience": 5,
     "objective": "kl",
-    "teacher": "dense",
+    "teacher": "compact",  # was "dense" before loss v2: the same forward KL, cached in H + 1 numbers a token
     "top_k": 64,
     "samples": 64,
     "cache_dtype": "fp32",
