@@ -6,7 +6,7 @@ counterpart in one run.
     query 48 + answer 48 tokens (47 + the end token), answers given (teacher forcing), hidden states at
     the answer positions (what the cache is built from). Providers: naive per query; naive in
     right-padded batches of 8; the context's KV cache repeated over the 32 queries with plain
-    transformers (the foundation's teacher; ANCHORS.md: 10.2×); fastsoft ``teach_jobs``. Then the greedy
+    transformers (the foundation's teacher: 10.2× the naive one on an H100, our anchor); fastsoft ``teach_jobs``. Then the greedy
     variant (48 generated tokens): naive per query (prefill + cached greedy decode) vs fastsoft.
 (b) Training throughput in scored tokens/s against PEFT prompt tuning (``PromptTuningConfig``, 32 virtual
     tokens, padded batches of 8, full logits, eager forward KL against the same cached dense teacher on

@@ -6,7 +6,8 @@ the least any fused loss has to do. Each provider runs when it is installed:
 - GPU (default): floor, torch eager, torch.compile (dense teacher), Liger ``LigerFusedLinearKLDivLoss``
   (bf16 and fp32 q), fastsoft (every backend that runs on CUDA); for hard targets also Apple
   cut-cross-entropy and Liger's fused linear cross-entropy. N = 8192 at the four (H, V) of
-  shared/ANCHORS.md (``--shapes small``: the first two, ``--shapes large``: the last two), dense, sparse
+  SmolLM2-135M, Qwen2.5-0.5B, Llama-3.2-1B and Llama-3-8B (``--shapes small``: the first two, ``--shapes large``:
+  the last two), dense, sparse
   (K = 64 + tail) and hard teachers, bf16. Median ms via ``triton.testing.do_bench`` (20 / 80 % quantiles;
   at least ``--reps`` runs and 100 ms of them), peak extra CUDA memory over the inputs. Before measuring,
   the compile-heavy providers are compiled in parallel subprocesses (Triton's and Inductor's on-disk
@@ -55,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the checkout on sys.path)
 from common import ERRORED, NOT_SUPPORTED, ROOT, skip  # noqa: E402
 
-GPU_SHAPES = {"small": [(576, 49152), (896, 151936)], "large": [(2048, 128256), (4096, 128256)]}  # (H, V) of ANCHORS.md
+# (H, V) of SmolLM2-135M, Qwen2.5-0.5B | Llama-3.2-1B, Llama-3-8B
+GPU_SHAPES = {"small": [(576, 49152), (896, 151936)], "large": [(2048, 128256), (4096, 128256)]}
 GPU_TOKENS = 8192
 CPU_SHAPES = [(256, 64, 4096), (512, 256, 32000), (2048, 576, 49152)]  # (N, H, V); the last is the C++ target
 QUICK_SHAPES = [(64, 32, 1001)]
