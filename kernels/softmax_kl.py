@@ -551,6 +551,8 @@ def softmax_kl_rows(
     temperature: float,
     token_weight: torch.Tensor | None,
     need_grad: bool,
+    divergence: str = "forward",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses and input gradients in one launch sequence (the backend contract of ``softmax_kl``).
 
@@ -573,6 +575,12 @@ def softmax_kl_rows(
     ``[V, H]`` gradient. No host synchronisation.
     """
     teacher = as_target(teacher)
+    if divergence != "forward":  # not fused here yet: the chunked reference computes it
+        from fastsoft.ops import reference
+
+        return reference.softmax_kl_rows(
+            hidden, lm_weight, teacher, temperature, token_weight, need_grad, divergence, beta
+        )
     n, hsize = hidden.shape
     vocab = lm_weight.shape[0]
     device = hidden.device

@@ -93,6 +93,8 @@ def softmax_kl_rows(
     temperature: float,
     token_weight: torch.Tensor | None,
     need_grad: bool,
+    divergence: str = "forward",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The backend row contract of ``fastsoft.ops.reference.softmax_kl_rows``, on CPU tensors.
 
@@ -101,6 +103,12 @@ def softmax_kl_rows(
     never ``[N, V]``; no gradient for ``lm_weight``.
     """
     teacher = as_target(teacher)
+    if divergence != "forward":  # not fused here yet: the chunked reference computes it
+        from fastsoft.ops import reference
+
+        return reference.softmax_kl_rows(
+            hidden, lm_weight, teacher, temperature, token_weight, need_grad, divergence, beta
+        )
     ok, why = is_available()
     if not ok:
         from fastsoft.ops.softmax_kl import BackendUnavailable

@@ -7,9 +7,13 @@ how the tests build their ground truth). The maths and the gradient are in ``ker
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastsoft.ops.targets import CompactTarget, HiddenTarget, SparseTarget, Teacher, as_target
+
+DIVERGENCES = ("forward", "reverse", "jsd")
 
 # Bytes of one [C, V] temporary; the chunk loop keeps about five of them alive.
 CHUNK_BYTES = 16 * 2**20
@@ -25,6 +29,32 @@ def _dense_rows(logp: torch.Tensor, q_logits: torch.Tensor, temperature: float):
     q = q_log.exp()
     loss = torch.where(q > 0, q * (q_log - logp), torch.zeros_like(q)).sum(-1)
     dz = logp.exp() - q  # sum(q) = 1
+    return loss, dz
+
+
+def _divergence_rows(logp: torch.Tensor, q_logits: torch.Tensor, temperature: float, divergence: str, beta: float):
+    """Reverse KL(p || q) or JSD_beta(q, p) per row and dL/dz, for a dense teacher (logits or log-probs).
+
+    Not linear in the teacher: both full distributions are used. ``0 log 0 = 0``; a student entry ``p_v > 0``
+    where ``q_v = 0`` makes the reverse KL ``+inf`` (correct), and such a row gets gradient 0, never NaN.
+    """
+    logq = torch.log_softmax(q_logits / temperature, dim=-1)  # [C, V]
+    p = logp.exp()
+    zero = torch.zeros_like(p)
+    if divergence == "reverse":
+        g = torch.where(p > 0, logp - logq, zero)  # +inf where p > 0 = q
+        loss = (p * g).sum(-1)
+        finite = torch.isfinite(loss)
+        # sum p g / sum p, not the loss, in the gradient: sum_v dz_v = 0 to rounding even when sum p is not 1
+        mean_g = loss[:, None] / p.sum(-1, keepdim=True)
+        dz = torch.where(finite[:, None] & (p > 0), p * (g - mean_g), zero)
+        return loss, dz
+    logm = torch.logaddexp(math.log(beta) + logq, math.log1p(-beta) + logp)
+    q = logq.exp()
+    g = torch.where(p > 0, logp - logm, zero)
+    big_g = (p * g).sum(-1)
+    loss = beta * torch.where(q > 0, q * (logq - logm), zero).sum(-1) + (1 - beta) * big_g
+    dz = (1 - beta) * p * (g - big_g[:, None] / p.sum(-1, keepdim=True))
     return loss, dz
 
 
@@ -58,6 +88,8 @@ def softmax_kl_rows(
     temperature: float,
     token_weight: torch.Tensor | None,
     need_grad: bool,
+    divergence: str = "forward",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses and per-row input gradients; the backend contract of ``fastsoft.ops.softmax_kl``.
 
@@ -70,11 +102,16 @@ def softmax_kl_rows(
         token_weight: ``[N]`` or None; rows whose weight is 0 give loss 0 and gradient 0, and their
             teacher row is never trusted (NaN there does not leak).
         need_grad: also return ``d loss_n / d hidden_n``.
+        divergence: ``"forward"`` (KL(q || p), every teacher kind), ``"reverse"`` (KL(p || q)) or ``"jsd"``
+            (``JSD_beta(q, p)``); the last two need a dense or hidden teacher (``softmax_kl`` checks).
+        beta: the JSD mixing weight of the teacher, in (0, 1).
 
     Returns:
         ``loss [N]`` fp32 (fp64 for fp64 inputs; unweighted per-row loss) and ``grad [N, H]`` in ``hidden.dtype`` or None.
     """
     teacher = as_target(teacher)
+    if divergence != "forward" and isinstance(teacher, (SparseTarget, CompactTarget)):
+        raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
     n, _ = hidden.shape
     cd = _compute_dtype(hidden, lm_weight)
     loss_out = torch.zeros(n, dtype=cd, device=hidden.device)
@@ -97,6 +134,12 @@ def softmax_kl_rows(
             dot = (hidden[rows].to(cd) * compact).sum(-1)
             loss = teacher.neg_entropy[rows].to(cd) - dot / temperature + lse
             dz = (z - lse[:, None]).exp()
+        elif divergence != "forward":
+            if isinstance(teacher, HiddenTarget):
+                q_logits = teacher.hidden[rows].to(cd) @ weight.T
+            else:
+                q_logits = teacher.logprobs[rows].to(cd)
+            loss, dz = _divergence_rows(torch.log_softmax(z, -1), q_logits, temperature, divergence, beta)
         elif isinstance(teacher, HiddenTarget):
             loss, dz = _dense_rows(z - lse[:, None], teacher.hidden[rows].to(cd) @ weight.T, temperature)
         else:
@@ -115,14 +158,24 @@ def softmax_kl_rows(
 
 
 def softmax_kl_naive(
-    hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temperature: float = 1.0
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    teacher: Teacher,
+    temperature: float = 1.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """The loss written plainly, unfused and unchunked: per-row ``L_n`` ``[N]``, differentiable by autograd.
+
+    ``divergence``: ``"forward"`` KL(q || p), ``"reverse"`` KL(p || q) or ``"jsd"``
+    ``beta KL(q || m) + (1 - beta) KL(p || m)`` with ``m = beta q + (1 - beta) p`` (dense and hidden teachers only).
 
     The ground truth of the tests (in fp64) and the "torch eager" provider of the benchmarks. Logits are
     formed in the inputs' dtype and the softmax runs in at least fp32. Memory: several ``[N, V]`` tensors.
     """
     teacher = as_target(teacher)
+    if divergence != "forward" and isinstance(teacher, (SparseTarget, CompactTarget)):
+        raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
     z = hidden @ lm_weight.T
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
     logp = torch.log_softmax(z, -1)
@@ -139,4 +192,10 @@ def softmax_kl_naive(
         return teacher.neg_entropy.to(z.dtype) - dot / temperature + torch.logsumexp(z, -1)
     logits = teacher.hidden.to(lm_weight.dtype) @ lm_weight.T if isinstance(teacher, HiddenTarget) else teacher.logprobs
     q = torch.log_softmax(logits.to(z.dtype) / temperature, -1)
+    if divergence == "reverse":
+        return (logp.exp() * (logp - q)).sum(-1)
+    if divergence == "jsd":
+        logm = torch.logaddexp(math.log(beta) + q, math.log1p(-beta) + logp)
+        teacher_term = torch.where(q > float("-inf"), q.exp() * (q - logm), torch.zeros_like(q))  # 0 log 0 = 0
+        return beta * teacher_term.sum(-1) + (1 - beta) * (logp.exp() * (logp - logm)).sum(-1)
     return (q.exp() * (q - logp)).sum(-1)

@@ -23,7 +23,8 @@ from collections.abc import Callable
 import torch
 
 from fastsoft.ops import reference
-from fastsoft.ops.targets import CompactTarget, DenseTarget, HiddenTarget, Teacher, as_target
+from fastsoft.ops.reference import DIVERGENCES
+from fastsoft.ops.targets import CompactTarget, DenseTarget, HiddenTarget, SparseTarget, Teacher, as_target
 
 BACKENDS = ("triton", "cpp", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -97,8 +98,20 @@ class SoftmaxKLFunction(torch.autograd.Function):
     """Per-row losses ``[N]`` whose backward scales the gradient rows computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, lm_weight, teacher, temperature, token_weight, rows_fn):
-        loss, grad = rows_fn(hidden, lm_weight, teacher, temperature, token_weight, hidden.requires_grad)
+    def forward(ctx, hidden, lm_weight, teacher, temperature, token_weight, rows_fn, divergence="forward", beta=0.5):
+        if divergence == "forward":  # today's call, unchanged
+            loss, grad = rows_fn(hidden, lm_weight, teacher, temperature, token_weight, hidden.requires_grad)
+        else:
+            loss, grad = rows_fn(
+                hidden,
+                lm_weight,
+                teacher,
+                temperature,
+                token_weight,
+                hidden.requires_grad,
+                divergence=divergence,
+                beta=beta,
+            )
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return loss
 
@@ -107,11 +120,18 @@ class SoftmaxKLFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         grad_hidden = grad * grad_loss[:, None].to(grad.dtype) if ctx.needs_input_grad[0] else None
-        return grad_hidden, None, None, None, None, None  # never a gradient for lm_weight
+        return grad_hidden, None, None, None, None, None, None, None  # never a gradient for lm_weight
 
 
 def _check(
-    hidden: torch.Tensor, lm_weight: torch.Tensor, teacher: Teacher, temperature: float, token_weight, reduction: str
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    teacher: Teacher,
+    temperature: float,
+    token_weight,
+    reduction: str,
+    divergence: str = "forward",
+    beta: float = 0.5,
 ):
     if hidden.dim() != 2 or lm_weight.dim() != 2 or hidden.shape[1] != lm_weight.shape[1]:
         raise ValueError(
@@ -132,6 +152,16 @@ def _check(
         raise ValueError(
             f"a dense teacher must be log-probs of shape [N, V] = [{n}, {v}], got {tuple(teacher.logprobs.shape)}"
         )
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+    if divergence != "forward":
+        if isinstance(teacher, (SparseTarget, CompactTarget)):
+            raise ValueError(
+                f"divergence {divergence!r} needs a DenseTarget or HiddenTarget, got {type(teacher).__name__}: it is not "
+                "linear in the teacher, so it needs the full teacher distribution"
+            )
+        if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0 < beta < 1):
+            raise ValueError(f"beta, the JSD's teacher weight, must be strictly between 0 and 1, got {beta!r}")
     rows = len(teacher)
     if rows != n:
         raise ValueError(f"teacher has {rows} rows but hidden has {n}")
@@ -152,6 +182,8 @@ def softmax_kl(
     token_weight: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    divergence: str = "forward",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Cross-entropy of ``softmax(hidden @ lm_weight.T / T)`` against a teacher measure; KL for a normalised one.
 
@@ -176,6 +208,13 @@ def softmax_kl(
         reduction: ``"mean"`` (``sum(w * L) / sum(w)``, 0 when every row is ignored), ``"sum"``
             (``sum(w * L)``) or ``"none"`` (``w * L`` per row, ``[N]``, still differentiable).
         backend: ``"auto"`` (by device), ``"triton"``, ``"cpp"`` or ``"reference"``.
+        divergence: ``"forward"`` (the default: the loss above, every teacher kind), ``"reverse"``
+            (``KL(p || q) = sum_v p_v (log p_v - log q_v)``) or ``"jsd"`` (``beta KL(q || m) + (1 - beta) KL(p || m)``,
+            ``m = beta q + (1 - beta) p``), with ``q = softmax(teacher logits / T)``. The last two are not linear in
+            the teacher: they need a :class:`DenseTarget` or :class:`HiddenTarget` (a sparse or compact one raises
+            ``ValueError``). A reverse KL where the student has mass and the teacher none is ``+inf`` (its row's
+            gradient is 0).
+        beta: the JSD's teacher weight, strictly between 0 and 1 (0.5: the symmetric JSD); unused otherwise.
 
     Returns:
         A scalar fp32 loss (fp64 for fp64 inputs), or ``[N]`` per-row losses for ``reduction="none"``.
@@ -184,9 +223,14 @@ def softmax_kl(
     the forward pass stores one ``[N, H]`` gradient in ``hidden.dtype``; no ``[V, H]`` gradient.
     """
     teacher = as_target(teacher)
-    _check(hidden, lm_weight, teacher, temperature, token_weight, reduction)
+    _check(hidden, lm_weight, teacher, temperature, token_weight, reduction, divergence, beta)
     _, rows_fn = resolve_backend(backend, hidden.device)
-    loss = SoftmaxKLFunction.apply(hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn)
+    if divergence == "forward":
+        loss = SoftmaxKLFunction.apply(hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn)
+    else:
+        loss = SoftmaxKLFunction.apply(
+            hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn, divergence, float(beta)
+        )
     if token_weight is not None:
         loss = loss * token_weight.to(loss.dtype)
     if reduction == "none":
@@ -202,9 +246,17 @@ def softmax_kl(
 class SoftmaxKLLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`softmax_kl`: ``loss(hidden, lm_weight, teacher, token_weight=None)``."""
 
-    def __init__(self, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto"):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        backend: str = "auto",
+        divergence: str = "forward",
+        beta: float = 0.5,
+    ):
         super().__init__()
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
+        self.divergence, self.beta = divergence, beta
 
     def forward(self, hidden, lm_weight, teacher, token_weight=None):
         return softmax_kl(
@@ -215,7 +267,10 @@ class SoftmaxKLLoss(torch.nn.Module):
             token_weight=token_weight,
             reduction=self.reduction,
             backend=self.backend,
+            divergence=self.divergence,
+            beta=self.beta,
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        extra = f", divergence={self.divergence!r}, beta={self.beta}" if self.divergence != "forward" else ""
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}{extra}"
