@@ -113,7 +113,7 @@ def test_jobs_file(files, tiny_model_dir, tiny_job):
         ),
         (
             lambda f: ["--context", str(f / "ctx.txt"), "--queries", str(f / "q.txt"), "--teacher", "fuzzy"],
-            "--teacher must be dense, topk, sampled or hidden, got 'fuzzy'",
+            "--teacher must be dense, topk, sampled, hidden or compact, got 'fuzzy'",
         ),
     ],
 )
