@@ -1,7 +1,8 @@
 // softmax_kl on CPU: fused lm_head matmul + streaming softmax + KL / cross-entropy, gradient for the
 // hidden states only (W is frozen: no dW). Implements the row contract of
 // fastsoft/ops/reference.py::softmax_kl_rows for the four teacher kinds, registered as
-// fastsoft::softmax_kl_rows_{dense,sparse,hidden,compact}.
+// fastsoft::softmax_kl_rows_{dense,sparse,hidden,compact}, and the reverse KL / JSD of dense and hidden teachers
+// as fastsoft::softmax_kl_rows_divergence (two passes over the vocabulary: see divergence_rows).
 //
 // Work split: tasks of up to BN token rows run in parallel (at::parallel_for; MKL single-threaded
 // inside); each task streams the vocabulary once, in tiles of BV columns, so scratch memory is
@@ -560,6 +561,185 @@ void compact_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::
   });
 }
 
+// ---------------------------------------------------------------- reverse KL and JSD (dense and hidden teachers)
+
+// Neither is linear in the teacher and both need the final normalisers per entry (kernels/softmax_kl.md §2b), so
+// each row block makes two passes over the vocabulary: pass 1 the online (max, sum) of the student's and the
+// teacher's logits; pass 2 recomputes the tile GEMMs (CCE-style), forms log p, log q (and log m) exactly, sums the
+// loss and accumulates [sum p W; sum p (g - centre) W] with one GEMM per tile. At the end
+// dh = c (sum p (g - centre) W - (sum p (g - centre) / sum p) sum p W) / T with c = 1 (reverse) or 1 - beta (jsd). Per token 4 GEMMs
+// (dense) or 6 (hidden: the teacher's logits are recomputed in both passes); no logits kept.
+// A reverse KL with p_v > 0 = q_v is +inf (returned as is) and its row's gradient is 0: never NaN.
+template <typename T>
+void divergence_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& teacher,
+                     bool teacher_is_hidden, bool jsd, double beta_d, double temperature, const uint8_t* keep,
+                     bool need_grad, at::Tensor& loss, at::Tensor& grad) {
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  const T inv_t = T(1) / static_cast<T>(temperature);
+  const T beta = static_cast<T>(beta_d), log_beta = static_cast<T>(std::log(beta_d)),
+          log_1mb = static_cast<T>(std::log1p(-beta_d));
+  const T inf = std::numeric_limits<T>::infinity();
+  const Plan plan = plan_rows(N);
+  T* loss_out = loss.mutable_data_ptr<T>();
+
+  at::parallel_for(0, plan.tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    const auto opts = hidden.options().dtype(acc);
+    const int64_t bn = plan.bn;
+    WeightTiles w_tile(weight, acc);
+    at::Tensor lhs_buf = at::empty({2 * bn * H}, opts);  // [h; h_t] (hidden teacher) or h, in the compute dtype
+    at::Tensor za_buf = at::empty({2 * bn * BV}, opts);  // [z; a] logits of a tile
+    at::Tensor pg_buf = at::empty({2 * bn * BV}, opts);  // [p; p g] of a tile, the gradient GEMM's left side
+    at::Tensor o_acc = need_grad ? at::empty({2 * bn * H}, opts) : at::Tensor();
+    std::vector<T> m_z(bn), s_z(bn), m_a(bn), s_a(bn), c_z(bn), sum_p(bn), sum_pg(bn), sum_pgc(bn), sum_tq(bn);
+    std::vector<uint8_t> infinite(bn), no_centre(bn);
+
+    for (int64_t task = t_begin; task < t_end; ++task) {
+      const int64_t n0 = task * bn, m = std::min(bn, N - n0);
+      const uint8_t* kp = keep + n0;
+      const int64_t lrows = teacher_is_hidden ? 2 * m : m;
+      at::Tensor lhs = matrix(lhs_buf, lrows, H);
+      lhs.narrow(0, 0, m).copy_(hidden.narrow(0, n0, m));
+      if (teacher_is_hidden) lhs.narrow(0, m, m).copy_(teacher.narrow(0, n0, m));
+      for (int64_t r = 0; r < m; ++r)
+        if (!kp[r]) {  // an ignored row is never trusted (its teacher may be NaN)
+          lhs[r].zero_();
+          if (teacher_is_hidden) lhs[m + r].zero_();
+        }
+
+      // The tile's scaled logits: z in rows [0, m) and a in rows [m, 2m) of za.
+      auto logits = [&](int64_t v0, int64_t bv, const at::Tensor& w_t) {
+        at::Tensor za = matrix(za_buf, 2 * m, bv);
+        if (teacher_is_hidden) {
+          at::mm_out(za, lhs, w_t.t());
+        } else {
+          at::Tensor z = za.narrow(0, 0, m);
+          at::mm_out(z, lhs, w_t.t());
+          za.narrow(0, m, m).copy_(teacher.narrow(0, n0, m).narrow(1, v0, bv));
+        }
+        T* p = za.mutable_data_ptr<T>();
+        for (int64_t r = 0; r < m; ++r) {
+          T* zr = p + r * bv;
+          T* ar = p + (m + r) * bv;
+          if (!kp[r]) {
+            std::fill(zr, zr + bv, T(0));
+            std::fill(ar, ar + bv, T(0));
+            continue;
+          }
+          for (int64_t i = 0; i < bv; ++i) zr[i] *= inv_t, ar[i] *= inv_t;
+        }
+        return za;
+      };
+
+      // pass 1: the maxima and sums of both softmaxes
+      for (int64_t r = 0; r < m; ++r) m_z[r] = m_a[r] = NEG_INF<T>, s_z[r] = s_a[r] = c_z[r] = T(0), no_centre[r] = 0;
+      for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        const int64_t bv = std::min(BV, V - v0);
+        const at::Tensor za = logits(v0, bv, w_tile(v0, bv));
+        const T* p = za.const_data_ptr<T>();
+        for (int64_t r = 0; r < m; ++r) {
+          if (!kp[r]) continue;
+          const T* zr = p + r * bv;
+          const T* ar = p + (m + r) * bv;
+          T mz = m_z[r], ma = m_a[r];
+          for (int64_t i = 0; i < bv; ++i) mz = std::max(mz, zr[i]), ma = std::max(ma, ar[i]);
+          T sz = 0, sa = 0, c = 0;
+          for (int64_t i = 0; i < bv; ++i) {
+            const T e = std::exp(zr[i] - mz);
+            sz += e;
+            if (!jsd && e > T(0)) {  // the reverse KL's centre (see below); p > 0 = q makes the row infinite
+              if (ar[i] == NEG_INF<T>) no_centre[r] = 1;
+              else c += e * ((zr[i] - mz) - (ar[i] - ma));
+            }
+          }
+          if (ma != NEG_INF<T>)
+            for (int64_t i = 0; i < bv; ++i) sa += std::exp(ar[i] - ma);
+          if (!jsd && !no_centre[r]) {  // earlier terms of c, (z - m_z) - (a - m_a), move with the maxima
+            c_z[r] = s_z[r] > T(0) ? (c_z[r] - ((mz - m_z[r]) - (ma - m_a[r])) * s_z[r]) * std::exp(m_z[r] - mz) + c : c;
+          }
+          s_z[r] = s_z[r] * std::exp(m_z[r] - mz) + sz;  // m_z = -inf at first: exp(-inf) = 0
+          if (ma != NEG_INF<T>) s_a[r] = (s_a[r] > T(0) ? s_a[r] * std::exp(m_a[r] - ma) : T(0)) + sa;
+          m_z[r] = mz, m_a[r] = ma;
+        }
+      }
+      // log-normalisers split as (max, log sum): log p = (z - m_z) - log s_z, like log_softmax
+      // centre: pass 2 accumulates p (g - centre) W, so that the final dh = c (sum p (g - centre) W - (mean g - centre)
+      // sum p W) does not cancel two large sums. Reverse KL: centre = its loss from the online form
+      // L = c_z / s_z + log s_a - log s_z (kernels/softmax_kl.md §2b); JSD: g <= -log(1 - beta) is small, centre 0.
+      std::vector<T> ls_z(m), ls_a(m), centre(m, T(0));
+      for (int64_t r = 0; r < m; ++r) {
+        ls_z[r] = std::log(s_z[r]), ls_a[r] = std::log(s_a[r]);
+        if (!jsd && kp[r] && !no_centre[r]) centre[r] = c_z[r] / s_z[r] + ls_a[r] - ls_z[r];
+      }
+
+      // pass 2: the loss terms and [sum p W; sum p g W]
+      at::Tensor o = need_grad ? matrix(o_acc, 2 * m, H) : at::Tensor();
+      if (need_grad) o.zero_();
+      for (int64_t r = 0; r < m; ++r) sum_p[r] = sum_pg[r] = sum_pgc[r] = sum_tq[r] = T(0), infinite[r] = 0;
+      for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        const int64_t bv = std::min(BV, V - v0);
+        const at::Tensor w_t = w_tile(v0, bv);
+        const at::Tensor za = logits(v0, bv, w_t);
+        const T* p = za.const_data_ptr<T>();
+        at::Tensor pg = matrix(pg_buf, 2 * m, bv);
+        T* pgp = pg.mutable_data_ptr<T>();
+        for (int64_t r = 0; r < m; ++r) {
+          T* pr = pgp + r * bv;
+          T* gr = pgp + (m + r) * bv;
+          if (!kp[r]) {
+            std::fill(pr, pr + bv, T(0));
+            std::fill(gr, gr + bv, T(0));
+            continue;
+          }
+          const T* zr = p + r * bv;
+          const T* ar = p + (m + r) * bv;
+          T sp = 0, spg = 0, spgc = 0, stq = 0;
+          const T cr = centre[r];
+          bool inf_row = false;
+          for (int64_t i = 0; i < bv; ++i) {
+            const T lp = (zr[i] - m_z[r]) - ls_z[r];
+            const T lq = ar[i] == NEG_INF<T> ? NEG_INF<T> : (ar[i] - m_a[r]) - ls_a[r];
+            const T pv = std::exp(lp);
+            T g = T(0);
+            if (jsd) {
+              const T x = log_beta + lq, y = log_1mb + lp;  // log m = logaddexp(x, y), y finite
+              const T hi = std::max(x, y);
+              const T lm = hi + std::log1p(std::exp(std::min(x, y) - hi));
+              if (pv > T(0)) g = lp - lm;
+              const T qv = std::exp(lq);
+              if (qv > T(0)) stq += qv * (lq - lm);
+            } else if (pv > T(0)) {
+              if (lq == NEG_INF<T>) inf_row = true;  // p > 0 = q: the loss is +inf; g kept finite here
+              else g = lp - lq;
+            }
+            pr[i] = pv;
+            gr[i] = pv > T(0) ? pv * (g - cr) : T(0);
+            sp += pv, spg += pv * g, spgc += gr[i];
+          }
+          sum_p[r] += sp, sum_pg[r] += spg, sum_pgc[r] += spgc, sum_tq[r] += stq;
+          if (inf_row) infinite[r] = 1;
+        }
+        if (need_grad) o.addmm_(pg, w_t);  // [2m, H] += [2m, bv] @ [bv, H]
+      }
+
+      for (int64_t r = 0; r < m; ++r) {
+        T l = jsd ? beta * sum_tq[r] + (T(1) - beta) * sum_pg[r] : sum_pg[r];
+        if (infinite[r]) l = inf;
+        loss_out[n0 + r] = kp[r] ? l : T(0);
+      }
+      if (!need_grad) continue;
+      T* op = o.mutable_data_ptr<T>();
+      for (int64_t r = 0; r < m; ++r) {
+        const bool zero = !kp[r] || infinite[r];
+        const T mean_g = zero ? T(0) : sum_pgc[r] / sum_p[r];  // mean of g - centre
+        const T c = zero ? T(0) : (jsd ? T(1) - beta : T(1)) * inv_t;
+        for (int64_t j = 0; j < H; ++j) op[r * H + j] = c * (op[(m + r) * H + j] - mean_g * op[r * H + j]);
+      }
+      grad.narrow(0, n0, m).copy_(o.narrow(0, 0, m));
+    }
+  });
+}
+
 // ---------------------------------------------------------------- entry points
 
 bool is_float(const at::Tensor& t) {
@@ -707,6 +887,40 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_compact(const at::Tensor& hid
   return {loss, grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_divergence(const at::Tensor& hidden, const at::Tensor& lm_weight,
+                                                              const at::Tensor& teacher, bool teacher_is_hidden,
+                                                              c10::string_view divergence, double beta,
+                                                              double temperature,
+                                                              const std::optional<at::Tensor>& token_weight,
+                                                              bool need_grad) {
+  const auto keep = check_common(hidden, lm_weight, temperature, token_weight);
+  check_float(teacher, "teacher");
+  const bool jsd = divergence == "jsd";
+  TORCH_CHECK(jsd || divergence == "reverse", "fastsoft softmax_kl (C++): divergence must be reverse or jsd, got ",
+              divergence);
+  TORCH_CHECK(!jsd || (beta > 0 && beta < 1), "fastsoft softmax_kl (C++): beta must be strictly between 0 and 1, got ",
+              beta);
+  if (teacher_is_hidden) {
+    TORCH_CHECK(teacher.sizes() == hidden.sizes(),
+                "fastsoft softmax_kl (C++): teacher hidden states must have the shape of hidden ", hidden.sizes(),
+                ", got ", teacher.sizes());
+  } else {
+    TORCH_CHECK(teacher.dim() == 2 && teacher.size(0) == hidden.size(0) && teacher.size(1) == lm_weight.size(0),
+                "fastsoft softmax_kl (C++): a dense teacher must have shape [N, V] = [", hidden.size(0), ", ",
+                lm_weight.size(0), "], got ", teacher.sizes());
+  }
+  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
+  auto [loss, grad] = outputs(hidden, acc, need_grad);
+  if (hidden.size(0) == 0) return {loss, grad};
+  if (acc == at::kDouble)
+    divergence_rows<double>(hidden, lm_weight, teacher, teacher_is_hidden, jsd, beta, temperature, keep.data(),
+                            need_grad, loss, grad);
+  else
+    divergence_rows<float>(hidden, lm_weight, teacher, teacher_is_hidden, jsd, beta, temperature, keep.data(),
+                           need_grad, loss, grad);
+  return {loss, grad};
+}
+
 // Shapes and dtypes only, for tracing (torch.compile, FakeTensor).
 std::tuple<at::Tensor, at::Tensor> meta_outputs(const at::Tensor& hidden, const at::Tensor& lm_weight, bool need_grad) {
   const at::ScalarType acc = compute_dtype(hidden, lm_weight);
@@ -725,6 +939,8 @@ TORCH_LIBRARY_FRAGMENT(fastsoft, m) {
         "Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
   m.def("softmax_kl_rows_compact(Tensor hidden, Tensor lm_weight, Tensor wbar, Tensor neg_entropy, float temperature, "
         "Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
+  m.def("softmax_kl_rows_divergence(Tensor hidden, Tensor lm_weight, Tensor teacher, bool teacher_is_hidden, "
+        "str divergence, float beta, float temperature, Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastsoft, CPU, m) {
@@ -732,6 +948,7 @@ TORCH_LIBRARY_IMPL(fastsoft, CPU, m) {
   m.impl("softmax_kl_rows_sparse", &softmax_kl_rows_sparse);
   m.impl("softmax_kl_rows_hidden", &softmax_kl_rows_hidden);
   m.impl("softmax_kl_rows_compact", &softmax_kl_rows_compact);
+  m.impl("softmax_kl_rows_divergence", &softmax_kl_rows_divergence);
 }
 
 TORCH_LIBRARY_IMPL(fastsoft, Meta, m) {
@@ -745,6 +962,9 @@ TORCH_LIBRARY_IMPL(fastsoft, Meta, m) {
   m.impl("softmax_kl_rows_compact", [](const at::Tensor& h, const at::Tensor& w, const at::Tensor&, const at::Tensor&,
                                        double, const std::optional<at::Tensor>&,
                                        bool g) { return meta_outputs(h, w, g); });
+  m.impl("softmax_kl_rows_divergence",
+         [](const at::Tensor& h, const at::Tensor& w, const at::Tensor&, bool, c10::string_view, double, double,
+            const std::optional<at::Tensor>&, bool g) { return meta_outputs(h, w, g); });
 }
 
 }  // namespace fastsoft

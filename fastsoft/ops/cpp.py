@@ -98,17 +98,14 @@ def softmax_kl_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The backend row contract of ``fastsoft.ops.reference.softmax_kl_rows``, on CPU tensors.
 
+    ``divergence="reverse" | "jsd"`` (dense and hidden teachers) runs ``softmax_kl_rows_divergence``: two passes over
+    the vocabulary per row block (``kernels/softmax_kl.md`` §2b).
+
     Returns ``loss [N]`` fp32 (fp64 for fp64 ``hidden``/``lm_weight``, unweighted) and
     ``d loss_n / d hidden_n`` ``[N, H]`` in ``hidden.dtype`` (or None). Memory: O(threads x tile),
     never ``[N, V]``; no gradient for ``lm_weight``.
     """
     teacher = as_target(teacher)
-    if divergence != "forward":  # not fused here yet: the chunked reference computes it
-        from fastsoft.ops import reference
-
-        return reference.softmax_kl_rows(
-            hidden, lm_weight, teacher, temperature, token_weight, need_grad, divergence, beta
-        )
     ok, why = is_available()
     if not ok:
         from fastsoft.ops.softmax_kl import BackendUnavailable
@@ -117,7 +114,22 @@ def softmax_kl_rows(
     ops = torch.ops.fastsoft
     hidden, lm_weight = hidden.detach().contiguous(), lm_weight.detach().contiguous()
     token_weight = None if token_weight is None else token_weight.detach().contiguous()
-    if isinstance(teacher, SparseTarget):
+    if divergence != "forward":  # reverse KL or JSD: dense and hidden teachers (softmax_kl refuses the others)
+        if isinstance(teacher, (SparseTarget, CompactTarget)):
+            raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
+        is_hidden = isinstance(teacher, HiddenTarget)
+        loss, grad = ops.softmax_kl_rows_divergence(
+            hidden,
+            lm_weight,
+            (teacher.hidden if is_hidden else teacher.logprobs).detach().contiguous(),
+            is_hidden,
+            divergence,
+            float(beta),
+            float(temperature),
+            token_weight,
+            need_grad,
+        )
+    elif isinstance(teacher, SparseTarget):
         tail = None if teacher.tail is None else teacher.tail.detach().contiguous()
         loss, grad = ops.softmax_kl_rows_sparse(
             hidden,

@@ -210,3 +210,41 @@ def test_refusals():
             softmax_kl(h, W, teacher, divergence="jsd", beta=beta)
     with pytest.raises(ValueError, match="divergence must be one of forward, reverse, jsd"):
         softmax_kl(h, W, teacher, divergence="kl")
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ backend is turned off")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["dense", "hidden"])
+def test_cpp_low_precision_inputs_match_reference(dtype, kind):
+    """bf16/fp16 inputs are upcast per tile in both backends: the same fp32 computation, to fp32 rounding."""
+    gen, h, W, teacher = setup(("lowp", dtype, kind), 33, 777, 64, kind, 1.5)
+    h, W, teacher = h.to(dtype), W.to(dtype), cast_teacher(teacher, dtype)
+    tw = torch.ones(33)
+    tw[7] = 0
+    for divergence, beta in DIVERGENCES[:2]:
+        kw = dict(temperature=1.5, divergence=divergence, beta=beta, token_weight=tw, reduction="none")
+        want, got = run("reference", h, W, teacher, **kw), run("cpp", h, W, teacher, **kw)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-2 * want[1].abs().max().item())
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ backend is turned off")
+def test_cpp_divergence_op_checks_and_opcheck():
+    ops = torch.ops.fastsoft
+    gen = torch.Generator().manual_seed(13)
+    h, W = torch.randn(5, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    t = torch.log_softmax(torch.randn(5, 40, generator=gen), -1)
+    tw = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0])
+    with pytest.raises(RuntimeError, match="reverse or jsd"):
+        ops.softmax_kl_rows_divergence(h, W, t, False, "forward", 0.5, 1.0, None, True)
+    with pytest.raises(RuntimeError, match="strictly between 0 and 1"):
+        ops.softmax_kl_rows_divergence(h, W, t, False, "jsd", 1.0, 1.0, None, True)
+    with pytest.raises(RuntimeError, match=r"shape \[N, V\]"):
+        ops.softmax_kl_rows_divergence(h, W, torch.zeros(5, 41), False, "reverse", 0.5, 1.0, None, True)
+    with pytest.raises(RuntimeError, match="shape of hidden"):
+        ops.softmax_kl_rows_divergence(h, W, torch.zeros(5, 7), True, "jsd", 0.5, 1.0, None, True)
+    for args in [
+        (h, W, t, False, "reverse", 0.5, 1.5, tw, True),
+        (h, W, torch.randn(5, 8, generator=gen), True, "jsd", 0.3, 0.7, None, False),
+    ]:
+        torch.library.opcheck(ops.softmax_kl_rows_divergence, args, test_utils=("test_schema", "test_faketensor"))
