@@ -33,7 +33,10 @@ TemplateKind = Literal["auto", "chat", "plain"]
 Backend = Literal["auto", "triton", "cpp", "reference"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 
-OBJECTIVES = ("kl", "answer", "supervised")
+OBJECTIVES = ("kl", "rkl", "jsd", "answer", "supervised")
+# objectives that compare whole distributions and are not linear in the teacher: they need a dense or hidden cache
+NONLINEAR_OBJECTIVES = ("rkl", "jsd")
+NONLINEAR_TEACHERS = ("dense", "hidden")
 TEACHERS: tuple[str, ...] = get_args(Teacher)
 CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
 INITS: tuple[str, ...] = get_args(Init)
@@ -152,6 +155,9 @@ def check_settings(obj) -> None:
 def parse_objective(text: str) -> dict[str, float]:
     """``"kl"`` -> ``{"kl": 1.0}``; ``"kl:0.7,answer:0.3"`` -> ``{"kl": 0.7, "answer": 0.3}``.
 
+    Names: ``kl`` (forward KL(teacher || student)), ``rkl`` (reverse KL(student || teacher)), ``jsd`` (Jensen-Shannon
+    with the teacher's weight 0.5) or ``jsd@BETA`` (teacher weight ``BETA`` strictly between 0 and 1, e.g.
+    ``jsd@0.3:1.0``), ``answer``, ``supervised``. A JSD's key is ``"jsd"`` at 0.5 and ``"jsd@BETA"`` otherwise.
     Weights must be finite and at least 0, and not all 0. ``answer`` and ``supervised`` score different token
     sequences, so they cannot be mixed with each other.
     """
@@ -160,9 +166,21 @@ def parse_objective(text: str) -> dict[str, float]:
     weights = {}
     for part in text.split(","):
         name, _, weight = part.strip().partition(":")
-        if name not in OBJECTIVES:
+        base, at, beta_text = name.partition("@")
+        if base == "jsd" and at:
+            try:
+                beta = float(beta_text)
+            except ValueError:
+                raise FastsoftError(
+                    f"--objective {name!r}: the JSD's teacher weight {beta_text!r} is not a number"
+                ) from None
+            if not 0 < beta < 1:
+                raise FastsoftError(f"--objective {name!r}: the JSD's teacher weight must be strictly between 0 and 1")
+            name = "jsd" if beta == 0.5 else f"jsd@{beta!r}"
+        elif name not in OBJECTIVES:
             raise FastsoftError(
-                f"--objective names an unknown objective {name!r}; choose kl, answer or supervised, or a mixture like kl:0.7,answer:0.3"
+                f"--objective names an unknown objective {name!r}; choose kl, rkl, jsd (jsd@BETA: teacher weight BETA), "
+                "answer or supervised, or a mixture like kl:0.7,answer:0.3"
             )
         try:
             value = float(weight) if weight else 1.0
@@ -207,7 +225,12 @@ class CompressConfig:
         0.02, "a job converges when its mean loss over the last --patience steps is below this", at_least=0
     )
     patience: int = setting(5, "steps averaged for the convergence test", at_least=1)
-    objective: str = setting("kl", "kl | answer | supervised, or a mixture like kl:0.7,answer:0.3")
+    objective: str = setting(
+        "kl",
+        "kl | rkl | jsd | answer | supervised, or a mixture like kl:0.7,answer:0.3. kl: forward KL(teacher || "
+        "student); rkl: reverse KL(student || teacher); jsd: Jensen-Shannon, teacher weight 0.5, or jsd@BETA with "
+        "weight BETA in (0, 1) (e.g. jsd@0.3:1.0). rkl and jsd need --teacher dense or hidden",
+    )
     teacher: Teacher = setting(
         "compact",
         "teacher cache kind: compact (exact forward KL at --temperature in H+1 fp32 numbers a token), dense (exact "
@@ -256,7 +279,13 @@ class CompressConfig:
     def validate(self, device=None) -> None:
         """Check every setting (it is done at construction); with ``device``, also that the backend runs there."""
         check_settings(self)
-        parse_objective(self.objective)
+        objective = parse_objective(self.objective)
+        nonlinear = [name for name in objective if name.partition("@")[0] in NONLINEAR_OBJECTIVES]
+        if nonlinear and self.teacher not in NONLINEAR_TEACHERS:
+            raise FastsoftError(
+                f"--objective {nonlinear[0]} needs --teacher dense or hidden (it is not linear in the teacher); "
+                f"got --teacher {self.teacher}"
+            )
         if self.init == "text" and not self.init_text:
             raise FastsoftError("--init text needs --init-text, the text whose tokens start the prompt")
         if device is not None:

@@ -1,6 +1,8 @@
 """Training objectives, all run through ``fastsoft.ops.softmax_kl``.
 
 - ``kl``: forward KL(teacher || student) against the cached teacher distributions;
+- ``rkl``: reverse KL(student || teacher), and ``jsd`` / ``jsd@BETA``: Jensen-Shannon with the teacher's weight 0.5 /
+  ``BETA``; not linear in the teacher, so only against dense or hidden caches (the settings check refuses others);
 - ``answer``: log-likelihood of the teacher's own greedy answer (one-hot targets);
 - ``supervised``: log-likelihood of the given answers (plain prompt tuning).
 
@@ -13,8 +15,22 @@ from __future__ import annotations
 import torch
 
 from fastsoft.config import OBJECTIVES, parse_objective  # noqa: F401  (the objective's parser lives with the settings)
-from fastsoft.ops import SparseTarget, Target, softmax_kl
+from fastsoft.errors import FastsoftError
+from fastsoft.ops import CompactTarget, SparseTarget, Target, softmax_kl
 from fastsoft.train.packing import Segment, pack, scored_hidden
+
+
+def divergence_of(name: str) -> tuple[str, float] | None:
+    """``softmax_kl``'s ``(divergence, beta)`` for a teacher objective's key (``kl``, ``rkl``, ``jsd``, ``jsd@BETA``),
+    or None for the one-hot ones (``answer``, ``supervised``)."""
+    if name == "kl":
+        return "forward", 0.5
+    if name == "rkl":
+        return "reverse", 0.5
+    base, _, beta = name.partition("@")
+    if base == "jsd":
+        return "jsd", float(beta) if beta else 0.5
+    return None
 
 
 def job_loss_sums(
@@ -39,8 +55,9 @@ def job_loss_sums(
         job_of_segment: for each segment, its job's index in ``0 .. jobs - 1``.
         jobs: the number of jobs in the step.
         teacher: the KL targets of every scored token, in segment order (``len(teacher) = sum(len(s.answer))``); only
-            read when the mixture has ``kl``. The ``answer`` and ``supervised`` terms score each segment's own
-            answer tokens (the teacher's greedy answer, or the given one).
+            read when the mixture has ``kl``, ``rkl`` or ``jsd`` (the last two need a dense or hidden one). The
+            ``answer`` and ``supervised`` terms score each segment's own answer tokens (the teacher's greedy answer,
+            or the given one).
         objective: weights by name, as :func:`parse_objective` returns them.
         attention: overrides the packed attention implementation (``fastsoft.attention.packed_attention``'s choice).
 
@@ -55,13 +72,34 @@ def job_loss_sums(
     for name, weight in objective.items():
         if weight == 0:
             continue
-        if name == "kl":
-            target = teacher.to(device)
-        else:
+        divergence = divergence_of(name)
+        if divergence is None:
             target = SparseTarget.one_hot(torch.tensor([t for s in segments for t in s.answer], device=device))
-        row_loss = row_loss + weight * softmax_kl(
-            hidden, loaded.lm_weight, target, temperature=temperature, reduction="none", backend=backend
-        )
+        elif teacher is None:
+            raise FastsoftError(f"the {name} objective needs the teacher's targets, and none were given")
+        elif divergence[0] != "forward" and isinstance(teacher, (SparseTarget, CompactTarget)):
+            raise FastsoftError(
+                f"the {name} objective needs a dense or hidden teacher (it is not linear in the teacher); "
+                f"got a {type(teacher).__name__}"
+            )
+        else:
+            target = teacher.to(device)
+        if divergence is None or divergence[0] == "forward":  # the call as it always was
+            loss = softmax_kl(
+                hidden, loaded.lm_weight, target, temperature=temperature, reduction="none", backend=backend
+            )
+        else:
+            loss = softmax_kl(
+                hidden,
+                loaded.lm_weight,
+                target,
+                temperature=temperature,
+                reduction="none",
+                backend=backend,
+                divergence=divergence[0],
+                beta=divergence[1],
+            )
+        row_loss = row_loss + weight * loss
     return torch.zeros(jobs, device=device).index_add(0, torch.tensor(row_job, device=device), row_loss)
 
 
