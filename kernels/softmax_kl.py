@@ -35,6 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Teacher kinds (constexpr TEACHER). COMPACT (wbar, sum q log q) runs the sparse path with no ids: the loss adds
 # neg_entropy - h . wbar / T (row kernel), the gradient -wbar / T (backward kernel, first vocabulary split).
 DENSE, HIDDEN, SPARSE, COMPACT = 0, 1, 2, 3
+# The backward kernel's kind for the reverse KL / JSD: its buffer already holds dL/dz (scale 1, no teacher term).
+DIVERGENCE = 4
 # Dtype codes for tl.dot operands (constexpr DOT).
 _DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Width of the vocabulary tiles the statistics are kept per; the forward kernel's BV equals it and the
@@ -42,7 +44,7 @@ _DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 BV_STATS = 64 if INTERPRET else 128
 # Stats slots: student max (then gradient scale), student sum, teacher max (then scale) or max outside the
 # sparse ids, teacher sum or sum outside the ids, teacher cross term.
-_SLOTS = {DENSE: 5, HIDDEN: 5, SPARSE: 4, COMPACT: 2}
+_SLOTS = {DENSE: 5, HIDDEN: 5, SPARSE: 4, COMPACT: 2, DIVERGENCE: 5}
 
 
 def _env_int(name: str) -> int | None:
@@ -100,7 +102,7 @@ def _lower_bound(ids_ptr, o_n, m_n, K, target, LOG2K: tl.constexpr):
     return lo
 
 
-@triton.autotune(configs=_fwd_configs(), key=["V", "H", "TEACHER", "HAS_TAIL", "STORE"])
+@triton.autotune(configs=_fwd_configs(), key=["V", "H", "TEACHER", "HAS_TAIL", "STORE", "LOGITS"])
 @triton.jit
 def _softmax_kl_fwd_kernel(
     h_ptr,
@@ -137,6 +139,7 @@ def _softmax_kl_fwd_kernel(
     BN: tl.constexpr,
     BV: tl.constexpr,
     BH: tl.constexpr,
+    LOGITS: tl.constexpr = False,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(C, BN)
@@ -177,7 +180,9 @@ def _softmax_kl_fwd_kernel(
     m_e = m_n[:, None] & m_v[None, :]
     if STORE and TEACHER != 2:
         # ignored rows may hold NaN teachers: store zeros so the gradient pass multiplies 0 by 0
-        tl.store(e_ptr + p_e, tl.where(b_keep[:, None], b_e, 0.0).to(e_ptr.dtype.element_ty), mask=m_e)
+        # (LOGITS, for the reverse KL / JSD: the tempered logits themselves, read back with the final lse)
+        b_keep_e = tl.where(b_keep[:, None], b_z if LOGITS else b_e, 0.0)
+        tl.store(e_ptr + p_e, b_keep_e.to(e_ptr.dtype.element_ty), mask=m_e)
 
     if TEACHER < 2:
         if TEACHER == 0:
@@ -191,7 +196,8 @@ def _softmax_kl_fwd_kernel(
         tl.store(stats_ptr + 3 * SS + o_st, tl.sum(b_f, 1), mask=m_n)
         tl.store(stats_ptr + 4 * SS + o_st, b_x, mask=m_n)
         if STORE:
-            tl.store(f_ptr + p_e, tl.where(b_keep[:, None], b_f, 0.0).to(f_ptr.dtype.element_ty), mask=m_e)
+            b_keep_f = tl.where(b_keep[:, None], b_a if LOGITS else b_f, 0.0)
+            tl.store(f_ptr + p_e, b_keep_f.to(f_ptr.dtype.element_ty), mask=m_e)
     elif TEACHER == 2:
         # walk this row's sorted ids that fall in the tile: pick z at them, mark them for the tail sum
         v_end = (i_v + 1) * BV
@@ -339,6 +345,96 @@ def _softmax_kl_row_kernel(
             if TEACHER < 2:
                 b_d = tl.exp(tl.load(p_2 + o_j, mask=m_j, other=float("-inf")) - lse_t)
                 tl.store(p_2 + o_j, tl.where(keep, b_d, 0.0), mask=m_j)
+
+
+@triton.jit
+def _divergence_row_kernel(
+    z_ptr,
+    a_ptr,
+    lse_ptr,
+    loss_ptr,
+    tw_ptr,
+    V,
+    stride_en,
+    stride_tw,
+    beta,
+    log_beta,
+    log_1mb,
+    JSD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """Reverse KL or JSD of one row from its stored tempered logits z, a and final (max, log sum) of each softmax
+    (kernels/softmax_kl.md §2b); with NEED_GRAD, overwrites z by dL/dz = c p (g - sum p g / sum p), which the
+    backward kernel multiplies by W."""
+    i_n = tl.program_id(0).to(tl.int64)
+    if HAS_WEIGHT:
+        keep = tl.load(tw_ptr + i_n * stride_tw) != 0
+    else:
+        keep = i_n >= 0
+    m_z = tl.load(lse_ptr + 4 * i_n)
+    ls_z = tl.load(lse_ptr + 4 * i_n + 1)
+    m_a = tl.load(lse_ptr + 4 * i_n + 2)
+    ls_a = tl.load(lse_ptr + 4 * i_n + 3)
+    p_z = z_ptr + i_n * stride_en
+    p_a = a_ptr + i_n * stride_en
+    b_sp = tl.zeros([BT], tl.float32)
+    b_spg = tl.zeros([BT], tl.float32)
+    b_stq = tl.zeros([BT], tl.float32)
+    b_inf = tl.zeros([BT], tl.int32)
+    for v0 in range(0, V, BT):
+        o_v = v0 + tl.arange(0, BT)
+        m_v = o_v < V
+        b_lp = (tl.load(p_z + o_v, mask=m_v, other=float("-inf")) - m_z) - ls_z
+        b_lq = (tl.load(p_a + o_v, mask=m_v, other=float("-inf")) - m_a) - ls_a
+        b_p = tl.exp(b_lp)
+        live = b_p > 0
+        if JSD:
+            b_x = log_beta + b_lq
+            b_y = log_1mb + b_lp
+            b_hi = tl.maximum(b_x, b_y)
+            b_lm = b_hi + tl.log(1.0 + tl.exp(tl.minimum(b_x, b_y) - b_hi))  # logaddexp; NaN only where p = q = 0
+            b_g = tl.where(live, b_lp - b_lm, 0.0)
+            b_q = tl.exp(b_lq)
+            b_stq += tl.where(b_q > 0, b_q * (b_lq - b_lm), 0.0)
+        else:
+            # p > 0 = q: the row is +inf, g kept finite here
+            b_g = tl.where(live & (b_lq > float("-inf")), b_lp - b_lq, 0.0)
+            b_inf = tl.maximum(b_inf, tl.where(live & (b_lq == float("-inf")), 1, 0))
+        b_sp += b_p
+        b_spg += tl.where(live, b_p * b_g, 0.0)
+    sp = tl.sum(b_sp, 0)
+    spg = tl.sum(b_spg, 0)
+    infinite = tl.max(b_inf, 0) > 0
+    if JSD:
+        loss = beta * tl.sum(b_stq, 0) + (1.0 - beta) * spg
+        c = 1.0 - beta
+    else:
+        loss = tl.where(infinite, float("inf"), spg)
+        c = 1.0
+    tl.store(loss_ptr + i_n, tl.where(keep, loss, 0.0))
+    if NEED_GRAD:
+        mean_g = spg / sp  # not the loss: then sum_v dz_v = 0 to rounding even though sum p is not exactly 1
+        c = tl.where(keep, tl.where(infinite, 0.0, c), 0.0)  # ignored and infinite rows: gradient 0
+        for v0 in range(0, V, BT):
+            o_v = v0 + tl.arange(0, BT)
+            m_v = o_v < V
+            b_lp = (tl.load(p_z + o_v, mask=m_v, other=float("-inf")) - m_z) - ls_z
+            b_lq = (tl.load(p_a + o_v, mask=m_v, other=float("-inf")) - m_a) - ls_a
+            b_p = tl.exp(b_lp)
+            live = b_p > 0
+            if JSD:
+                b_x = log_beta + b_lq
+                b_y = log_1mb + b_lp
+                b_hi = tl.maximum(b_x, b_y)
+                b_lm = b_hi + tl.log(1.0 + tl.exp(tl.minimum(b_x, b_y) - b_hi))
+                b_g = tl.where(live, b_lp - b_lm, 0.0)
+            else:
+                b_g = tl.where(live & (b_lq > float("-inf")), b_lp - b_lq, 0.0)
+            b_c = tl.zeros([BT], tl.float32) + c
+            b_dz = tl.where(live & (b_c != 0), b_c * b_p * (b_g - mean_g), 0.0)  # never 0 * NaN
+            tl.store(p_z + o_v, b_dz, mask=m_v)
 
 
 @triton.autotune(configs=_bwd_configs(), key=["V", "H", "TEACHER", "FILTER"])
@@ -570,17 +666,16 @@ def softmax_kl_rows(
     Returns:
         ``loss [N]`` fp32 (unweighted) and ``grad [N, H]`` in ``hidden.dtype`` (or None).
 
+    ``divergence="reverse" | "jsd"`` (dense and hidden teachers, ``beta`` the JSD's teacher weight): see
+    :func:`_divergence_rows`.
+
     Memory: one token chunk of ``[C, V]`` buffers (two for dense/hidden teachers, one for sparse and compact;
     fp16 for 16-bit inputs, fp32 otherwise) plus ``[C, V/128]`` fp32 statistics; never ``[N, V]``; no
     ``[V, H]`` gradient. No host synchronisation.
     """
     teacher = as_target(teacher)
-    if divergence != "forward":  # not fused here yet: the chunked reference computes it
-        from fastsoft.ops import reference
-
-        return reference.softmax_kl_rows(
-            hidden, lm_weight, teacher, temperature, token_weight, need_grad, divergence, beta
-        )
+    if divergence != "forward":
+        return _divergence_rows(hidden, lm_weight, teacher, temperature, token_weight, need_grad, divergence, beta)
     n, hsize = hidden.shape
     vocab = lm_weight.shape[0]
     device = hidden.device
@@ -745,6 +840,109 @@ def softmax_kl_rows(
             DOT_PRECISION=precision,
             **common,
         )
+        if partial is not None:
+            grad[r0:r1].copy_(partial[:, :c].sum(0))
+    return loss, grad
+
+
+def _divergence_rows(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    teacher,
+    temperature: float,
+    token_weight: torch.Tensor | None,
+    need_grad: bool,
+    divergence: str,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reverse KL or JSD (kernels/softmax_kl.md §2b), per token chunk: the forward kernel stores the tempered
+    student and teacher logits (fp32 ``[C, V]`` each, whatever the input dtype: ``log p`` and ``log q`` are needed
+    to full precision, and a teacher exponential that underflows would make a finite reverse KL infinite) and the
+    tile statistics; ``lse`` and ``lse_t`` are merged from them; ``_divergence_row_kernel`` forms the loss and
+    overwrites the student logits with ``dL/dz``; the backward kernel (kind ``DIVERGENCE``: scale 1, no teacher
+    term) multiplies by ``W / T``. Dense and hidden teachers only."""
+    if isinstance(teacher, (SparseTarget, CompactTarget)):
+        raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
+    n, hsize = hidden.shape
+    vocab = lm_weight.shape[0]
+    device = hidden.device
+    loss = torch.zeros(n, dtype=torch.float32, device=device)
+    grad = torch.empty_like(hidden) if need_grad else None
+    if n == 0:
+        return loss, grad
+    if hidden.dtype == torch.float64 or lm_weight.dtype == torch.float64:  # computed in fp32 (documented)
+        loss32, grad32 = _divergence_rows(
+            hidden.float(), lm_weight.float(), teacher, temperature, token_weight, need_grad, divergence, beta
+        )
+        return loss32, None if grad32 is None else grad32.to(hidden.dtype)
+    kind, tensor, _ = _prepare_teacher(teacher, n, device)
+    dot, precision, _ = _dot_settings(hidden, lm_weight)
+    rows = chunk_rows(n, vocab, hsize, 2 * 4)
+    nvt = triton.cdiv(vocab, BV_STATS)
+    stride_e = triton.cdiv(vocab, 8) * 8
+    stats = torch.empty((_SLOTS[kind], rows, nvt), dtype=torch.float32, device=device)
+    z_buf = torch.empty((rows, stride_e), dtype=torch.float32, device=device)
+    a_buf = torch.empty((rows, stride_e), dtype=torch.float32, device=device)
+    inv_temp = 1.0 / float(temperature)
+    has_weight = token_weight is not None
+    tw = token_weight if has_weight else loss
+    split = _split_v(rows, vocab, hsize, device) if need_grad else 1
+    v_split = triton.cdiv(triton.cdiv(vocab, split), BV_STATS) * BV_STATS
+    split = triton.cdiv(vocab, v_split)
+    partial = torch.empty((split, rows, hsize), dtype=torch.float32, device=device) if need_grad and split > 1 else None
+    jsd = divergence == "jsd"
+    log_beta, log_1mb = (math.log(beta), math.log1p(-beta)) if jsd else (0.0, 0.0)
+
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        c = r1 - r0
+        h = hidden[r0:r1]
+        t = tensor[r0:r1]
+        tw_c = tw[r0:r1]
+        stride_tw = tw_c.stride(0) if has_weight else 0
+
+        def fwd_grid(meta):
+            return (triton.cdiv(c, meta["BN"]) * nvt,)
+
+        _softmax_kl_fwd_kernel[fwd_grid](
+            h, lm_weight, t, tw_c, loss, loss, z_buf, a_buf, stats,
+            c, vocab, hsize, 0, nvt, rows * nvt, inv_temp,
+            h.stride(0), h.stride(1), lm_weight.stride(0), lm_weight.stride(1), t.stride(0), t.stride(1),
+            stride_tw, stride_e,
+            TEACHER=kind, HAS_TAIL=False, HAS_WEIGHT=has_weight, STORE=True, LOG2K=0, DOT=dot,
+            DOT_PRECISION=precision, BV=BV_STATS, LOGITS=True,
+        )  # fmt: skip
+        # lse and lse_t from the tile statistics, kept split as (max M, log sum S): log p = (z - M) - log S rounds like
+        # log_softmax (M + log S in fp32 would round at the scale of |z|); [c, 4], no host synchronisation
+        st = stats[:, :c]
+        m_z, m_a = st[0].amax(1), st[2].amax(1)
+        m_a_safe = torch.where(m_a == float("-inf"), torch.zeros_like(m_a), m_a)
+        s_z = (st[1] * (st[0] - m_z[:, None]).exp()).sum(1)
+        s_a = (st[3] * (st[2] - m_a_safe[:, None]).exp()).sum(1)
+        lse = torch.stack([m_z, s_z.log(), m_a, s_a.log()], 1).contiguous()
+        _divergence_row_kernel[(c,)](
+            z_buf, a_buf, lse, loss[r0:r1], tw_c, vocab, stride_e, stride_tw,
+            float(beta), log_beta, log_1mb,
+            JSD=jsd, HAS_WEIGHT=has_weight, NEED_GRAD=need_grad, BT=64 if INTERPRET else 1024,
+        )  # fmt: skip
+        if not need_grad:
+            continue
+        stats[0, :c].fill_(1.0)  # the backward kernel's per-tile scale: the buffer already holds dL/dz
+        out = grad[r0:r1] if partial is None else partial[:, :c]
+        stride_out = (
+            (0, out.stride(0), out.stride(1)) if partial is None else (out.stride(0), out.stride(1), out.stride(2))
+        )
+
+        def bwd_grid(meta):
+            return (triton.cdiv(c, meta["BN"]) * triton.cdiv(hsize, meta["BH"]), split)
+
+        _softmax_kl_bwd_kernel[bwd_grid](
+            z_buf, a_buf, stats, lm_weight, out, loss, loss, tw_c, t,
+            c, vocab, hsize, 0, nvt, rows * nvt, v_split, inv_temp, 0.0,
+            stride_e, lm_weight.stride(0), lm_weight.stride(1), *stride_out, stride_tw, t.stride(0), t.stride(1),
+            TEACHER=DIVERGENCE, HAS_WEIGHT=has_weight, FILTER=False, LOG2K=0, BV_STATS=BV_STATS, DOT=dot,
+            DOT_PRECISION=precision,
+        )  # fmt: skip
         if partial is not None:
             grad[r0:r1].copy_(partial[:, :c].sum(0))
     return loss, grad

@@ -41,6 +41,8 @@ def _case(name, **kw):
         env={},
         layout="contiguous",
         scale=3.0,
+        divergence="forward",
+        beta=0.5,
     )
     base.update(kw)
     return name, base
@@ -106,6 +108,28 @@ def _cases():
     cases.append(
         _case("onehot-filter-eps-zero", kind="onehot", env={"FASTSOFT_SOFTMAX_KL_FILTER_EPS": "0"}, weighted=True)
     )
+    # reverse KL and JSD (dense and hidden teachers only)
+    for i, kind in enumerate(("dense", "hidden")):
+        for divergence, beta in (("reverse", 0.5), ("jsd", 0.3)):
+            div = dict(divergence=divergence, beta=beta)
+            tag = f"{kind}-{divergence}{'' if divergence == 'reverse' else beta}"
+            for j, T in enumerate(temps):
+                red = REDUCTIONS[(i + j) % 3]
+                weighted = (i + j) % 2 == 0
+                cases.append(
+                    _case(f"{tag}-T{T}-{red}-{'weighted' if weighted else 'plain'}-fp32", kind=kind, T=T,
+                          reduction=red, weighted=weighted, **div)
+                )  # fmt: skip
+            cases.append(
+                _case(f"{tag}-V1271-H123-chunks-split", kind=kind, n=21, v=1271, h=123, weighted=True, reduction="sum",
+                      env={"FASTSOFT_SOFTMAX_KL_CHUNK_ROWS": "8", "FASTSOFT_SOFTMAX_KL_SPLIT_V": "3"}, **div)
+            )  # fmt: skip
+            cases.append(_case(f"{tag}-fp16-weighted", kind=kind, dtype="float16", weighted=True, T=0.5,
+                               reduction="none", **div))  # fmt: skip
+            cases.append(_case(f"{tag}-noncontiguous", kind=kind, n=10, v=211, h=29, layout="strided", weighted=True,
+                               reduction="sum", **div))  # fmt: skip
+            cases.append(_case(f"{tag}-empty-batch", kind=kind, n=0, reduction="sum", **div))
+    cases.append(_case("dense-sharp-jsd-teacher-zeros", kind="dense-sharp", n=7, v=257, h=31, T=0.5, divergence="jsd"))
     return dict(cases)
 
 
@@ -169,6 +193,8 @@ def evaluate(h, W, teacher, tw, grad_out, p, backend, dtype):
         token_weight=None if tw is None else tw.to(dtype),
         reduction=p["reduction"],
         backend=backend,
+        divergence=p["divergence"],
+        beta=p["beta"],
     )
     (out.double() * grad_out).sum().backward()
     return out.detach().double(), hh.grad.double()
@@ -316,7 +342,8 @@ from fastsoft.kernels import softmax_kl as K
 
 TYPES = {"h_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*bf16", "tw_ptr": "*fp32", "ids_ptr": "*i32", "zk_ptr": "*fp32",
          "e_ptr": "*fp16", "f_ptr": "*fp16", "stats_ptr": "*fp32", "loss_ptr": "*fp32", "wk_ptr": "*fp32", "corr_ptr": "*fp32",
-         "tail_ptr": "*fp32", "g_ptr": "*bf16", "inv_temp": "fp32", "filter_eps": "fp32"}
+         "tail_ptr": "*fp32", "g_ptr": "*bf16", "inv_temp": "fp32", "filter_eps": "fp32", "z_ptr": "*fp32",
+         "a_ptr": "*fp32", "lse_ptr": "*fp32", "beta": "fp32", "log_beta": "fp32", "log_1mb": "fp32"}
 I64 = {"stride_hn", "stride_wv", "stride_tn", "stride_en", "stride_gs", "stride_gn", "SS"}
 DIV = {"stride_hn", "stride_wv", "stride_tn", "stride_en", "stride_gn", "stride_gs", "SS", "V", "H", "NVT", "V_SPLIT"}
 
@@ -342,6 +369,13 @@ out = {
     "row-sparse": compile_for_sm90(
         K._softmax_kl_row_kernel, dict(TEACHER=2, HAS_TAIL=True, HAS_WEIGHT=True, NEED_GRAD=True, BT=1024, BK=64), 4, 1
     ),
+    "fwd-hidden-logits": compile_for_sm90(K._softmax_kl_fwd_kernel, dict(TEACHER=1, HAS_TAIL=False, HAS_WEIGHT=True, STORE=True,
+                                          LOG2K=0, DOT=1, DOT_PRECISION="tf32", BN=128, BV=128, BH=64, LOGITS=True), 8, 3),
+    "row-divergence": compile_for_sm90(
+        K._divergence_row_kernel, dict(JSD=True, HAS_WEIGHT=True, NEED_GRAD=True, BT=1024), 4, 1
+    ),
+    "bwd-divergence": compile_for_sm90(K._softmax_kl_bwd_kernel, dict(TEACHER=4, HAS_WEIGHT=True, FILTER=False, LOG2K=0,
+                                       BV_STATS=128, DOT=1, DOT_PRECISION="tf32", BN=128, BH=128, BV=64), 8, 3),
     "bwd-sparse": compile_for_sm90(K._softmax_kl_bwd_kernel, dict(TEACHER=2, HAS_WEIGHT=True, FILTER=False, LOG2K=7, BV_STATS=128, DOT=1,
                                    DOT_PRECISION="tf32", BN=128, BH=128, BV=64), 8, 3),
 }
@@ -360,6 +394,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         pytest.skip(f"this Triton cannot target CUDA here: {proc.stderr.strip().splitlines()[-1]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["fwd-dense"]["wgmma"] and result["bwd-sparse"]["wgmma"], result
+    assert result["fwd-hidden-logits"]["wgmma"] and result["bwd-divergence"]["wgmma"], result
     # the sparse gradient kernel's main loop is software-pipelined (its W tiles are staged in shared memory)
     assert result["bwd-sparse"]["shared"] > 64 * 1024, result
 
