@@ -33,7 +33,7 @@ from fastsoft.teacher.stage import teach_into_cache
 from fastsoft.teacher.targets import CacheSpec
 from fastsoft.train.bank import PromptBank
 from fastsoft.train.lr_schedule import lr_at
-from fastsoft.train.objectives import job_loss_sums, parse_objective, tokens_per_job
+from fastsoft.train.objectives import divergence_of, job_loss_sums, parse_objective, tokens_per_job
 from fastsoft.train.packing import Segment
 from fastsoft.train.progress import RunProgress
 from fastsoft.train.prompt_init import init_prompt
@@ -236,7 +236,8 @@ class Engine:
         counts = self.dist.all_reduce_(counts) if self.dist.split else counts
         sums = torch.zeros(len(chosen), device=self.loaded.device)  # per-job summed token losses on this rank
         if segments:
-            teacher = type(parts[0]).concat(parts) if "kl" in self.objective else None
+            needs_teacher = any(divergence_of(name) is not None for name in self.objective)  # kl, rkl, jsd
+            teacher = type(parts[0]).concat(parts) if needs_teacher else None
             sums = job_loss_sums(
                 self.loaded,
                 self.bank.prompts,
