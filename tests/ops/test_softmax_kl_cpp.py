@@ -3,7 +3,7 @@
 Values and gradients for every teacher kind x temperature x token weights x reduction x grad_output,
 odd shapes (V not a tile multiple, V > 64k, H = 123 and 576, several tasks a thread), sharp and flat
 teachers, logits of +-1e4, NaN in ignored rows, empty and all-ignored batches. Error bound
-(CONVENTIONS.md): at most 2x the error of the same-dtype PyTorch reference against fp64, plus a small atol.
+(as flash-attn and cut-cross-entropy test): at most 2x the error of the same-dtype PyTorch reference against fp64, plus a small atol.
 """
 
 from __future__ import annotations

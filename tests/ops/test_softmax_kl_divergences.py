@@ -2,7 +2,7 @@
 
 Ground truth: autograd through ``softmax_kl_naive`` in fp64. The closed-form gradients of kernels/softmax_kl.md
 (``dL/dz = p (log p - log q - L)`` and ``(1 - beta) p (log p - log m - sum p (log p - log m))``) are checked against
-autograd first. Error bound in fp32 (CONVENTIONS.md): at most 2x the same-dtype naive error, plus a small atol.
+autograd first. Error bound in fp32 (as flash-attn and cut-cross-entropy test): at most 2x the same-dtype naive error, plus a small atol.
 The Triton kernels are checked under the interpreter in tests/ops/test_softmax_kl_triton.py.
 """
 
