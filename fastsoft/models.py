@@ -8,6 +8,7 @@ downloaded: every load is ``local_files_only``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -90,7 +91,7 @@ class LoadedModel:
     def max_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    @property
+    @functools.cached_property  # once: it is read at every generated token
     def _cache_keyword(self) -> str:
         """``cache`` in transformers 5.24 and later (``past_key_values`` is deprecated there), ``past_key_values`` before."""
         return "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"

@@ -69,6 +69,7 @@ class Engine:
         self.checkpoint_every, self.on_step = checkpoint_every, on_step
         self.template = make_template(loaded.tokenizer, config.placement, config.template)
         self.objective = parse_objective(config.objective)
+        self.needs_teacher = any(divergence_of(name) is not None for name in self.objective)  # kl, rkl or jsd
         self.spec = CacheSpec(config.teacher, config.top_k, config.samples, config.temperature, config.cache_dtype)
         answers = "greedy" if "answer" in self.objective else "given-else-greedy"
         fingerprint = {
@@ -236,8 +237,7 @@ class Engine:
         counts = self.dist.all_reduce_(counts) if self.dist.split else counts
         sums = torch.zeros(len(chosen), device=self.loaded.device)  # per-job summed token losses on this rank
         if segments:
-            needs_teacher = any(divergence_of(name) is not None for name in self.objective)  # kl, rkl, jsd
-            teacher = type(parts[0]).concat(parts) if needs_teacher else None
+            teacher = type(parts[0]).concat(parts) if self.needs_teacher else None
             sums = job_loss_sums(
                 self.loaded,
                 self.bank.prompts,
