@@ -348,6 +348,26 @@ def _softmax_kl_row_kernel(
 
 
 @triton.jit
+def _divergence_tile(p_z, p_a, o_v, m_v, m_z, ls_z, m_a, ls_a, log_beta, log_1mb, JSD: tl.constexpr):
+    """One vocabulary tile of a row for reverse KL / JSD: log p, log q, p, g and (JSD) log m, where g is the
+    per-entry term whose p-weighted sum is the loss: log p - log q (0 where p = 0 or q = 0), or log p - log m."""
+    b_lp = (tl.load(p_z + o_v, mask=m_v, other=float("-inf")) - m_z) - ls_z
+    b_lq = (tl.load(p_a + o_v, mask=m_v, other=float("-inf")) - m_a) - ls_a
+    b_p = tl.exp(b_lp)
+    live = b_p > 0
+    if JSD:
+        b_x = log_beta + b_lq
+        b_y = log_1mb + b_lp
+        b_hi = tl.maximum(b_x, b_y)
+        b_lm = b_hi + tl.log(1.0 + tl.exp(tl.minimum(b_x, b_y) - b_hi))  # logaddexp; NaN only where p = q = 0
+        b_g = tl.where(live, b_lp - b_lm, 0.0)
+    else:
+        b_lm = b_lq
+        b_g = tl.where(live & (b_lq > float("-inf")), b_lp - b_lq, 0.0)
+    return b_lp, b_lq, b_p, b_g, b_lm
+
+
+@triton.jit
 def _divergence_row_kernel(
     z_ptr,
     a_ptr,
@@ -386,21 +406,14 @@ def _divergence_row_kernel(
     for v0 in range(0, V, BT):
         o_v = v0 + tl.arange(0, BT)
         m_v = o_v < V
-        b_lp = (tl.load(p_z + o_v, mask=m_v, other=float("-inf")) - m_z) - ls_z
-        b_lq = (tl.load(p_a + o_v, mask=m_v, other=float("-inf")) - m_a) - ls_a
-        b_p = tl.exp(b_lp)
+        b_lp, b_lq, b_p, b_g, b_lm = _divergence_tile(
+            p_z, p_a, o_v, m_v, m_z, ls_z, m_a, ls_a, log_beta, log_1mb, JSD
+        )  # [BT] each
         live = b_p > 0
         if JSD:
-            b_x = log_beta + b_lq
-            b_y = log_1mb + b_lp
-            b_hi = tl.maximum(b_x, b_y)
-            b_lm = b_hi + tl.log(1.0 + tl.exp(tl.minimum(b_x, b_y) - b_hi))  # logaddexp; NaN only where p = q = 0
-            b_g = tl.where(live, b_lp - b_lm, 0.0)
             b_q = tl.exp(b_lq)
             b_stq += tl.where(b_q > 0, b_q * (b_lq - b_lm), 0.0)
-        else:
-            # p > 0 = q: the row is +inf, g kept finite here
-            b_g = tl.where(live & (b_lq > float("-inf")), b_lp - b_lq, 0.0)
+        else:  # p > 0 = q: the row is +inf (g is kept finite)
             b_inf = tl.maximum(b_inf, tl.where(live & (b_lq == float("-inf")), 1, 0))
         b_sp += b_p
         b_spg += tl.where(live, b_p * b_g, 0.0)
@@ -420,18 +433,10 @@ def _divergence_row_kernel(
         for v0 in range(0, V, BT):
             o_v = v0 + tl.arange(0, BT)
             m_v = o_v < V
-            b_lp = (tl.load(p_z + o_v, mask=m_v, other=float("-inf")) - m_z) - ls_z
-            b_lq = (tl.load(p_a + o_v, mask=m_v, other=float("-inf")) - m_a) - ls_a
-            b_p = tl.exp(b_lp)
+            b_lp, b_lq, b_p, b_g, b_lm = _divergence_tile(
+                p_z, p_a, o_v, m_v, m_z, ls_z, m_a, ls_a, log_beta, log_1mb, JSD
+            )  # [BT] each
             live = b_p > 0
-            if JSD:
-                b_x = log_beta + b_lq
-                b_y = log_1mb + b_lp
-                b_hi = tl.maximum(b_x, b_y)
-                b_lm = b_hi + tl.log(1.0 + tl.exp(tl.minimum(b_x, b_y) - b_hi))
-                b_g = tl.where(live, b_lp - b_lm, 0.0)
-            else:
-                b_g = tl.where(live & (b_lq > float("-inf")), b_lp - b_lq, 0.0)
             b_c = tl.zeros([BT], tl.float32) + c
             b_dz = tl.where(live & (b_c != 0), b_c * b_p * (b_g - mean_g), 0.0)  # never 0 * NaN
             tl.store(p_z + o_v, b_dz, mask=m_v)
