@@ -14,7 +14,8 @@ Per token chunk of ``C`` rows, three launches (no host sync anywhere, CUDA-graph
    tile's max into the scale that makes ``e`` a gradient: ``dz = e * c_tile - f * d_tile``.
 3. ``_softmax_kl_bwd_kernel``  dh = (1/T) dz W with ``dz`` formed in registers from the buffer (no
    exponentials), sparse-id corrections added from gathered W rows after the main loop, optional split
-   over V for small chunks.
+   over V for small chunks; for the compact teacher, an optional bounded filter (``grad_filter``) that skips
+   tiles whose contribution is provably small and returns the per-row bound of what it left out.
 
 Never materialises ``[N, V]`` logits; no gradient for ``W``.
 """
@@ -462,7 +463,11 @@ def _softmax_kl_bwd_kernel(
     SS,
     V_SPLIT,
     inv_temp,
-    filter_eps,
+    filter_scale,
+    wnorm_ptr,
+    drop_ptr,
+    cnt_ptr,
+    stride_ds,
     stride_en,
     stride_wv,
     stride_wh,
@@ -496,6 +501,10 @@ def _softmax_kl_bwd_kernel(
     v_stop = tl.minimum(v_start + V_SPLIT, V)
 
     b_acc = tl.zeros([BN, BH], dtype=tl.float32)
+    if FILTER:
+        b_drop = tl.zeros([BN], dtype=tl.float32)  # sum over skipped tiles of |dz| ||W_v||, per row
+        b_cnt = tl.zeros([BN], dtype=tl.float32)  # vocabulary columns skipped, per row
+        thr = filter_scale * BV
     for v0 in range(v_start, v_stop, BV):
         o_v = v0 + tl.arange(0, BV).to(tl.int64)
         m_v = o_v < v_stop
@@ -509,10 +518,18 @@ def _softmax_kl_bwd_kernel(
             b_dz -= tl.load(f_ptr + p_e, mask=m_e, other=0.0).to(tl.float32) * b_d[:, None]
         p_w = w_ptr + o_v[:, None] * stride_wv + o_h[None, :] * stride_wh
         if FILTER:
-            # CCE-style gradient filtering: a tile whose |dz| is below eps adds nothing measurable
-            if tl.max(tl.max(tl.abs(b_dz), 1), 0) > filter_eps:
+            # bounded gradient filter (kernels/softmax_kl.md §6): the tile is skipped when every row's
+            # sum_v |dz| times the tile's max ||W_v|| is <= scale * BV; what it would have added to a row is at most
+            # sum_v |dz_v| ||W_v|| (triangle inequality), summed into b_drop. The same decisions in every i_h program.
+            b_wn = tl.load(wnorm_ptr + o_v, mask=m_v, other=0.0)  # [BV]
+            b_adz = tl.abs(b_dz)  # [BN, BV]
+            b_row = tl.sum(b_adz, 1) * tl.max(b_wn, 0)  # [BN]
+            if tl.max(tl.where(b_row <= thr, 0, 1), 0) > 0:  # some row above the threshold (or NaN): keep
                 b_w = _to_dot(tl.load(p_w, mask=m_v[:, None] & m_h[None, :], other=0.0), DOT)  # [BV, BH]
                 b_acc = tl.dot(_to_dot(b_dz, DOT), b_w, b_acc, input_precision=DOT_PRECISION)
+            else:
+                b_drop += tl.sum(b_adz * b_wn[None, :], 1)
+                b_cnt += tl.where(m_n, tl.minimum(v_stop - v0, BV).to(tl.float32), 0.0)
         else:
             b_w = _to_dot(tl.load(p_w, mask=m_v[:, None] & m_h[None, :], other=0.0), DOT)  # [BV, BH]
             b_acc = tl.dot(_to_dot(b_dz, DOT), b_w, b_acc, input_precision=DOT_PRECISION)
@@ -545,6 +562,10 @@ def _softmax_kl_bwd_kernel(
             b_acc -= tl.load(p_t, mask=b_keep[:, None] & m_h[None, :], other=0.0).to(tl.float32)  # [BN, BH]
     p_g = g_ptr + i_s * stride_gs + o_n[:, None] * stride_gn + o_h[None, :] * stride_gh
     tl.store(p_g, (b_acc * inv_temp).to(g_ptr.dtype.element_ty), mask=m_n[:, None] & m_h[None, :])
+    if FILTER:
+        if i_h == 0:  # every H tile of these rows made the same decisions: one of them writes the row's totals
+            tl.store(drop_ptr + i_s * stride_ds + o_n, b_drop * inv_temp, mask=m_n)
+            tl.store(cnt_ptr + i_s * stride_ds + o_n, b_cnt, mask=m_n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -618,11 +639,6 @@ def memory_estimate(
     return rows * triton.cdiv(vocab, 8) * 8 * nbuf_bytes + stats + partial + ids + n * hidden_size * itemsize
 
 
-def _filter_eps() -> float | None:
-    value = os.environ.get("FASTSOFT_SOFTMAX_KL_FILTER_EPS")
-    return float(value) if value else None
-
-
 def _prepare_teacher(teacher, n: int, device: torch.device):
     """Kernel-side view of a teacher: (kind, tensor for K1, sparse pieces or None)."""
     if isinstance(teacher, SparseTarget):
@@ -654,7 +670,8 @@ def softmax_kl_rows(
     need_grad: bool,
     divergence: str = "forward",
     beta: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    grad_filter: tuple[torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses and input gradients in one launch sequence (the backend contract of ``softmax_kl``).
 
     Args:
@@ -667,9 +684,16 @@ def softmax_kl_rows(
         token_weight: ``[N]`` or None; rows with weight 0 give loss 0 and gradient 0 and their teacher
             rows are never trusted.
         need_grad: also compute ``d loss_n / d hidden_n``.
+        grad_filter: None, or ``(wnorm, scale)`` with ``wnorm [V]`` fp32 ``= ||lm_weight[v]||_2`` and a float
+            ``scale >= 0`` (compact teacher, forward divergence, ``need_grad`` only; ValueError otherwise): the
+            gradient GEMM skips every ``BN x BV`` tile in which each row has ``sum_v |dz_v| * max_v wnorm_v <=
+            scale * BV`` (``dz = p``; the ``-wbar`` part is always added). The loss is unchanged.
 
     Returns:
-        ``loss [N]`` fp32 (unweighted) and ``grad [N, H]`` in ``hidden.dtype`` (or None).
+        ``loss [N]`` fp32 (unweighted) and ``grad [N, H]`` in ``hidden.dtype`` (or None). With ``grad_filter``,
+        also ``dropped [N]`` fp32, per row ``sum`` over the skipped columns of ``|dz_v| wnorm_v / T`` (so
+        ``||grad_exact - grad|| <= dropped`` row by row), and ``skipped``, a 0-dim fp32 tensor: the share of the
+        ``N x V`` products of the gradient GEMM that were skipped.
 
     ``divergence="reverse" | "jsd"`` (dense and hidden teachers, ``beta`` the JSD's teacher weight): see
     :func:`_divergence_rows`.
@@ -679,6 +703,8 @@ def softmax_kl_rows(
     ``[V, H]`` gradient. No host synchronisation.
     """
     teacher = as_target(teacher)
+    if grad_filter is not None:
+        wnorm, filter_scale = _check_grad_filter(grad_filter, teacher, lm_weight, divergence, need_grad)
     if divergence != "forward":
         return _divergence_rows(hidden, lm_weight, teacher, temperature, token_weight, need_grad, divergence, beta)
     n, hsize = hidden.shape
@@ -687,11 +713,15 @@ def softmax_kl_rows(
     loss = torch.zeros(n, dtype=torch.float32, device=device)
     grad = torch.empty_like(hidden) if need_grad else None
     if n == 0:
+        if grad_filter is not None:
+            return loss, grad, torch.zeros(0, dtype=torch.float32, device=device), loss.new_zeros(())
         return loss, grad
     if hidden.dtype == torch.float64 or lm_weight.dtype == torch.float64:  # computed in fp32 (documented)
         hidden32 = hidden.float()
-        loss32, grad32 = softmax_kl_rows(hidden32, lm_weight.float(), teacher, temperature, token_weight, need_grad)
-        return loss32, None if grad32 is None else grad32.to(hidden.dtype)
+        out = softmax_kl_rows(
+            hidden32, lm_weight.float(), teacher, temperature, token_weight, need_grad, grad_filter=grad_filter
+        )
+        return (out[0], None if out[1] is None else out[1].to(hidden.dtype), *out[2:])
 
     kind, tensor, sparse = _prepare_teacher(teacher, n, device)
     neg_entropy = teacher.neg_entropy if kind == COMPACT else None
@@ -712,11 +742,15 @@ def softmax_kl_rows(
     tw = token_weight if has_weight else loss
     k = sparse["K"] if sparse else 0
     log2k = max(0, math.ceil(math.log2(k + 1)))
-    filter_eps = _filter_eps() if need_grad else None
     split = _split_v(rows, vocab, hsize, device) if need_grad else 1
     v_split = triton.cdiv(triton.cdiv(vocab, split), BV_STATS) * BV_STATS
     split = triton.cdiv(vocab, v_split)
     partial = torch.empty((split, rows, hsize), dtype=torch.float32, device=device) if need_grad and split > 1 else None
+    if grad_filter is not None:
+        # per (vocabulary split, row): the dropped bound and the skipped column count, summed over splits below
+        drop_buf = torch.empty((2, split, n), dtype=torch.float32, device=device)
+    else:
+        wnorm, filter_scale, drop_buf = loss, 0.0, loss.view(1, 1, n).expand(2, 1, n)  # unused pointers
 
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -830,7 +864,11 @@ def softmax_kl_rows(
             rows * nvt,
             v_split,
             inv_temp,
-            filter_eps or 0.0,
+            filter_scale,
+            wnorm,
+            drop_buf[0, :, r0:r1],
+            drop_buf[1, :, r0:r1],
+            drop_buf.stride(1),
             stride_e,
             lm_weight.stride(0),
             lm_weight.stride(1),
@@ -838,7 +876,7 @@ def softmax_kl_rows(
             stride_tw,
             stride_t[0],
             stride_t[1],
-            FILTER=filter_eps is not None,
+            FILTER=grad_filter is not None,
             LOG2K=log2k,
             BV_STATS=BV_STATS,
             DOT=dot,
@@ -847,7 +885,31 @@ def softmax_kl_rows(
         )
         if partial is not None:
             grad[r0:r1].copy_(partial[:, :c].sum(0))
+    if grad_filter is not None:
+        dropped = drop_buf[0].sum(0)
+        skipped = (drop_buf[1].sum(dtype=torch.float64) / (n * vocab)).float()  # counts add exactly in fp64
+        return loss, grad, dropped, skipped
     return loss, grad
+
+
+def _check_grad_filter(grad_filter, teacher, lm_weight: torch.Tensor, divergence: str, need_grad: bool):
+    """Validates ``grad_filter = (wnorm, scale)``; returns ``wnorm`` as a contiguous fp32 ``[V]`` and ``scale``."""
+    if not isinstance(teacher, CompactTarget) or divergence != "forward" or not need_grad:
+        raise ValueError(
+            "grad_filter needs a CompactTarget teacher, divergence='forward' and need_grad=True "
+            f"(got {type(teacher).__name__}, divergence={divergence!r}, need_grad={need_grad})"
+        )
+    try:
+        wnorm, scale = grad_filter
+    except (TypeError, ValueError):
+        raise ValueError(f"grad_filter must be None or a tuple (wnorm, scale), got {grad_filter!r}") from None
+    scale = float(scale)
+    if not scale >= 0:
+        raise ValueError(f"grad_filter scale must be a float >= 0, got {scale!r}")
+    vocab = lm_weight.shape[0]
+    if not isinstance(wnorm, torch.Tensor) or tuple(wnorm.shape) != (vocab,) or wnorm.device != lm_weight.device:
+        raise ValueError(f"grad_filter wnorm must be a [V] = [{vocab}] tensor on {lm_weight.device}")
+    return wnorm.to(torch.float32).contiguous(), scale
 
 
 def _divergence_rows(
@@ -943,7 +1005,7 @@ def _divergence_rows(
 
         _softmax_kl_bwd_kernel[bwd_grid](
             z_buf, a_buf, stats, lm_weight, out, loss, loss, tw_c, t,
-            c, vocab, hsize, 0, nvt, rows * nvt, v_split, inv_temp, 0.0,
+            c, vocab, hsize, 0, nvt, rows * nvt, v_split, inv_temp, 0.0, loss, loss, loss, 0,
             stride_e, lm_weight.stride(0), lm_weight.stride(1), *stride_out, stride_tw, t.stride(0), t.stride(1),
             TEACHER=DIVERGENCE, HAS_WEIGHT=has_weight, FILTER=False, LOG2K=0, BV_STATS=BV_STATS, DOT=dot,
             DOT_PRECISION=precision,
