@@ -1,7 +1,7 @@
 // softmax_kl on CPU: fused lm_head matmul + streaming softmax + KL / cross-entropy, gradient for the
 // hidden states only (W is frozen: no dW). Implements the row contract of
 // fastsoft/ops/reference.py::softmax_kl_rows for the four teacher kinds, registered as
-// fastsoft::softmax_kl_rows_{dense,sparse,hidden,compact}, and the reverse KL / JSD of dense and hidden teachers
+// fastsoft::softmax_kl_rows_{dense,sparse,hidden,compact} (and compact_filtered), and the reverse KL / JSD of dense and hidden teachers
 // as fastsoft::softmax_kl_rows_divergence (two passes over the vocabulary: see divergence_rows).
 //
 // Work split: tasks of up to BN token rows run in parallel (at::parallel_for; MKL single-threaded
@@ -24,6 +24,8 @@
 //   dh = [((sum w + r) / S - r / S_tail) O + sum_ids ((sum w + r) p_v - w_v) W_v] / T. 2 GEMMs.
 // - compact teachers (wbar = sum q W, sum q log q): the sparse pass with no ids gives lse and O / S = sum p W;
 //   KL = sum q log q - h . wbar / T + lse, dh = (O / S - wbar) / T. 2 GEMMs, no teacher read over V.
+//   Optional gradient filtering (softmax_kl_rows_compact_filtered): a tile's O GEMM is skipped when every row's
+//   final mass there is provably tiny (see compact_rows); the skipped part's norm bound is returned per row.
 // The loss and gradient formulas are those of fastsoft/ops/reference.py.
 
 #include <ATen/ATen.h>
@@ -488,10 +490,18 @@ void sparse_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::T
 // cross-entropy-shaped, KL = nq - h . wbar / T + lse, and dh = (sum_v p_v W_v - wbar) / T. One pass over
 // the vocabulary with the sparse tile kernel and no ids (its "tail" is the whole vocabulary): running max m,
 // S = sum e^{z - m} and O = sum e^{z - m} W_v. 2 GEMMs a token, no teacher read over the vocabulary.
+//
+// Filtering (wnorm = ||W_v|| [V] given, scale >= 0): after a tile's exponentials e = e^{z - m}, the final mass of
+// the tile in row r, sum_tile p = sum_tile e * e^{m - lse}, is bounded with what is known so far: lse >= m + log S
+// (the running normaliser, this tile included) and lse >= h . wbar / T - sum q log q (KL >= 0). The tile's GEMM is
+// skipped when every kept row's bound times the tile's max ||W_v|| is at most scale * bv; the skipped
+// sum_v e_v ||W_v|| is kept per row in the same running frame as O and S, so at the end
+// dropped[r] = D / (S T) >= ||what the skipped tiles would have added to dh|| exactly (triangle inequality).
 template <typename T>
 void compact_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& wbar,
                   const at::Tensor& neg_entropy, double temperature, const uint8_t* keep, bool need_grad,
-                  at::Tensor& loss, at::Tensor& grad) {
+                  at::Tensor& loss, at::Tensor& grad, const T* wnorm = nullptr, T scale = T(0),
+                  T* dropped = nullptr, int64_t* skipped_products = nullptr) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const T inv_t = T(1) / static_cast<T>(temperature);
@@ -509,14 +519,27 @@ void compact_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::
     // the sum accumulates in the gradient rows themselves when they are in the compute dtype
     at::Tensor o_buf = need_grad && grad.scalar_type() != acc ? at::empty({bn * H}, opts) : at::Tensor();
     std::vector<int64_t> ucount(bn, 0), cursor(bn, 0);
-    std::vector<T> m(bn), s(bn), alpha(bn);
+    std::vector<T> m(bn), s(bn), alpha(bn), lse_low(bn), skipped_sum(bn);
+    std::vector<double> dots(bn);
+    const bool filter = need_grad && wnorm != nullptr;
+    int64_t task_skipped = 0;
 
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t n0 = task * bn, rows = std::min(bn, N - n0);
       const uint8_t* kp = keep + n0;
       const at::Tensor h_mat = as_compute(hidden.narrow(0, n0, rows), h_buf);
+      const T* hp = h_mat.const_data_ptr<T>();
       std::fill(m.begin(), m.begin() + rows, NEG_INF<T>);
       std::fill(s.begin(), s.begin() + rows, T(0));
+      std::fill(skipped_sum.begin(), skipped_sum.begin() + rows, T(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        // h . wbar and the sum of the O(|z|) terms in fp64: only the logits' own rounding is left in the loss
+        double dot = 0;
+        if (kp[r])
+          for (int64_t j = 0; j < H; ++j) dot += static_cast<double>(hp[r * H + j]) * wbar_p[(n0 + r) * H + j];
+        dots[r] = dot;
+        lse_low[r] = static_cast<T>(dot / temperature - static_cast<double>(nq_p[n0 + r]));  // KL >= 0
+      }
       at::Tensor o;  // [rows, H]: sum_v e^{z_v - m} W_v
       if (need_grad) {
         o = o_buf.defined() ? matrix(o_buf, rows, H) : grad.narrow(0, n0, rows);
@@ -528,27 +551,52 @@ void compact_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::
         const at::Tensor w_t = w_tile(v0, bv);
         at::Tensor z = matrix(z_buf, rows, bv);
         at::mm_out(z, h_mat, w_t.t());
-        sparse_tile(z.mutable_data_ptr<T>(), inv_t, rows, bv, v0, kp, nullptr, ucount.data(), 0, cursor.data(), nullptr,
-                    m.data(), s.data(), alpha.data());
+        T* zp = z.mutable_data_ptr<T>();
+        sparse_tile(zp, inv_t, rows, bv, v0, kp, nullptr, ucount.data(), 0, cursor.data(), nullptr, m.data(), s.data(),
+                    alpha.data());
         if (!need_grad) continue;
         rescale_rows(o, alpha.data());
+        if (filter) {
+          T w_max = 0;
+          for (int64_t i = 0; i < bv; ++i) w_max = std::max(w_max, wnorm[v0 + i]);
+          bool skip = true;
+          for (int64_t r = 0; r < rows && skip; ++r) {
+            if (!kp[r]) continue;
+            T st = 0;
+#pragma omp simd reduction(+ : st)
+            for (int64_t i = 0; i < bv; ++i) st += zp[r * bv + i];
+            // final mass <= st e^{m - lse}, with lse >= max(m + log S, lse_low)
+            const T mass = std::min(st / s[r], st * std::exp(m[r] - lse_low[r]));
+            skip = mass * w_max <= scale * static_cast<T>(bv);
+          }
+          for (int64_t r = 0; r < rows; ++r) skipped_sum[r] *= alpha[r];
+          if (skip) {
+            for (int64_t r = 0; r < rows; ++r) {
+              if (!kp[r]) continue;
+              T acc_r = 0;
+#pragma omp simd reduction(+ : acc_r)
+              for (int64_t i = 0; i < bv; ++i) acc_r += zp[r * bv + i] * wnorm[v0 + i];
+              skipped_sum[r] += acc_r;
+            }
+            task_skipped += rows * bv;
+            continue;
+          }
+        }
         o.addmm_(z, w_t);
       }
 
-      const T* hp = h_mat.const_data_ptr<T>();
       T* op = need_grad ? o.mutable_data_ptr<T>() : nullptr;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = n0 + r;
         if (!kp[r]) {  // an ignored row's target is never read (it may hold NaN)
           loss_out[n] = T(0);
           if (need_grad) std::fill(op + r * H, op + (r + 1) * H, T(0));
+          if (filter) dropped[n] = T(0);
           continue;
         }
-        const T* hr = hp + r * H;
         const T* wr = wbar_p + n * H;
-        // h . wbar and the sum of the O(|z|) terms in fp64: only the logits' own rounding is left in the loss
-        double dot = 0;
-        for (int64_t j = 0; j < H; ++j) dot += static_cast<double>(hr[j]) * wr[j];
+        const double dot = dots[r];
+        if (filter) dropped[n] = skipped_sum[r] / s[r] * inv_t;
         const double lse = static_cast<double>(m[r]) + std::log(static_cast<double>(s[r]));
         loss_out[n] = static_cast<T>(static_cast<double>(nq_p[n]) - dot / temperature + lse);
         if (!need_grad) continue;
@@ -558,6 +606,7 @@ void compact_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::
       }
       if (need_grad && o_buf.defined()) grad.narrow(0, n0, rows).copy_(o);
     }
+    if (skipped_products != nullptr) __atomic_fetch_add(skipped_products, task_skipped, __ATOMIC_RELAXED);
   });
 }
 
@@ -887,6 +936,36 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_compact(const at::Tensor& hid
   return {loss, grad};
 }
 
+// The compact path with gradient filtering: also returns dropped [N] (per row, a bound of the norm of what the
+// skipped tiles would have added to the gradient) and the number of skipped (row, vocabulary column) products.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> softmax_kl_rows_compact_filtered(
+    const at::Tensor& hidden, const at::Tensor& lm_weight, const at::Tensor& wbar, const at::Tensor& neg_entropy,
+    double temperature, const std::optional<at::Tensor>& token_weight, const at::Tensor& wnorm, double scale) {
+  TORCH_CHECK(wnorm.dim() == 1 && wnorm.size(0) == lm_weight.size(0),
+              "fastsoft softmax_kl (C++): wnorm must have shape [V] = [", lm_weight.size(0), "], got ", wnorm.sizes());
+  TORCH_CHECK(scale >= 0, "fastsoft softmax_kl (C++): the filter scale must be at least 0, got ", scale);
+  const auto keep = check_common(hidden, lm_weight, temperature, token_weight);
+  check_float(wbar, "wbar");
+  check_float(neg_entropy, "neg_entropy");
+  TORCH_CHECK(wbar.sizes() == hidden.sizes() && neg_entropy.dim() == 1 && neg_entropy.size(0) == hidden.size(0),
+              "fastsoft softmax_kl (C++): wbar and neg_entropy must have shapes ", hidden.sizes(), " and [",
+              hidden.size(0), "], got ", wbar.sizes(), " and ", neg_entropy.sizes());
+  const at::ScalarType acc = compute_dtype(hidden, lm_weight);
+  auto [loss, grad] = outputs(hidden, acc, true);
+  at::Tensor dropped = at::zeros({hidden.size(0)}, hidden.options().dtype(acc));
+  int64_t skipped = 0;
+  if (hidden.size(0) == 0) return {loss, grad, dropped, skipped};
+  const at::Tensor wb = wbar.to(acc), nq = neg_entropy.to(acc), wn = wnorm.to(acc).contiguous();
+  if (acc == at::kDouble)
+    compact_rows<double>(hidden, lm_weight, wb, nq, temperature, keep.data(), true, loss, grad,
+                         wn.const_data_ptr<double>(), scale, dropped.mutable_data_ptr<double>(), &skipped);
+  else
+    compact_rows<float>(hidden, lm_weight, wb, nq, temperature, keep.data(), true, loss, grad,
+                        wn.const_data_ptr<float>(), static_cast<float>(scale), dropped.mutable_data_ptr<float>(),
+                        &skipped);
+  return {loss, grad, dropped, skipped};
+}
+
 std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_divergence(const at::Tensor& hidden, const at::Tensor& lm_weight,
                                                               const at::Tensor& teacher, bool teacher_is_hidden,
                                                               c10::string_view divergence, double beta,
@@ -939,6 +1018,8 @@ TORCH_LIBRARY_FRAGMENT(fastsoft, m) {
         "Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
   m.def("softmax_kl_rows_compact(Tensor hidden, Tensor lm_weight, Tensor wbar, Tensor neg_entropy, float temperature, "
         "Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
+  m.def("softmax_kl_rows_compact_filtered(Tensor hidden, Tensor lm_weight, Tensor wbar, Tensor neg_entropy, "
+        "float temperature, Tensor? token_weight, Tensor wnorm, float scale) -> (Tensor, Tensor, Tensor, int)");
   m.def("softmax_kl_rows_divergence(Tensor hidden, Tensor lm_weight, Tensor teacher, bool teacher_is_hidden, "
         "str divergence, float beta, float temperature, Tensor? token_weight, bool need_grad) -> (Tensor, Tensor)");
 }
@@ -948,6 +1029,7 @@ TORCH_LIBRARY_IMPL(fastsoft, CPU, m) {
   m.impl("softmax_kl_rows_sparse", &softmax_kl_rows_sparse);
   m.impl("softmax_kl_rows_hidden", &softmax_kl_rows_hidden);
   m.impl("softmax_kl_rows_compact", &softmax_kl_rows_compact);
+  m.impl("softmax_kl_rows_compact_filtered", &softmax_kl_rows_compact_filtered);
   m.impl("softmax_kl_rows_divergence", &softmax_kl_rows_divergence);
 }
 

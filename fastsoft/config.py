@@ -261,6 +261,13 @@ class CompressConfig:
     token_budget: int = setting(4096, "packed tokens per step", at_least=1)
     seed: int = setting(0, "random seed")
     backend: Backend = setting("auto", "softmax_kl backend (auto: the fastest one that runs on the device)")
+    grad_filter: float = setting(
+        0.0,
+        "gradient filter of the compact teacher's backward: skip vocabulary tiles whose share of the gradient is "
+        "provably below this relative bound per token (0: exact; e.g. 1e-3)",
+        at_least=0,
+        below=1,
+    )
 
     def __post_init__(self):
         self.validate()
@@ -281,6 +288,11 @@ class CompressConfig:
         check_settings(self)
         objective = parse_objective(self.objective)
         nonlinear = [name for name in objective if name.partition("@")[0] in NONLINEAR_OBJECTIVES]
+        if self.grad_filter > 0 and (self.teacher != "compact" or "kl" not in objective):
+            raise FastsoftError(
+                "--grad-filter applies to the kl objective with --teacher compact only "
+                f"(got --objective {self.objective} --teacher {self.teacher}); leave it at 0"
+            )
         if nonlinear and self.teacher not in NONLINEAR_TEACHERS:
             raise FastsoftError(
                 f"--objective {nonlinear[0]} needs --teacher dense or hidden (it is not linear in the teacher); "

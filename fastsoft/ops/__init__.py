@@ -1,6 +1,13 @@
 """Loss ops. ``softmax_kl`` is the one entry point every objective goes through."""
 
-from fastsoft.ops.softmax_kl import BackendUnavailable, SoftmaxKLLoss, resolve_backend, softmax_kl
+from fastsoft.ops.softmax_kl import (
+    BackendUnavailable,
+    FilterReport,
+    SoftmaxKLLoss,
+    filtered_rows,
+    resolve_backend,
+    softmax_kl,
+)
 from fastsoft.ops.targets import CompactTarget, DenseTarget, HiddenTarget, SparseTarget, Target, as_target
 
 __all__ = [
@@ -14,4 +21,6 @@ __all__ = [
     "as_target",
     "BackendUnavailable",
     "resolve_backend",
+    "filtered_rows",
+    "FilterReport",
 ]

@@ -95,7 +95,8 @@ def softmax_kl_rows(
     need_grad: bool,
     divergence: str = "forward",
     beta: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    grad_filter: tuple[torch.Tensor, float] | None = None,
+):
     """The backend row contract of ``fastsoft.ops.reference.softmax_kl_rows``, on CPU tensors.
 
     ``divergence="reverse" | "jsd"`` (dense and hidden teachers) runs ``softmax_kl_rows_divergence``: two passes over
@@ -114,6 +115,22 @@ def softmax_kl_rows(
     ops = torch.ops.fastsoft
     hidden, lm_weight = hidden.detach().contiguous(), lm_weight.detach().contiguous()
     token_weight = None if token_weight is None else token_weight.detach().contiguous()
+    if grad_filter is not None:  # the compact path with the tile filter (see compact_rows in csrc/softmax_kl.cpp)
+        if not (isinstance(teacher, CompactTarget) and divergence == "forward" and need_grad):
+            raise ValueError("grad_filter needs a CompactTarget, the forward divergence and need_grad")
+        wnorm, scale = grad_filter
+        loss, grad, dropped, skipped = ops.softmax_kl_rows_compact_filtered(
+            hidden,
+            lm_weight,
+            teacher.wbar.detach().contiguous(),
+            teacher.neg_entropy.detach().contiguous(),
+            float(temperature),
+            token_weight,
+            wnorm.detach().contiguous(),
+            float(scale),
+        )
+        share = torch.tensor(skipped / max(1, hidden.shape[0] * lm_weight.shape[0]), dtype=torch.float32)
+        return loss, grad, dropped, share
     if divergence != "forward":  # reverse KL or JSD: dense and hidden teachers (softmax_kl refuses the others)
         if isinstance(teacher, (SparseTarget, CompactTarget)):
             raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")

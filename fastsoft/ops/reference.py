@@ -17,6 +17,8 @@ DIVERGENCES = ("forward", "reverse", "jsd")
 
 # Bytes of one [C, V] temporary; the chunk loop keeps about five of them alive.
 CHUNK_BYTES = 16 * 2**20
+# Vocabulary columns per tile of the gradient filter (the C++ backend's BV).
+FILTER_TILE = 256
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -90,7 +92,8 @@ def softmax_kl_rows(
     need_grad: bool,
     divergence: str = "forward",
     beta: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    grad_filter: tuple[torch.Tensor, float] | None = None,
+):
     """Per-row losses and per-row input gradients; the backend contract of ``fastsoft.ops.softmax_kl``.
 
     Args:
@@ -105,19 +108,28 @@ def softmax_kl_rows(
         divergence: ``"forward"`` (KL(q || p), every teacher kind), ``"reverse"`` (KL(p || q)) or ``"jsd"``
             (``JSD_beta(q, p)``); the last two need a dense or hidden teacher (``softmax_kl`` checks).
         beta: the JSD mixing weight of the teacher, in (0, 1).
+        grad_filter: None, or ``(wnorm [V], scale)`` with ``wnorm[v] = ||lm_weight[v]||`` (compact teacher, forward,
+            ``need_grad`` only): a tile of :data:`FILTER_TILE` vocabulary columns is left out of ``dz @ W`` for a chunk
+            of rows when every row's mass there times the tile's largest ``wnorm`` is at most ``scale * columns``.
 
     Returns:
-        ``loss [N]`` fp32 (fp64 for fp64 inputs; unweighted per-row loss) and ``grad [N, H]`` in ``hidden.dtype`` or None.
+        ``loss [N]`` fp32 (fp64 for fp64 inputs; unweighted per-row loss) and ``grad [N, H]`` in ``hidden.dtype`` or None;
+        with ``grad_filter`` also ``dropped [N]`` (per row ``sum_{skipped v} p_v ||W_v|| / T``, a bound of the norm of
+        what was left out of the gradient) and ``skipped``, the share of (row, column) products left out (0-dim).
     """
     teacher = as_target(teacher)
     if divergence != "forward" and isinstance(teacher, (SparseTarget, CompactTarget)):
         raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
+    if grad_filter is not None and not (isinstance(teacher, CompactTarget) and divergence == "forward" and need_grad):
+        raise ValueError("grad_filter needs a CompactTarget, the forward divergence and need_grad")
     n, _ = hidden.shape
     cd = _compute_dtype(hidden, lm_weight)
     loss_out = torch.zeros(n, dtype=cd, device=hidden.device)
     grad_out = torch.zeros_like(hidden) if need_grad else None
+    dropped = torch.zeros(n, dtype=cd, device=hidden.device)
+    skipped = torch.zeros((), dtype=torch.float64)
     if n == 0:
-        return loss_out, grad_out
+        return (loss_out, grad_out) if grad_filter is None else (loss_out, grad_out, dropped, skipped.float())
     weight = lm_weight.to(cd)
     vocab = weight.shape[0]
     chunk = max(1, CHUNK_BYTES // (vocab * torch.finfo(cd).bits // 8))
@@ -149,12 +161,36 @@ def softmax_kl_rows(
             loss = torch.where(keep, loss, torch.zeros_like(loss))
             dz = torch.where(keep[:, None], dz, torch.zeros_like(dz))
         loss_out[rows] = loss
+        if grad_filter is not None:
+            dz, dropped[rows], count = _filter_tiles(dz, keep, *grad_filter, temperature)
+            skipped += count
         if need_grad:
             dh = dz @ weight
             if compact is not None:
                 dh = dh - (compact if keep is None else torch.where(keep[:, None], compact, torch.zeros_like(compact)))
             grad_out[rows] = (dh / temperature).to(hidden.dtype)
-    return loss_out, grad_out
+    if grad_filter is None:
+        return loss_out, grad_out
+    return loss_out, grad_out, dropped, (skipped / (n * vocab)).float()
+
+
+def _filter_tiles(dz: torch.Tensor, keep, wnorm: torch.Tensor, scale: float, temperature: float):
+    """``dz [C, V]`` with the skippable tiles zeroed, the per-row bound of what they held, the count zeroed."""
+    c, vocab = dz.shape
+    wn = wnorm.to(dz)
+    live = torch.ones(c, dtype=torch.bool, device=dz.device) if keep is None else keep
+    dropped = torch.zeros(c, dtype=dz.dtype, device=dz.device)
+    count = 0
+    for v0 in range(0, vocab, FILTER_TILE):
+        cols = slice(v0, min(vocab, v0 + FILTER_TILE))
+        tile = dz[:, cols]
+        mass = tile.abs().sum(-1)  # [C]
+        width = tile.shape[1]
+        if bool(((mass * wn[cols].max()) <= scale * width)[live].all()):
+            dropped += tile.abs() @ wn[cols]
+            dz[:, cols] = 0
+            count += c * width
+    return dz, dropped / temperature, count
 
 
 def softmax_kl_naive(

@@ -248,6 +248,7 @@ class Engine:
                 self.objective,
                 temperature=cfg.temperature,
                 backend=cfg.backend,
+                grad_filter=cfg.grad_filter,
             )
             # each slot's gradient comes from its own job's mean loss only (normalised by the job's global count)
             (sums / counts.clamp_min(1)).sum().backward()

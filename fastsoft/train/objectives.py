@@ -45,6 +45,7 @@ def job_loss_sums(
     temperature: float = 1.0,
     backend: str = "auto",
     attention: str | None = None,
+    grad_filter: float = 0.0,
 ) -> torch.Tensor:
     """One packed student step's summed token losses per job, for any objective mixture.
 
@@ -60,6 +61,7 @@ def job_loss_sums(
             or the given one).
         objective: weights by name, as :func:`parse_objective` returns them.
         attention: overrides the packed attention implementation (``fastsoft.attention.packed_attention``'s choice).
+        grad_filter: ``softmax_kl``'s gradient filter for a compact teacher's KL term (0: exact).
 
     Returns:
         ``[jobs]`` fp32 sums of the weighted token losses (differentiable w.r.t. ``prompts``); divide by each job's
@@ -85,8 +87,15 @@ def job_loss_sums(
         else:
             target = teacher.to(device)
         if divergence is None or divergence[0] == "forward":  # the call as it always was
+            filtered = grad_filter if isinstance(target, CompactTarget) else 0.0
             loss = softmax_kl(
-                hidden, loaded.lm_weight, target, temperature=temperature, reduction="none", backend=backend
+                hidden,
+                loaded.lm_weight,
+                target,
+                temperature=temperature,
+                reduction="none",
+                backend=backend,
+                grad_filter=filtered,
             )
         else:
             loss = softmax_kl(

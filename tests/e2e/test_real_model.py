@@ -52,3 +52,30 @@ def test_teacher_reads_the_context_and_a_short_run_trains(smollm, tmp_path):
     )[0]
     assert report["losses"][-1] < report["losses"][0]
     assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["token_dim"] == 576
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_grad_filter_bound_on_the_models_own_distributions(smollm, backend):
+    """The filtered gradient is within eps of exact, row by row, on SmolLM2's real (long-tailed) distributions."""
+    from fastsoft.ops import CompactTarget, filtered_rows, reference
+    from fastsoft.ops.softmax_kl import resolve_backend
+
+    text = (
+        "Marrowick is an island in the Lantern Sea. The lighthouse on Marrowick, the Tamsin Light, is painted "
+        "orange and was built in 1871 by the engineer Odile Frane, who also designed the harbour wall."
+    )
+    ids = smollm.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        teacher_h = smollm.hidden_states(input_ids=ids)[0, 8:]  # every token with the whole text before it
+        windows = torch.stack([ids[0, s - 4 : s + 1] for s in range(8, ids.shape[1])])  # each token, 4 before it
+        student_h = smollm.hidden_states(input_ids=windows)[:, -1]  # the same tokens, another distribution
+    weight = smollm.lm_weight.detach().double()
+    teacher = CompactTarget.from_hidden(teacher_h.double(), weight, 1.0)
+    _, exact = reference.softmax_kl_rows(student_h.double(), weight, teacher, 1.0, None, True)
+    _, rows = resolve_backend(backend, torch.device("cpu"))
+    target32 = CompactTarget(teacher.wbar.float(), teacher.neg_entropy.float(), 1.0)
+    for eps in (1e-3, 1e-1):
+        _, grad, report = filtered_rows(rows, student_h, weight.float(), target32, 1.0, None, eps)
+        err = (grad.double() - exact).norm(dim=1)
+        assert (err <= eps * exact.norm(dim=1) + 1e-4 * exact.norm(dim=1).max()).all(), report
+        assert report.bound <= eps

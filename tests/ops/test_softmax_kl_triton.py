@@ -105,9 +105,6 @@ def _cases():
     cases.append(_case("topk-repeated-id", kind="topk-dup", n=7, v=257, h=31, weighted=True))
     for kind in ("dense", "topk", "hidden", "compact"):
         cases.append(_case(f"{kind}-empty-batch", kind=kind, n=0, reduction="sum"))
-    cases.append(
-        _case("onehot-filter-eps-zero", kind="onehot", env={"FASTSOFT_SOFTMAX_KL_FILTER_EPS": "0"}, weighted=True)
-    )
     # reverse KL and JSD (dense and hidden teachers only)
     for i, kind in enumerate(("dense", "hidden")):
         for divergence, beta in (("reverse", 0.5), ("jsd", 0.3)):
@@ -342,7 +339,7 @@ from fastsoft.kernels import softmax_kl as K
 
 TYPES = {"h_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*bf16", "tw_ptr": "*fp32", "ids_ptr": "*i32", "zk_ptr": "*fp32",
          "e_ptr": "*fp16", "f_ptr": "*fp16", "stats_ptr": "*fp32", "loss_ptr": "*fp32", "wk_ptr": "*fp32", "corr_ptr": "*fp32",
-         "tail_ptr": "*fp32", "g_ptr": "*bf16", "inv_temp": "fp32", "filter_eps": "fp32", "z_ptr": "*fp32",
+         "tail_ptr": "*fp32", "g_ptr": "*bf16", "inv_temp": "fp32", "filter_scale": "fp32", "z_ptr": "*fp32",
          "a_ptr": "*fp32", "lse_ptr": "*fp32", "beta": "fp32", "log_beta": "fp32", "log_1mb": "fp32"}
 I64 = {"stride_hn", "stride_wv", "stride_tn", "stride_en", "stride_gs", "stride_gn", "SS"}
 DIV = {"stride_hn", "stride_wv", "stride_tn", "stride_en", "stride_gn", "stride_gs", "SS", "V", "H", "NVT", "V_SPLIT"}

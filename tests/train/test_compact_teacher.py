@@ -8,6 +8,8 @@ teacher kind).
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from conftest import CORPUS
 
@@ -56,3 +58,22 @@ def test_compact_is_the_default_teacher_and_keyed_by_temperature():
     assert CompressConfig().teacher == "compact"
     spec = CacheSpec(kind="compact", temperature=2.0)
     assert spec.target_type is CompactTarget and spec.params() == {"temperature": 2.0}
+
+
+def test_grad_filter_reaches_the_loss_and_keeps_the_losses(tiny, tmp_path, monkeypatch):
+    op = importlib.import_module("fastsoft.ops.softmax_kl")  # the module (fastsoft.ops.softmax_kl is also the function)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1])
+        return filtered_rows(*args, **kwargs)
+
+    filtered_rows = op.filtered_rows
+    monkeypatch.setattr(op, "filtered_rows", counting)
+    exact = _losses(tiny, tmp_path / "exact", teacher="compact")
+    assert not calls  # 0, the default, is exact: the filter is never entered
+    filtered = _losses(tiny, tmp_path / "filtered", teacher="compact", grad_filter=1e-3)
+    assert calls and set(calls) == {1e-3}
+    for job in exact:
+        for d, c in zip(exact[job], filtered[job]):
+            assert abs(c - d) <= 1e-3 * abs(d) + ATOL
