@@ -8,7 +8,7 @@ targets' shared protocol (slice, move, concatenate, serialise).
 - ``topk``: the top-k ids and probabilities plus the tail mass (the exact ``K + 1``-bucket KL);
 - ``sampled``: ids drawn from the teacher with count weights (unbiased; Anshumann et al. 2025);
 - ``hidden``: the teacher's final hidden states ``[H]`` (exact; logits recomputed inside the loss);
-- ``compact``: ``wbar = sum_v q_v W_v`` ``[H]`` and ``sum_v q_v log q_v`` at the loss temperature, fp32: the exact
+- ``compact``: ``wbar = sum_v q_v W_v`` ``[H]`` and ``sum_v q_v log q_v`` at the loss temperature (built in fp64, stored in fp32): the exact
   forward KL in ``(H + 1) * 4`` bytes a token, and a cross-entropy-shaped loss (no teacher read over the vocabulary).
 """
 
@@ -84,9 +84,10 @@ def _sampled(spec: CacheSpec, lm_weight, hidden, generator) -> SparseTarget:
 
 
 def _compact(spec: CacheSpec, lm_weight, hidden, generator) -> CompactTarget:
-    # fp32 whatever the model dtype (exact up to fp32 rounding); only valid at the loss temperature it is built at
-    target = CompactTarget.from_hidden(hidden.float(), lm_weight, spec.temperature)
-    return target.to("cpu")
+    # Built in fp64, stored in fp32: fp32 logits h W^T carry ~1e-4 absolute rounding at |h| ~ 45 (SmolLM2), which
+    # moved step-1 losses by 2e-4; fp64 leaves only the storage rounding. Valid only at the temperature it is built at.
+    target = CompactTarget.from_hidden(hidden.double(), lm_weight.double(), spec.temperature)
+    return CompactTarget(target.wbar.float().cpu(), target.neg_entropy.float().cpu(), target.temperature)
 
 
 @dataclass(frozen=True)
