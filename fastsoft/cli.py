@@ -50,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="learn soft prompts for one context or a JSONL of jobs")
     source = c.add_mutually_exclusive_group(required=True)
     source.add_argument("--context", help="text file holding one context")
-    source.add_argument("--jobs", help="JSONL file of jobs {id, context, queries, answers?, eval_queries?}")
-    c.add_argument("--queries", help="training queries, one per line (with --context)")
+    source.add_argument("--jobs", help="JSONL file of jobs {id, context, queries?, answers?, eval_queries?}")
+    c.add_argument(
+        "--queries", help="training queries, one per line (with --context; without any, the model writes them)"
+    )
     c.add_argument("--eval-queries", help="held-out queries, one per line (with --context)")
     c.add_argument("--answers", help="ground-truth answers, one per line, aligned with --queries")
     c.add_argument("--job-id", help="id of the --context job (default: the context file's name)")
@@ -102,8 +104,6 @@ def _compress(args) -> int:
     from fastsoft.io.report import format_table
 
     if args.context:
-        if not args.queries:
-            raise FastsoftError("--context needs --queries FILE (one query per line)")
         jobs = [job_from_files(args.context, args.queries, args.eval_queries, args.answers, args.job_id)]
     else:
         if args.queries or args.eval_queries or args.answers:
@@ -111,6 +111,12 @@ def _compress(args) -> int:
                 "--queries, --eval-queries and --answers go with --context; put them inside the --jobs file instead"
             )
         jobs = read_jobs(args.jobs)
+    for job in jobs:
+        if not job.queries and not config.synthetic_queries(False):
+            raise FastsoftError(
+                f"job {job.id!r} has no queries and --synthesize is 0: give queries (--queries FILE, or in the jobs "
+                "file), or let the model write them (--synthesize N)"
+            )
     dist = init_from_env()
     try:
         if dist.active:

@@ -37,6 +37,10 @@ OBJECTIVES = ("kl", "rkl", "jsd", "answer", "supervised")
 # objectives that compare whole distributions and are not linear in the teacher: they need a dense or hidden cache
 NONLINEAR_OBJECTIVES = ("rkl", "jsd")
 NONLINEAR_TEACHERS = ("dense", "hidden")
+# Synthetic queries a job gets by default, without and with queries of its own (self-study;
+# benchmarks/bench_selfstudy.py measured the choice)
+SYNTHESIZE_DEFAULT = 64
+SYNTHESIZE_DEFAULT_WITH_QUERIES = 0
 TEACHERS: tuple[str, ...] = get_args(Teacher)
 CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
 INITS: tuple[str, ...] = get_args(Init)
@@ -261,6 +265,15 @@ class CompressConfig:
     token_budget: int = setting(4096, "packed tokens per step", at_least=1)
     seed: int = setting(0, "random seed")
     backend: Backend = setting("auto", "softmax_kl backend (auto: the fastest one that runs on the device)")
+    synthesize: int | None = setting(
+        None,
+        "synthetic training queries per job, written by the model itself from chunks of the context (self-study), "
+        f"used alongside the job's own queries; 0: the job's own queries only. Default: {SYNTHESIZE_DEFAULT} for a job "
+        f"without queries, {SYNTHESIZE_DEFAULT_WITH_QUERIES} for one with queries, 0 with --objective supervised",
+        at_least=0,
+    )
+    synthesis_temperature: float = setting(0.6, "sampling temperature of the synthetic queries", above=0)
+    synthesis_top_p: float = setting(0.95, "nucleus (top-p) of the synthetic queries, in (0, 1]", above=0)
     grad_filter: float = setting(
         0.0,
         "gradient filter of the compact teacher's backward: skip vocabulary tiles whose share of the gradient is "
@@ -298,6 +311,13 @@ class CompressConfig:
                 f"--objective {nonlinear[0]} needs --teacher dense or hidden (it is not linear in the teacher); "
                 f"got --teacher {self.teacher}"
             )
+        if self.synthesis_top_p > 1:
+            raise FastsoftError(f"--synthesis-top-p must be in (0, 1], got {self.synthesis_top_p}")
+        if self.synthesize and "supervised" in objective:
+            raise FastsoftError(
+                "--objective supervised trains on the given answers, and synthetic queries have none: "
+                "use --synthesize 0 (the default with supervised)"
+            )
         if self.init == "text" and not self.init_text:
             raise FastsoftError("--init text needs --init-text, the text whose tokens start the prompt")
         if device is not None:
@@ -305,6 +325,14 @@ class CompressConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def synthetic_queries(self, has_queries: bool) -> int:
+        """``synthesize`` resolved for a job with or without queries of its own (see the setting's help)."""
+        if self.synthesize is not None:
+            return self.synthesize
+        if "supervised" in parse_objective(self.objective):
+            return 0
+        return SYNTHESIZE_DEFAULT_WITH_QUERIES if has_queries else SYNTHESIZE_DEFAULT
 
 
 @dataclass(frozen=True)

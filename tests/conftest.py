@@ -118,3 +118,29 @@ def tiny_job():
         ],
         eval_queries=["Which colour are the doors?", "Name the mayor."],
     )
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory):
+    """The tiny Llama with five end tokens (``<|im_end|>``, "?", ".", " the", "s"): its sampled text ends now and
+    then, so self-study keeps some of what it writes (with ``synthesis_temperature`` high)."""
+    folder = tmp_path_factory.mktemp("chatty-llama")
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id] + [
+        tokenizer.convert_tokens_to_ids(t) for t in ["?", ".", "Ġthe", "s"]
+    ]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chatty(chatty_model_dir):
+    from fastsoft.models import load_model
+
+    return load_model(chatty_model_dir)
+
+
+# Self-study settings under which the chatty model keeps a share of what it writes (tests only)
+CHATTY = {"synthesis_temperature": 3.0, "synthesis_top_p": 1.0}

@@ -1,4 +1,8 @@
-"""Compression jobs: one context, its training queries (and optional answers), and held-out queries."""
+"""Compression jobs: one context, its training queries (and optional answers), and held-out queries.
+
+Only the id and the context are required: a job without queries gets synthetic ones written by the model itself
+(self-study, ``fastsoft/teacher/synthesis.py``).
+"""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def check_job_id(job_id, at: str = "") -> None:
 class Job:
     id: str
     context: str
-    queries: list[str]
+    queries: list[str] = field(default_factory=list)
     answers: list[str] | None = None
     eval_queries: list[str] = field(default_factory=list)
 
@@ -51,8 +55,6 @@ class Job:
             values = getattr(self, name)
             if not isinstance(values, list) or not all(isinstance(q, str) and q.strip() for q in values):
                 raise FastsoftError(f"{at}job {self.id!r}: {name} must be a list of non-empty strings")
-        if not self.queries:
-            raise FastsoftError(f"{at}job {self.id!r} has no queries")
         if self.answers is not None:
             if not isinstance(self.answers, list) or not all(isinstance(a, str) and a.strip() for a in self.answers):
                 raise FastsoftError(f"{at}job {self.id!r}: answers must be a list of non-empty strings")
@@ -101,30 +103,30 @@ def read_lines(path: str | Path, what: str) -> list[str]:
 
 def job_from_files(
     context: str | Path,
-    queries: str | Path,
+    queries: str | Path | None = None,
     eval_queries: str | Path | None = None,
     answers: str | Path | None = None,
     job_id: str | None = None,
 ) -> Job:
-    """One job from a context file and a queries file (one query per line)."""
+    """One job from a context file and optional query files (one query per line)."""
     text = _read_text(context, "context")
     if not text.strip():
         raise FastsoftError(f"context file {context} is empty")
     job = Job(
         id=job_id or Path(context).stem,
         context=text.strip(),
-        queries=read_lines(queries, "queries"),
+        queries=read_lines(queries, "queries") if queries else [],
         answers=read_lines(answers, "answers") if answers else None,
         eval_queries=read_lines(eval_queries, "eval queries") if eval_queries else [],
     )
-    if not job.queries:
+    if queries and not job.queries:
         raise FastsoftError(f"queries file {queries} has no queries")
     job.validate()
     return job
 
 
 def read_jobs(path: str | Path) -> list[Job]:
-    """Jobs from JSONL, one ``{"id", "context", "queries", "answers"?, "eval_queries"?}`` object a line."""
+    """Jobs from JSONL, one ``{"id", "context", "queries"?, "answers"?, "eval_queries"?}`` object a line."""
     jobs, seen = [], {}
     for number, line in enumerate(_read_text(path, "jobs").splitlines(), start=1):
         if not line.strip():
@@ -136,7 +138,7 @@ def read_jobs(path: str | Path) -> list[Job]:
             raise FastsoftError(f"{where} is not valid JSON ({error.msg})") from error
         if not isinstance(record, dict):
             raise FastsoftError(f"{where} is not a JSON object")
-        missing = {"id", "context", "queries"} - record.keys()
+        missing = {"id", "context"} - record.keys()
         if missing:
             raise FastsoftError(f"{where} lacks the key(s) {', '.join(sorted(missing))}")
         unknown = record.keys() - JOB_KEYS
@@ -145,7 +147,7 @@ def read_jobs(path: str | Path) -> list[Job]:
         job = Job(
             id=record["id"],
             context=record["context"],
-            queries=record["queries"],
+            queries=record.get("queries", []),
             answers=record.get("answers"),
             eval_queries=record.get("eval_queries") or [],
         )

@@ -15,6 +15,7 @@ TABLE_COLUMNS = (
     "exact_match",
     "rouge_l",
     "compression_ratio",
+    "eval_source",  # where the held-out queries come from: eval_queries, synthetic, queries or none
     "steps",
     "seconds",
 )

@@ -24,6 +24,7 @@ registered with transformers and switched on only for the teacher's forward call
 from __future__ import annotations
 
 import math
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -51,6 +52,19 @@ class Taught:
     after: list[int]
     answer: list[int]
     hidden: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generate by sampling instead of greedily: ``temperature``, nucleus ``top_p``, and a seed per job.
+
+    Row ``i`` of job ``j`` draws from its own generator seeded with ``crc32(f"{seeds[j]}:{i}")``, so what it writes
+    does not depend on which other rows or jobs share its steps.
+    """
+
+    temperature: float
+    top_p: float
+    seeds: dict[str, int]
 
 
 def check_length(loaded, job_id: str, length: int, what: str) -> None:
@@ -92,6 +106,7 @@ def teach_jobs(
     token_budget: int = 8192,
     max_rows: int = 64,
     max_jobs: int = 8,
+    sampling: Sampling | None = None,
 ) -> dict[str, tuple[list[Taught], list[Taught]] | FastsoftError]:
     """Teach several jobs in one continuous batch.
 
@@ -103,6 +118,8 @@ def teach_jobs(
             query suffix still runs, alone).
         max_rows: queries in flight at once, over all jobs.
         max_jobs: jobs whose KV arenas are held at once.
+        sampling: generate every ungiven answer by sampling (:class:`Sampling`) instead of greedily (self-study
+            writes its requests this way); ``Taught.answer`` then ends with an end token only when one was drawn.
 
     Returns:
         ``{job_id: (train, eval)}`` with one :class:`Taught` per query in the request's order, or, for a job
@@ -129,6 +146,11 @@ def teach_jobs(
         except FastsoftError as error:
             results[request.id] = error
             continue
+        if sampling is not None:
+            for row in job.rows:
+                row.generator = torch.Generator().manual_seed(
+                    zlib.crc32(f"{sampling.seeds[job.id]}:{row.index}".encode())
+                )
         if job.rows:
             pending.append(job)
         else:
@@ -145,7 +167,7 @@ def teach_jobs(
                 use_cache=False,
                 fastsoft_step=step,
             ).last_hidden_state[0]
-            _advance(loaded, step, hidden, ends, max_new_tokens)
+            _advance(loaded, step, hidden, ends, max_new_tokens, sampling)
             for job in [j for j in active if j.unfinished == 0]:
                 active.remove(job)
                 results[job.id] = job.result()
@@ -166,6 +188,7 @@ class _Row:
     states: list[torch.Tensor] = field(default_factory=list)  # [n, H] fp32 blocks, concatenated at the end
     slot: int = -1
     length: int = 0  # tokens of this row already in the arena
+    generator: torch.Generator | None = None  # its own draws when sampling
 
 
 class _Job:
@@ -209,7 +232,7 @@ class _Job:
                     f"job {request.id!r}: the template leaves nothing between the context and the answer"
                 )
             forced = None
-            if answers is not None and i < len(request.queries):
+            if answers is not None and i < len(request.queries) and answers[i] is not None:  # None: answer it
                 forced = encode(tokenizer, answers[i]) + [ends[0]]
             total = len(prefix) + len(after) + (len(forced) if forced else max_new_tokens)
             check_length(
@@ -309,8 +332,10 @@ def _plan(active: list[_Job], budget: int, max_rows: int) -> _Step:
     )
 
 
-def _advance(loaded, step: _Step, hidden: torch.Tensor, ends: list[int], max_new_tokens: int) -> None:
-    """Read the step's outputs: teacher-forced rows finish; greedy rows take their next token."""
+def _advance(
+    loaded, step: _Step, hidden: torch.Tensor, ends: list[int], max_new_tokens: int, sampling: Sampling | None = None
+) -> None:
+    """Read the step's outputs: teacher-forced rows finish; generating rows take their next token."""
     greedy, at = [], []
     for part in step.parts:
         for row, offset, count in part.joins:
@@ -328,12 +353,25 @@ def _advance(loaded, step: _Step, hidden: torch.Tensor, ends: list[int], max_new
     if not greedy:
         return
     states = hidden[torch.tensor(at, device=hidden.device)].float()  # [R, H]
-    tokens = loaded.logits(states).argmax(-1).tolist()
+    logits = loaded.logits(states)
+    if sampling is None:
+        tokens = logits.argmax(-1).tolist()
+    else:
+        tokens = [_sample(logits[i], sampling, row.generator) for i, row in enumerate(greedy)]
     for i, (row, token) in enumerate(zip(greedy, tokens)):
         row.answer.append(token)
         row.states.append(states[i : i + 1])
         if token in ends or len(row.answer) >= max_new_tokens:
             _finish(row)
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """One token from ``softmax(logits / T)`` restricted to its top-p nucleus, drawn on the host with ``generator``."""
+    probs = torch.softmax(logits.double().cpu() / sampling.temperature, -1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = int((sorted_probs.cumsum(0) < sampling.top_p).sum()) + 1  # the smallest prefix reaching top_p
+    nucleus = sorted_probs[:keep]
+    return int(order[torch.multinomial(nucleus / nucleus.sum(), 1, generator=generator)])
 
 
 def _finish(row: _Row) -> None:

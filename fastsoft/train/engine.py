@@ -1,11 +1,11 @@
 """The engine: the loop that schedules jobs through the pipeline's stages.
 
-``Engine.run(jobs)`` drives the scheduler: admit waiting jobs into free slots, have the teacher stage fill
-the cache for them (``fastsoft/teacher/stage.py``), put each admitted job's initial prompt in its slot, pack
-the training jobs' minibatches into one step (``fastsoft/train/objectives.py`` computes its losses), update
-only the slots present, and finish a job (evaluate, export, report) as soon as it converges or spends its
-step budget. A failing job is marked FAILED with its reason; the others continue. Every ``checkpoint_every``
-steps, and on Ctrl-C, the run is checkpointed.
+``Engine.run(jobs)`` drives the scheduler: admit waiting jobs into free slots, let the model write their synthetic
+queries (self-study, ``fastsoft/teacher/synthesis.py``), have the teacher stage fill the cache for them
+(``fastsoft/teacher/stage.py``), put each admitted job's initial prompt in its slot, pack the training jobs'
+minibatches into one step (``fastsoft/train/objectives.py`` computes its losses), update only the slots present, and
+finish a job (evaluate, export, report) as soon as it converges or spends its step budget. A failing job is marked
+FAILED with its reason; the others continue. Every ``checkpoint_every`` steps, and on Ctrl-C, the run is checkpointed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fastsoft.io.atomic import remove_leftovers
 from fastsoft.io.checkpoint import CHECKPOINT, jobs_digest, load_checkpoint, save_checkpoint
 from fastsoft.io.lock import FolderLock
 from fastsoft.io.outputs import RunFolder, cache_folder, make_folder
+from fastsoft.teacher import synthesis as selfstudy
 from fastsoft.teacher.cache import TeacherCache
 from fastsoft.teacher.stage import teach_into_cache
 from fastsoft.teacher.targets import CacheSpec
@@ -72,12 +73,16 @@ class Engine:
         self.needs_teacher = any(divergence_of(name) is not None for name in self.objective)  # kl, rkl or jsd
         self.spec = CacheSpec(config.teacher, config.top_k, config.samples, config.temperature, config.cache_dtype)
         answers = "greedy" if "answer" in self.objective else "given-else-greedy"
+        self.synthesis = selfstudy.SynthesisSettings(config.synthesis_temperature, config.synthesis_top_p)
+        params = {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens}
+        if config.synthesize != 0:  # synthetic queries are written with these settings (counts: in each job's digest)
+            params["synthesis"] = self.synthesis.fingerprint()
         fingerprint = {
             "model": loaded.fingerprint,
             "vocab_size": loaded.vocab_size,
             "template": self.template.fingerprint,
             "kind": self.spec.kind,
-            "params": {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens},
+            "params": params,
         }
         cache_root = cache_folder(self.out.root, cache_dir, self.dist.rank if self.dist.active else None)
         self.locks: list[FolderLock] = []  # held until run() ends (or close())
@@ -98,6 +103,7 @@ class Engine:
         self.tokens_trained = 0
         self.loop_steps = 0  # loop iterations, the checkpoint clock
         self.oom_retries = 0
+        self.unprepared: dict[str, FastsoftError] = {}  # jobs whose queries could not be prepared, and why
 
     def close(self) -> None:
         """Release the folders' locks (``run`` does when it ends; an engine never run can call it)."""
@@ -118,6 +124,10 @@ class Engine:
             raise FastsoftError(f"job ids must be unique; repeated: {', '.join(duplicates)}")
         for job in jobs:
             job.validate()
+            if not job.queries and not self.config.synthetic_queries(False):
+                raise FastsoftError(
+                    f"job {job.id!r} has no queries: give some, or let the model write them (--synthesize N, N > 0)"
+                )
             if "supervised" in self.objective and job.answers is None:
                 raise FastsoftError(f"job {job.id!r} has no answers, which the supervised objective needs")
             if self.out.is_finished(job.id) and not self.overwrite and not self.resume:
@@ -125,17 +135,68 @@ class Engine:
                     f"{self.out.job(job.id)} already holds a finished job {job.id!r}; pass --overwrite or choose another --out"
                 )
 
+    def _prepare(self, runs: list[JobRun]) -> dict[str, FastsoftError]:
+        """Give each run not yet prepared its final queries: the synthetic ones (written in one continuous batch for
+        all of them, or read back on ``--resume``) and the held-out split. Returns ``{job id: error}``."""
+        errors = {r.job.id: self.unprepared[r.job.id] for r in runs if r.job.id in self.unprepared}
+        todo = [r for r in runs if not r.eval_source and r.job.id not in errors]
+        cfg, written = self.config, {}
+        counts = {r.job.id: cfg.synthetic_queries(bool(r.job.queries)) for r in todo}
+        studying = [r for r in todo if counts[r.job.id]]
+        if studying:
+            stamps = {r.job.id: self._synthesis_stamp(r, counts[r.job.id]) for r in studying}
+            if self.resume:
+                written = {r.job.id: selfstudy.load(self.out.job(r.job.id), stamps[r.job.id]) for r in studying}
+                written = {k: v for k, v in written.items() if v is not None}
+            missing = [(r.job, r.seed, counts[r.job.id]) for r in studying if r.job.id not in written]
+            if missing:
+                written.update(selfstudy.synthesize(self.loaded, self.template, missing, self.synthesis))
+        for run in todo:
+            synthesis = written.get(run.job.id)
+            if isinstance(synthesis, FastsoftError):
+                errors[run.job.id] = synthesis
+                continue
+            job, source = selfstudy.expand(run.job, synthesis, cfg.eval_fraction, cfg.seed)
+            if not job.queries:
+                dropped = ", ".join(f"{n} {why}" for why, n in synthesis.dropped.items() if n) if synthesis else ""
+                errors[run.job.id] = FastsoftError(
+                    f"job {run.job.id!r} has no training queries: the model wrote {counts[run.job.id]} and every one "
+                    f"was dropped ({dropped or 'none kept'}); give queries, or raise --synthesize"
+                )
+                continue
+            if synthesis is not None:
+                run.synthesis = {"kept": len(synthesis.kept), "dropped": synthesis.dropped}
+                if self._writes_reports:
+                    selfstudy.save(self.out.job(job.id), synthesis, job.eval_queries, stamps[job.id])
+            run.job, run.eval_source = job, source
+        self.unprepared.update(errors)  # a waiting run prepared ahead meets its error when it is admitted
+        return errors
+
+    def _synthesis_stamp(self, run: JobRun, count: int) -> dict:
+        """What a saved synthesis must match to be reused on ``--resume``."""
+        return {
+            "settings": self.synthesis.fingerprint(),
+            "count": count,
+            "seed": run.seed,
+            "job": run.job.digest(),
+            "model": self.loaded.fingerprint,
+            "template": self.template.fingerprint,
+        }
+
     def _admit(self, runs: list[JobRun]) -> list[JobRun]:
-        """Teach the admitted runs (and, ahead of time, as many waiting ones) in one continuous batch, then put each
-        admitted run's initial prompt in its slot. Returns the admitted runs that failed."""
+        """Write the synthetic queries of the admitted runs (and, ahead of time, as many waiting ones) and teach them, each
+        stage in one continuous batch, then put each admitted run's initial prompt in its slot. Returns the admitted runs
+        that failed."""
         cfg = self.config
         ahead = list(self.scheduler.waiting)[: len(runs)]
-        errors = teach_into_cache(
+        errors = self._prepare(runs + ahead)
+        ready = [r for r in runs + ahead if r.job.id not in errors]
+        errors |= teach_into_cache(
             self.loaded,
             self.template,
             self.cache,
             self.spec,
-            [(r.job, r.seed) for r in runs + ahead],
+            [(r.job, r.seed) for r in ready],
             max_new_tokens=cfg.max_new_tokens,
             use_answers="answer" not in self.objective,
         )
@@ -182,6 +243,9 @@ class Engine:
             "prompt_length": self.config.prompt_length,
             "objective": self.objective,
             "teacher": self.spec.kind,
+            "eval_source": run.eval_source,
+            "queries": {"train": len(run.job.queries), "eval": len(run.job.eval_queries)},
+            **({"synthesis": run.synthesis} if run.synthesis else {}),
             "losses": run.losses,
         }
         self.out.write_done(
@@ -307,8 +371,9 @@ class Engine:
                 "jobs_digest": self.jobs_hash,
                 "config": self.config.to_dict(),
                 "bank": self.bank.state_dict(),
-                "waiting": [r.job.id for r in s.waiting],
-                "running": {r.job.id: r.state_dict() for r in s.running},
+                # a run admitted but not yet taught (Ctrl-C during self-study or the teacher pass) starts again
+                "waiting": [r.job.id for r in s.running if r.state is State.TEACHING] + [r.job.id for r in s.waiting],
+                "running": {r.job.id: r.state_dict() for r in s.running if r.state is not State.TEACHING},
                 "finished": {
                     r.job.id: r.outcome_dict(self._writes_reports and r.state is State.DONE) for r in s.finished
                 },
@@ -341,6 +406,8 @@ class Engine:
                 s.retire(run, State.DONE)
         # a rebuilt cache (--rebuild-cache) dropped what failed its checks: teach those jobs again
         cfg = self.config
+        for job_id, error in self._prepare(list(s.running)).items():
+            self._fail(runs[job_id], error)
         missing = [(r.job, r.seed) for r in s.running if not self.cache.has(r.job.id, r.job.digest())]
         errors = teach_into_cache(self.loaded, self.template, self.cache, self.spec, missing,
                                   max_new_tokens=cfg.max_new_tokens, use_answers="answer" not in self.objective)  # fmt: skip
@@ -381,9 +448,7 @@ class Engine:
         self._check_jobs(jobs)
         cfg = self.config
         self.jobs_hash = jobs_digest(jobs)
-        runs = {
-            job.id: JobRun(job.with_eval_split(cfg.eval_fraction, cfg.seed), job_seed(cfg.seed, job.id)) for job in jobs
-        }
+        runs = {job.id: JobRun(job, job_seed(cfg.seed, job.id)) for job in jobs}  # split when prepared (_prepare)
         if self.resume:
             self._restore(runs)
         else:

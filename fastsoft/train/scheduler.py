@@ -54,6 +54,8 @@ class JobRun:
     report: dict | None = None
     generator: torch.Generator = None
     waited: int = 0  # training steps in a row this job was left out of (packing priority)
+    eval_source: str = ""  # where the held-out queries come from; "" until the job is prepared (self-study + split)
+    synthesis: dict | None = None  # self-study's counts (kept, dropped by reason), when it ran
     _order: list[int] = field(default_factory=list)  # the rest of the current epoch's shuffle, drawn from the end
 
     def __post_init__(self):
