@@ -150,7 +150,9 @@ class Engine:
                 written = {k: v for k, v in written.items() if v is not None}
             missing = [(r.job, r.seed, counts[r.job.id]) for r in studying if r.job.id not in written]
             if missing:
+                started = time.perf_counter()
                 written.update(selfstudy.synthesize(self.loaded, self.template, missing, self.synthesis))
+                self._charge("synthesis", [r for r in studying if r.job.id in {j.id for j, _, _ in missing}], started)
         for run in todo:
             synthesis = written.get(run.job.id)
             if isinstance(synthesis, FastsoftError):
@@ -172,6 +174,13 @@ class Engine:
         self.unprepared.update(errors)  # a waiting run prepared ahead meets its error when it is admitted
         return errors
 
+    @staticmethod
+    def _charge(stage: str, runs: list[JobRun], started: float) -> None:
+        """Share the seconds since ``started`` equally among ``runs`` (they shared one batch of ``stage``)."""
+        share = (time.perf_counter() - started) / max(1, len(runs))
+        for run in runs:
+            run.stage_seconds[stage] = run.stage_seconds.get(stage, 0.0) + share
+
     def _synthesis_stamp(self, run: JobRun, count: int) -> dict:
         """What a saved synthesis must match to be reused on ``--resume``."""
         return {
@@ -191,6 +200,7 @@ class Engine:
         ahead = list(self.scheduler.waiting)[: len(runs)]
         errors = self._prepare(runs + ahead)
         ready = [r for r in runs + ahead if r.job.id not in errors]
+        started = time.perf_counter()
         errors |= teach_into_cache(
             self.loaded,
             self.template,
@@ -200,6 +210,7 @@ class Engine:
             max_new_tokens=cfg.max_new_tokens,
             use_answers="answer" not in self.objective,
         )
+        self._charge("teacher", ready, started)
         failed = []
         for run in runs:
             job = run.job
@@ -244,6 +255,7 @@ class Engine:
             "objective": self.objective,
             "teacher": self.spec.kind,
             "eval_source": run.eval_source,
+            "stage_seconds": {**run.stage_seconds, "training": run.seconds},
             "queries": {"train": len(run.job.queries), "eval": len(run.job.eval_queries)},
             **({"synthesis": run.synthesis} if run.synthesis else {}),
             "losses": run.losses,

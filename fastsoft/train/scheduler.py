@@ -56,6 +56,7 @@ class JobRun:
     waited: int = 0  # training steps in a row this job was left out of (packing priority)
     eval_source: str = ""  # where the held-out queries come from; "" until the job is prepared (self-study + split)
     synthesis: dict | None = None  # self-study's counts (kept, dropped by reason), when it ran
+    stage_seconds: dict = field(default_factory=dict)  # its equal share of the self-study and teacher batches it was in
     _order: list[int] = field(default_factory=list)  # the rest of the current epoch's shuffle, drawn from the end
 
     def __post_init__(self):
