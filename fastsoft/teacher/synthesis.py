@@ -94,13 +94,6 @@ class Synthesis:
     kept: list[Synthetic]
     dropped: dict[str, int] = field(default_factory=dict)
 
-    def to_lines(self) -> list[str]:
-        return [json.dumps(asdict(s), ensure_ascii=False) for s in self.kept]
-
-    @classmethod
-    def from_lines(cls, lines: list[str], dropped: dict[str, int]) -> Synthesis:
-        return cls([Synthetic(**json.loads(line)) for line in lines if line.strip()], dict(dropped))
-
 
 def plan(context_tokens: int, count: int, seed: int) -> list[tuple[str, int, int]]:
     """``count`` requests as ``(kind, start, end)``: windows of every chunk size covering the context, in turn."""
