@@ -36,3 +36,44 @@ def test_bench_e2e_cpu_small_runs(tmp_path):
     # same data, same batches, same init, same Adam: the two losses follow the same trajectory
     assert curves["fastsoft, 1 job"] == pytest.approx(curves["peft prompt tuning"], rel=1e-3)
     assert path.with_suffix(".png").exists()
+
+
+def test_bench_selfstudy_smoke_runs(chatty_model_dir, tmp_path):
+    """Every configuration in its own ``fastsoft compress`` subprocess on the chatty tiny model, then one merged rerun
+    that takes a finished run's report instead of running it."""
+    spec = importlib.util.spec_from_file_location("bench_selfstudy", ROOT / "benchmarks" / "bench_selfstudy.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_selfstudy"] = bench
+    spec.loader.exec_module(bench)
+    example = ROOT / "examples" / "quillstore"
+    extra = f"--model {chatty_model_dir} --steps 2 --prompt-length 4 --max-new-tokens 4 --synthesis-temperature 3 --synthesis-top-p 1"
+    base = ["--context", f"{example}.txt", "--counts", "4", "--out", str(tmp_path / "out"), f"--extra={extra}"]
+    assert bench.main([*base, "--runs", str(tmp_path / "runs")]) == 0
+    (path,) = (tmp_path / "out").glob("selfstudy-*-quillstore.json")
+    result = json.loads(path.read_text())
+    names = ["synthetic 4", "user 16", "user 16 + synthetic 4"]
+    assert list(result["configs"]) == names and result["user_queries"] == 16 and result["eval_count"] == 8
+    for name, entry in result["configs"].items():
+        assert entry["exit_code"] == 0 and entry["wall_seconds"] > 0 and entry["reused_from"] is None, name
+        assert "mismatch" not in entry, entry["mismatch"]
+        assert all(
+            isinstance(entry[k], float) for k in ("gap_closed", "top1_agreement", "rouge_l", "kl_soft", "kl_none")
+        )
+        assert entry["eval_source"] == "eval_queries" and entry["queries"]["eval"] == 8
+        assert set(entry["stage_seconds"]) == {"synthesis", "teacher", "training"}
+        assert entry["startup_seconds"] > 0 and entry["unstaged_seconds"] >= 0
+        assert (entry["synthesis"] is None) == (entry["synthetic"] == 0)
+    assert result["configs"]["user 16"]["queries"]["train"] == 16
+    mixed = result["configs"]["user 16 + synthetic 4"]
+    assert mixed["queries"]["train"] == 16 + mixed["synthesis"]["kept"]
+    assert sum(mixed["synthesis"]["dropped"].values()) + mixed["synthesis"]["kept"] == 4
+    assert path.with_suffix(".png").exists()
+    # a second invocation merges: one configuration reused from the first run's folder, the others kept
+    report = tmp_path / "runs" / "user-16" / "quillstore" / "report.json"
+    assert bench.main([*base, "--configs", "user 16", "--reuse", f"user 16={report}"]) == 0
+    merged = json.loads(path.read_text())
+    assert list(merged["configs"]) == names and len(merged["invocations"]) == 2
+    reused = merged["configs"]["user 16"]
+    assert reused["reused_from"] == str(report) and reused["wall_seconds"] is None
+    assert reused["gap_closed"] == result["configs"]["user 16"]["gap_closed"]
+    assert merged["configs"]["synthetic 4"] == result["configs"]["synthetic 4"]
