@@ -473,7 +473,8 @@ class Engine:
             while self.scheduler.busy:
                 admitted = self.scheduler.admit()
                 if admitted:
-                    progress.say(f"teacher {', '.join(r.job.id for r in admitted)}")
+                    stages = "self-study and teacher" if cfg.synthesize != 0 else "teacher"
+                    progress.say(f"{stages}: {', '.join(r.job.id for r in admitted)}")
                     progress.advance(cfg.steps * len(self._admit(admitted)))
                 for run in self._train_step():
                     progress.advance()

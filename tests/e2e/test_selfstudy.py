@@ -16,6 +16,7 @@ from conftest import CHATTY, CORPUS
 import fastsoft
 from fastsoft.cli import main
 from fastsoft.io.export import load_prompt
+from fastsoft.teacher.synthesis import SEED_KINDS
 
 FAST = dict(steps=4, prompt_length=4, max_new_tokens=4, tol=0.0, batch_queries=2, slots=2, progress=False, **CHATTY)
 
@@ -40,7 +41,7 @@ def test_a_context_alone_trains_on_what_the_model_writes(chatty, tmp_path):
     assert report["queries"] == {"train": len(train), "eval": len(held)} and held and train
     assert not set(train) & set(held)  # a held-out synthetic query never trains
     for k in kept:
-        assert k["kind"] in ("fact", "summary", "structure", "use", "combine") and 0 <= k["start"] < k["end"]
+        assert k["kind"] in SEED_KINDS and 0 <= k["start"] < k["end"]
 
 
 def test_a_held_out_query_never_reaches_training(chatty, tmp_path):

@@ -41,6 +41,7 @@ def test_filters_drop_each_reason_and_keep_the_rest():
         ("The lighthouse on Marrowick is painted orange", True, "summary", 0, 10),  # copies the chunk
         ("Name the mayor of the island please.", True, "fact", 0, 10),  # a held-out query, reworded a little
         ("Summarise what the text says about the harbour.", True, "summary", 0, 10),  # kept
+        ("Write one question about a fact in the text above.", True, "fact", 0, 10),  # echoes its instruction
     ]
     result = keep_requests(requests, spans, held_out=["Name the mayor of the island."])
     assert [s.query for s in result.kept] == [
@@ -48,7 +49,8 @@ def test_filters_drop_each_reason_and_keep_the_rest():
         "Summarise what the text says about the harbour.",
     ]
     assert result.dropped == {
-        "empty": 2, "truncated": 1, "duplicate": 1, "near_duplicate": 1, "copies_context": 1, "held_out": 1,
+        "empty": 2, "truncated": 1, "echoes_instruction": 1, "duplicate": 1, "near_duplicate": 1, "copies_context": 1,
+        "held_out": 1,
     }  # fmt: skip
     assert tuple(result.dropped) == DROP_REASONS
 
