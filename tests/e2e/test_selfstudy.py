@@ -109,3 +109,11 @@ def test_the_command_line_needs_no_queries(chatty_model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "notes" / "report.json").read_text())
     assert report["eval_source"] == "synthetic"
     assert "synthetic" in capsys.readouterr().out  # the summary table says where the held-out queries come from
+
+
+def test_given_answers_stay_with_their_queries_beside_synthetic_ones(chatty, tmp_path):
+    job = _contexts(1)[0]
+    job.queries, job.answers, job.eval_queries = ["Who keeps goats?", "What colour?"], ["Odile.", "Teal."], ["Name it."]
+    (report,) = fastsoft.compress([job], chatty, tmp_path, synthesize=16, **FAST)
+    assert report["eval_source"] == "eval_queries"
+    assert report["queries"]["train"] == 2 + report["synthesis"]["kept"] and report["synthesis"]["kept"] >= 1

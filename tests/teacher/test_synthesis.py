@@ -88,3 +88,24 @@ print(json.dumps(_queries(load_model({str(chatty_model_dir)!r}), [(_job(0), 11, 
 
     there = {k: [tuple(x) for x in v] for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
     assert there == here
+
+
+def test_expand_says_where_held_out_queries_come_from_and_keeps_given_answers():
+    from fastsoft.teacher.synthesis import Synthesis, Synthetic, expand
+
+    made = Synthesis([Synthetic(f"Question number {i}?", "fact", 0, 5) for i in range(10)])
+    own = Job("j", "some context", ["Mine?", "Also mine?"], answers=["Yes.", "No."])
+    job, source = expand(own, made, 0.2, seed=0)
+    assert source == "synthetic" and len(job.eval_queries) == 2 and len(job.queries) == 2 + 8
+    assert not set(job.eval_queries) & set(job.queries)  # held-out synthetic queries never train
+    assert job.answers == [
+        "Yes.",
+        "No.",
+        *[None] * 8,
+    ]  # given answers stay with their queries; the teacher answers the rest
+    with_eval = Job("j", "some context", [], eval_queries=["Held?"])
+    assert (
+        expand(with_eval, made, 0.2, 0)[1] == "eval_queries" and len(expand(with_eval, made, 0.2, 0)[0].queries) == 10
+    )
+    assert expand(own, None, 0.2, 0)[1] == "queries"  # no synthesis: a share of the job's own queries, as before
+    assert expand(Job("j", "c", ["Only one?"]), None, 0.2, 0)[1] == "none"
