@@ -333,6 +333,11 @@ DEFAULTS = {
     "token_budget": 4096,
     "seed": 0,
     "backend": "auto",
+    # added with self-study and loss v2 (a checkpoint written before them is refused on --resume as other settings)
+    "synthesize": None,  # None: 64 for a job without queries, 0 for one with queries
+    "synthesis_temperature": 0.6,
+    "synthesis_top_p": 0.95,
+    "grad_filter": 0.0,
 }
 
 
