@@ -313,16 +313,10 @@ def softmax_kl(
     teacher = as_target(teacher)
     _check(hidden, lm_weight, teacher, temperature, token_weight, reduction, divergence, beta, grad_filter)
     _, rows_fn = resolve_backend(backend, hidden.device)
-    if grad_filter > 0:
-        loss = SoftmaxKLFunction.apply(
-            hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn, "forward", 0.5, grad_filter
-        )
-    elif divergence == "forward":
-        loss = SoftmaxKLFunction.apply(hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn)
-    else:
-        loss = SoftmaxKLFunction.apply(
-            hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn, divergence, float(beta)
-        )
+    loss = SoftmaxKLFunction.apply(
+        hidden, lm_weight.detach(), teacher, float(temperature), token_weight, rows_fn, divergence, float(beta),
+        float(grad_filter),
+    )  # fmt: skip
     if token_weight is not None:
         loss = loss * token_weight.to(loss.dtype)
     if reduction == "none":

@@ -86,28 +86,18 @@ def job_loss_sums(
             )
         else:
             target = teacher.to(device)
-        if divergence is None or divergence[0] == "forward":  # the call as it always was
-            filtered = grad_filter if isinstance(target, CompactTarget) else 0.0
-            loss = softmax_kl(
-                hidden,
-                loaded.lm_weight,
-                target,
-                temperature=temperature,
-                reduction="none",
-                backend=backend,
-                grad_filter=filtered,
-            )
-        else:
-            loss = softmax_kl(
-                hidden,
-                loaded.lm_weight,
-                target,
-                temperature=temperature,
-                reduction="none",
-                backend=backend,
-                divergence=divergence[0],
-                beta=divergence[1],
-            )
+        kind, beta = divergence or ("forward", 0.5)
+        loss = softmax_kl(
+            hidden,
+            loaded.lm_weight,
+            target,
+            temperature=temperature,
+            reduction="none",
+            backend=backend,
+            divergence=kind,
+            beta=beta,
+            grad_filter=grad_filter if isinstance(target, CompactTarget) else 0.0,
+        )
         row_loss = row_loss + weight * loss
     return torch.zeros(jobs, device=device).index_add(0, torch.tensor(row_job, device=device), row_loss)
 
