@@ -10,6 +10,9 @@ Three packed layouts, all exact (no segment ever sees another's tokens):
 - ``fastsoft_teacher`` (``fastsoft/teacher/batching.py``): prefix ⊕ own row merged through their log-sum-exp,
   with :func:`attention_lse` (fused kernels that return the log-sum-exp) and the same length buckets.
 
+The two packed student layouts also take a shared frozen prefix (``fastsoft_prefix=``, :mod:`fastsoft.prefix`):
+every segment attends to the prefix's cached keys and values first, then causally to its own tokens.
+
 Nothing is registered with transformers at import: :func:`attention_implementation` registers the
 implementation it switches to, the first time it is asked for.
 """
@@ -27,6 +30,7 @@ import torch
 VARLEN_ATTENTION = "fastsoft_varlen"
 VARLEN_ATTENTIONS = ("flash_attention_2", "flash_attention_3", VARLEN_ATTENTION)
 BUCKETS_ATTENTION = "fastsoft_buckets"
+PREFIX_ATTENTIONS = (VARLEN_ATTENTION, BUCKETS_ATTENTION)  # the packed layouts that take a shared prefix
 
 
 @contextlib.contextmanager
@@ -113,10 +117,20 @@ def packed_attention(loaded) -> str:
 
 
 def _bucket_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, fastsoft_buckets=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    fastsoft_buckets=None,
+    fastsoft_prefix=None,
+    **kwargs,
 ):
     """Packed causal attention as one sdpa call per length bucket. ``query [1, H, L, D]``, ``key/value
-    [1, KV, L, D]``; returns ``[1, L, H, D]``. Right padding is never seen by a real query (causal)."""
+    [1, KV, L, D]``; returns ``[1, L, H, D]``. Right padding is never seen by a real query (causal).
+    ``fastsoft_prefix`` (a :class:`fastsoft.prefix.SharedPrefix`): every segment first sees all its ``Lp`` positions."""
     if fastsoft_buckets is None:
         raise RuntimeError("fastsoft_buckets attention needs the packed row's length buckets (a packed student step)")
     if kwargs.get("sliding_window") is not None:
@@ -128,11 +142,41 @@ def _bucket_attention(
         take = lambda x: (
             x.index_select(1, gather.flatten()).unflatten(1, gather.shape).transpose(0, 1)
         )  # [B, H|KV, W, D]
+        qb, kb, vb, causal = take(q), take(k), take(v), dict(is_causal=True)
+        if fastsoft_prefix is not None:
+            kb, vb, causal = _with_prefix(fastsoft_prefix, module.layer_idx, kb, vb)
         o = torch.nn.functional.scaled_dot_product_attention(
-            take(q), take(k), take(v), is_causal=True, scale=scaling, enable_gqa=k.shape[0] != heads
+            qb, kb, vb, scale=scaling, enable_gqa=k.shape[0] != heads, **causal
         )
         out = out.index_copy(1, real, o.transpose(0, 1).reshape(heads, -1, dim).index_select(1, where))
     return out.transpose(0, 1)[None], None
+
+
+def _with_prefix(prefix, layer: int, key, value):
+    """``key/value [B, KV, W, D]`` with the prefix's ``[KV, Lp, D]`` in front, and the sdpa mask ``[W, Lp + W]`` that
+    lets query ``i`` see the whole prefix and its own keys up to ``i``."""
+    batch, width = key.shape[0], key.shape[2]
+    front = lambda cached, own: torch.cat([cached.to(own.dtype).expand(batch, -1, -1, -1), own], 2)
+    key, value = front(prefix.keys[layer], key), front(prefix.values[layer], value)
+    mask = torch.ones(width, key.shape[2], dtype=torch.bool, device=key.device).tril(len(prefix))
+    return key, value, dict(attn_mask=mask)
+
+
+def prefix_varlen_keys(cu_seq_lens: torch.Tensor, prefix_length: int, device) -> dict:
+    """The key side of a varlen call where each of the packed row's segments (``cu_seq_lens [B + 1]``, host) sees a
+    shared prefix first: ``cu_seq_lens_k``, ``max_length_k`` and ``fastsoft_prefix_index`` (``[B · Lp + L]`` rows of
+    ``cat(prefix, own)``)."""
+    bounds = cu_seq_lens.tolist()
+    index = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        index += list(range(prefix_length)) + list(range(prefix_length + start, prefix_length + end))
+    steps = torch.arange(len(bounds), dtype=torch.int32) * prefix_length
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return dict(
+        cu_seq_lens_k=(cu_seq_lens + steps).to(device),
+        max_length_k=longest + prefix_length,
+        fastsoft_prefix_index=torch.tensor(index, dtype=torch.int64, device=device),
+    )
 
 
 def _varlen_attention(
@@ -147,10 +191,14 @@ def _varlen_attention(
     cu_seq_lens_k=None,
     max_length_q=None,
     max_length_k=None,
+    fastsoft_prefix=None,
+    fastsoft_prefix_index=None,
     **kwargs,
 ):
     """Packed causal attention with torch's varlen flash kernel. ``query [1, H, L, D]``, ``key/value
-    [1, KV, L, D]`` (one packed row), segments given by ``cu_seq_lens_*``; returns ``[1, L, H, D]``."""
+    [1, KV, L, D]`` (one packed row), segments given by ``cu_seq_lens_*``; returns ``[1, L, H, D]``.
+    ``fastsoft_prefix``: each segment's keys are the prefix's then its own (:func:`prefix_varlen_keys`); the kernel's
+    causal mask is aligned to the bottom right, so query ``i`` sees the prefix and its own keys up to ``i``."""
     if cu_seq_lens_q is None:
         raise RuntimeError("fastsoft_varlen attention needs cu_seq_lens_q/k and max_length_q/k (a packed student step)")
     if kwargs.get("sliding_window") is not None:
@@ -160,6 +208,12 @@ def _varlen_attention(
     heads, dim = query.shape[1], query.shape[-1]
     q = query[0].transpose(0, 1)  # [L, H, D]
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [L, KV, D]
+    if fastsoft_prefix is not None:  # [B · Lp + L, KV, D]: each segment's own keys after a copy of the prefix's
+        layer = module.layer_idx
+        front = lambda cached, own: torch.cat([cached.transpose(0, 1).to(own.dtype), own]).index_select(
+            0, fastsoft_prefix_index
+        )
+        k, v = front(fastsoft_prefix.keys[layer], k), front(fastsoft_prefix.values[layer], v)
     extra = {}
     if k.shape[1] != heads:
         if "enable_gqa" in params:

@@ -30,8 +30,9 @@ def _add_settings(parser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
     for s in settings_of(cls):
         text = s.help.replace("%", "%%")
-        if s.kind is bool:
-            group.add_argument(s.flag, action="store_true", help=text)
+        if s.kind is bool:  # a switch; one that is on by default also gets its --no- form
+            action = argparse.BooleanOptionalAction if s.default else "store_true"
+            group.add_argument(s.flag, action=action, default=bool(s.default), help=text)
             continue
         if s.default is not None:
             text += f" (default: {s.default})"

@@ -282,6 +282,12 @@ class CompressConfig:
         below=1,
     )
 
+    share_prefix: bool = setting(
+        True,
+        "compute the template head before σ once per model and let every segment attend to its keys and values, "
+        "instead of running it in every segment of every step (exact up to rounding; --no-share-prefix turns it off)",
+    )
+
     def __post_init__(self):
         self.validate()
 

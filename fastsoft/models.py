@@ -14,7 +14,7 @@ import importlib.util
 import inspect
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ class LoadedModel:
     tokenizer: object
     path: str
     fingerprint: str
+    prefixes: dict = field(default_factory=dict, repr=False)  # token ids -> SharedPrefix (fastsoft/prefix.py)
 
     @property
     def decoder(self) -> torch.nn.Module:

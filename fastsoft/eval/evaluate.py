@@ -14,19 +14,21 @@ import torch
 from fastsoft.eval.generate import answer_text, generate_ids
 from fastsoft.eval.metrics import rouge_l
 from fastsoft.teacher.batching import Taught
-from fastsoft.train.packing import Segment, pack, scored_hidden
+from fastsoft.train.packing import Segment, pack, scored_hidden, sharable_prefix
 
 
 @torch.no_grad()
 def token_kl(
-    loaded, prompt: torch.Tensor | None, queries: list[Taught], temperature: float = 1.0
+    loaded, prompt: torch.Tensor | None, queries: list[Taught], temperature: float = 1.0, share_prefix: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token KL(teacher || student) ``[N]`` at every answer position of ``queries`` (teacher-forced), with the
     student's and the teacher's argmax ids ``[N]``. ``prompt [P, H]`` stands in the context's place; None: no context.
+    ``share_prefix``: the template head's keys and values computed once (:mod:`fastsoft.prefix`).
     Memory: ``[N, V]`` fp32 logits (N is a few held-out answers)."""
     slot = None if prompt is None else 0
     length = 0 if prompt is None else prompt.shape[0]
-    packed = pack([Segment(slot, q.before, q.after, q.answer) for q in queries], length)
+    segments = [Segment(slot, q.before, q.after, q.answer) for q in queries]
+    packed = pack(segments, length, sharable_prefix(loaded, segments) if share_prefix else ())
     prompts = torch.zeros(1, 0, loaded.hidden_size) if prompt is None else prompt[None]
     student = torch.log_softmax(loaded.logits(scored_hidden(loaded, prompts, packed)) / temperature, -1)  # [N, V]
     teacher = torch.log_softmax(
@@ -43,17 +45,18 @@ def evaluate(
     context_length: int,
     temperature: float = 1.0,
     max_new_tokens: int = 64,
+    share_prefix: bool = True,
 ) -> dict:
     """Metrics of ``prompt [P, H]`` on teacher-answered held-out ``queries`` (with teacher hidden states)."""
     if not queries:
         return {"eval_queries": 0, "compression_ratio": context_length / prompt.shape[0]}
-    kl_soft, student_top1, teacher_top1 = token_kl(loaded, prompt, queries, temperature)
-    kl_none, _, _ = token_kl(loaded, None, queries, temperature)
+    kl_soft, student_top1, teacher_top1 = token_kl(loaded, prompt, queries, temperature, share_prefix)
+    kl_none, _, _ = token_kl(loaded, None, queries, temperature, share_prefix)
     soft, none = float(kl_soft.mean()), float(kl_none.mean())
     matches, rouges, samples = [], [], []
     for q in queries:
         reference = answer_text(loaded, q.answer)
-        produced = answer_text(loaded, generate_ids(loaded, prompt, q.before, q.after, max_new_tokens))
+        produced = answer_text(loaded, generate_ids(loaded, prompt, q.before, q.after, max_new_tokens, share_prefix))
         matches.append(float(produced == reference))
         rouges.append(rouge_l(produced, reference))
         samples.append({"teacher": reference, "student": produced})

@@ -240,8 +240,14 @@ class Engine:
             self.scheduler.retire(run, State.DONE)
             return
         prompt = self.bank.get(run.slot)
+        cfg = self.config
         metrics = evaluate(
-            self.loaded, prompt, run.teacher.eval, len(run.teacher.context_ids), 1.0, self.config.max_new_tokens
+            self.loaded,
+            prompt,
+            run.teacher.eval,
+            len(run.teacher.context_ids),
+            max_new_tokens=cfg.max_new_tokens,
+            share_prefix=cfg.share_prefix,
         )
         run.report = {
             "job_id": run.job.id,
@@ -325,6 +331,7 @@ class Engine:
                 temperature=cfg.temperature,
                 backend=cfg.backend,
                 grad_filter=cfg.grad_filter,
+                share_prefix=cfg.share_prefix,
             )
             # each slot's gradient comes from its own job's mean loss only (normalised by the job's global count)
             (sums / counts.clamp_min(1)).sum().backward()

@@ -44,7 +44,7 @@ def run(out: Path) -> dict:
     for name, settings in CASES.items():
         reports = fastsoft.compress(
             jobs, model, out / name, steps=6, prompt_length=4, max_new_tokens=4, batch_queries=2, slots=2, tol=0.0,
-            progress=False, **settings,
+            progress=False, share_prefix=False, **settings,
         )  # fmt: skip
         result[name] = {r["job_id"]: [float(x).hex() for x in r["losses"]] for r in reports}
     return result

@@ -119,6 +119,14 @@ def test_seeded_runs_are_reproducible(tiny, tiny_job, tmp_path):
     assert not torch.equal(pa, pc)
 
 
+def test_shared_prefix_on_and_off_train_the_same(tiny, tiny_job, tmp_path):
+    """The switch changes only rounding: the same per-step losses and held-out metrics."""
+    on = fastsoft.compress([tiny_job], tiny, tmp_path / "on", **TRAIN)[0]
+    off = fastsoft.compress([tiny_job], tiny, tmp_path / "off", share_prefix=False, **TRAIN)[0]
+    assert on["losses"] == pytest.approx(off["losses"], rel=1e-4, abs=1e-6)
+    assert on["gap_closed"] == pytest.approx(off["gap_closed"], rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "objective,teacher", [("answer", "dense"), ("kl:0.5,answer:0.5", "topk"), ("kl", "sampled"), ("kl", "hidden")]
 )

@@ -1,4 +1,5 @@
-"""Packed student steps: exact packing (losses and gradients equal separate runs), attention choice, determinism."""
+"""Packed student steps: exact packing (losses and gradients equal separate runs), the shared frozen prefix (the same
+losses and gradients as without it), attention choice, determinism."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import fastsoft.attention as attention_mod
-from fastsoft.ops import softmax_kl
-from fastsoft.train.packing import Segment, pack, scored_hidden
+from fastsoft.ops import SparseTarget, softmax_kl
+from fastsoft.train.objectives import job_loss_sums
+from fastsoft.train.packing import Segment, pack, scored_hidden, sharable_prefix
 
 ATTENTIONS = ["sdpa", "fastsoft_buckets", "fastsoft_varlen:new", "fastsoft_varlen:old"]
 
@@ -23,16 +25,18 @@ def _attention(name, monkeypatch):
 
 
 def _fake_varlen(new_api: bool):
-    """torch.nn.attention.varlen.varlen_attn stand-in for CPU (per-segment sdpa), in its 2.10 or later signature."""
+    """torch.nn.attention.varlen.varlen_attn stand-in for CPU (per-segment sdpa), in its 2.10 or later signature.
+    Causal is aligned to the bottom right when a segment has more keys than queries, as in flash-attn's kernels."""
 
     def run(q, k, v, cu_q, cu_k, max_q, max_k, causal, gqa, scale):
         outs = []
-        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        for a, b, ka, kb in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+            mask = torch.ones(b - a, kb - ka, dtype=torch.bool).tril(kb - ka - (b - a)) if causal else None
             o = F.scaled_dot_product_attention(
                 q[a:b].transpose(0, 1)[None],
-                k[a:b].transpose(0, 1)[None],
-                v[a:b].transpose(0, 1)[None],
-                is_causal=causal,
+                k[ka:kb].transpose(0, 1)[None],
+                v[ka:kb].transpose(0, 1)[None],
+                attn_mask=mask,
                 enable_gqa=gqa,
                 scale=scale,
             )
@@ -57,7 +61,8 @@ def _fake_varlen(new_api: bool):
 _GRADIENT_BYTES = """
 import hashlib, sys, torch
 from fastsoft.models import load_model
-from fastsoft.train.packing import Segment, pack, scored_hidden
+from fastsoft.train.objectives import job_loss_sums
+from fastsoft.train.packing import Segment, pack, scored_hidden, sharable_prefix
 tiny = load_model(sys.argv[1])
 torch.manual_seed(0)
 prompts = torch.randn(2, 16, 64, requires_grad=True)  # 64 segments share slot 0: σ's rows gathered 64 times each
@@ -106,6 +111,66 @@ def test_packed_losses_and_gradients_equal_separate_runs(tiny, attention, monkey
         assert g_packed[others].abs().sum() == 0  # not a single bit from another job's segments (slot 1 is unused)
 
 
+HEAD = [5, 6, 7, 8, 9]  # the template head every segment starts with
+
+
+def _prefix_segments():
+    return [
+        Segment(0, HEAD, [17, 18, 19], [20, 21]),
+        Segment(2, HEAD, [22, 23, 24, 25, 26] * 3, [24, 25, 26]),
+        Segment(0, HEAD, [19], [28, 23]),
+        Segment(None, HEAD, [30, 31], [32]),  # the no-context baseline of evaluation
+    ]
+
+
+@pytest.mark.parametrize("attention", ["fastsoft_buckets", "fastsoft_varlen:new", "fastsoft_varlen:old"])
+def test_shared_prefix_gives_the_same_hidden_states_and_gradients(tiny, attention, monkeypatch):
+    """Every segment attending to the head's cached keys and values equals running the head in every segment."""
+    attention = _attention(attention, monkeypatch)
+    torch.manual_seed(0)
+    prompts = torch.randn(3, 4, 64, requires_grad=True)
+    segs = _prefix_segments()
+    assert sharable_prefix(tiny, segs, attention) == tuple(HEAD)
+    whole = scored_hidden(tiny, prompts, pack(segs, 4), attention)
+    shared = scored_hidden(tiny, prompts, pack(segs, 4, tuple(HEAD)), attention)
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(whole)
+    (g_whole,) = torch.autograd.grad((whole * weights).sum(), prompts)
+    (g_shared,) = torch.autograd.grad((shared * weights).sum(), prompts)
+    torch.testing.assert_close(g_shared, g_whole, rtol=1e-4, atol=1e-6)
+    assert g_shared[1].abs().sum() == 0  # slot 1 is in no segment
+
+
+def test_shared_prefix_gives_the_same_job_losses(tiny):
+    torch.manual_seed(1)
+    prompts = torch.randn(3, 4, 64, requires_grad=True)
+    segs = _prefix_segments()[:3]
+    teacher = SparseTarget.one_hot(torch.tensor([t for s in segs for t in s.answer]))
+    sums = {
+        share: job_loss_sums(tiny, prompts, segs, [0, 1, 0], 2, teacher, {"kl": 1.0}, share_prefix=share)
+        for share in (False, True)
+    }
+    torch.testing.assert_close(sums[True], sums[False], rtol=1e-5, atol=1e-5)
+    grads = {share: torch.autograd.grad(sums[share].sum(), prompts)[0] for share in sums}
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6)
+
+
+def test_what_shares_a_prefix(tiny):
+    segs = _prefix_segments()
+    assert sharable_prefix(tiny, segs) == tuple(HEAD)  # CPU: sdpa per length bucket takes one
+    assert sharable_prefix(tiny, segs, "sdpa") == ()  # transformers' own implementations do not
+    assert sharable_prefix(tiny, segs, "eager") == ()
+    assert sharable_prefix(tiny, [Segment(0, [], [5, 6], [7])] * 2) == ()  # placement first: nothing before σ
+    assert sharable_prefix(tiny, segs + [Segment(0, HEAD[:-1], [5], [7])]) == ()  # heads differ: run them whole
+    packed = pack(segs[:2], 4, tuple(HEAD))
+    assert packed.position_ids[:3].tolist() == [5, 6, 7] and packed.ids[4:7].tolist() == [17, 18, 19]
+    assert packed.cu_seq_lens.tolist() == [0, 9, 9 + 4 + 15 + 3]
+    with pytest.raises(ValueError, match="shared prefix"):
+        pack([Segment(0, [1, 2], [3], [4])], 4, tuple(HEAD))
+    with pytest.raises(ValueError, match="does not take a shared prefix"):
+        scored_hidden(tiny, torch.zeros(3, 4, 64), packed, "sdpa")
+
+
 def test_packed_attention_choice(tiny):
     assert tiny.model.config._attn_implementation == "sdpa"
     assert attention_mod.packed_attention(tiny) == attention_mod.BUCKETS_ATTENTION  # CPU: sdpa per length bucket
@@ -142,6 +207,27 @@ def test_gpu_packed_attention_matches_sdpa(tiny_model_dir):
     (g_slow,) = torch.autograd.grad(slow.float().square().sum(), prompts)
     assert g_fast[1].abs().sum() == 0
     assert float((g_fast - g_slow).norm() / g_slow.norm()) < 0.05
+
+
+@pytest.mark.gpu
+def test_gpu_shared_prefix_matches_the_whole_segments(tiny_model_dir):
+    """On CUDA (bf16, torch's varlen kernel) the shared prefix gives the hidden states and gradients of whole segments:
+    this is the check that the kernel's causal mask is aligned to the bottom right when keys outnumber queries."""
+    from fastsoft.models import load_model
+
+    loaded = load_model(tiny_model_dir, dtype="bf16", device="cuda")
+    choice = attention_mod.packed_attention(loaded)
+    if choice not in attention_mod.PREFIX_ATTENTIONS:
+        pytest.skip(f"no fastsoft varlen attention in this install (packed steps use {choice})")
+    torch.manual_seed(0)
+    prompts = torch.randn(3, 4, 64, device="cuda", requires_grad=True)
+    segs = _prefix_segments()
+    whole = scored_hidden(loaded, prompts, pack(segs, 4))
+    shared = scored_hidden(loaded, prompts, pack(segs, 4, tuple(HEAD)))
+    torch.testing.assert_close(shared.float(), whole.float(), rtol=0.05, atol=0.05)
+    (g_whole,) = torch.autograd.grad(whole.float().square().sum(), prompts)
+    (g_shared,) = torch.autograd.grad(shared.float().square().sum(), prompts)
+    assert float((g_shared - g_whole).norm() / g_whole.norm()) < 0.05
 
 
 def test_student_gradient_is_bit_identical_across_processes(tiny_model_dir):
