@@ -287,6 +287,13 @@ class CompressConfig:
         "compute the template head before σ once per model and let every segment attend to its keys and values, "
         "instead of running it in every segment of every step (exact up to rounding; --no-share-prefix turns it off)",
     )
+    min_improvement: float = setting(
+        0.0,
+        "stop a job when a pass over its training queries lowers its mean training loss by less than this share of "
+        "the pass before (0: train for the whole step budget)",
+        at_least=0,
+        below=1,
+    )
 
     def __post_init__(self):
         self.validate()

@@ -338,7 +338,9 @@ DEFAULTS = {
     "synthesis_temperature": 0.6,
     "synthesis_top_p": 0.95,
     "grad_filter": 0.0,
-    "share_prefix": True,  # added with the shared frozen prefix (the student step)
+    # added with the student step's issue
+    "share_prefix": True,
+    "min_improvement": 0.0,
 }
 
 
