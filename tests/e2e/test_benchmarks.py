@@ -77,3 +77,33 @@ def test_bench_selfstudy_smoke_runs(chatty_model_dir, tmp_path):
     assert reused["reused_from"] == str(report) and reused["wall_seconds"] is None
     assert reused["gap_closed"] == result["configs"]["user 16"]["gap_closed"]
     assert merged["configs"]["synthetic 4"] == result["configs"]["synthetic 4"]
+
+
+def test_bench_student_smoke_runs(tiny_model_dir, tmp_path):
+    """fastsoft's student step and PEFT prompt tuning on the tiny model: both trained, timed and evaluated."""
+    import math
+
+    spec = importlib.util.spec_from_file_location("bench_student", ROOT / "benchmarks" / "bench_student.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_student"] = bench
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("student-*-smoke.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] and result["steps"] == 6 and result["eval_every"] == 2
+    methods = {r["method"] for r in result["rows"]}
+    assert {"fastsoft", "peft prompt tuning"} <= methods
+    numbers = ("seconds_per_step", "scored_tokens_per_s", "speedup_vs_peft", "final_gap_closed", "final_loss")
+    for row in result["rows"]:
+        assert all(math.isfinite(row[k]) for k in numbers), row
+        assert row["seconds_per_step"] > 0 and row["scored_tokens_per_s"] > 0
+        assert row["peak_rss_mib"] is None or math.isfinite(row["peak_rss_mib"])
+    for method in methods:
+        curve = result["curves"][method]
+        assert [p["step"] for p in curve] == [0, 2, 4, 6]  # step 0, then every --eval-every steps
+        assert all(math.isfinite(p["gap_closed"]) for p in curve)
+        assert [p["seconds"] for p in curve] == sorted(p["seconds"] for p in curve) and curve[0]["seconds"] == 0
+        assert len(result["losses"][method]) == 6
+    # the σ-first held-out evaluation of PEFT's σ is PEFT's own logits-based KL
+    assert all(c["abs_diff"] < 1e-4 for c in result["sanity_sigma_first"].values())
+    assert path.with_suffix(".png").exists()
