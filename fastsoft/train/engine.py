@@ -39,7 +39,7 @@ from fastsoft.train.packing import Segment
 from fastsoft.train.progress import RunProgress
 from fastsoft.train.prompt_init import init_prompt
 from fastsoft.train.scheduler import JobRun, Scheduler, State, job_seed
-from fastsoft.train.stopping import pass_steps, plateaued
+from fastsoft.train.stopping import plateau_window, plateaued
 
 
 class Engine:
@@ -377,7 +377,7 @@ class Engine:
         recent = run.losses[-cfg.patience :]
         if len(recent) == cfg.patience and sum(recent) / len(recent) < cfg.tol:
             return "converged"
-        if plateaued(run.losses, pass_steps(len(run.teacher.train), cfg.batch_queries), cfg.min_improvement):
+        if plateaued(run.losses, plateau_window(len(run.teacher.train), cfg.batch_queries), cfg.min_improvement):
             return "plateau"
         if run.step >= cfg.steps:
             return "step budget"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import fastsoft
-from fastsoft.train.stopping import pass_steps, plateaued
+from fastsoft.train.stopping import MIN_WINDOW_STEPS, pass_steps, plateau_window, plateaued
 
 
-def test_pass_steps():
+def test_windows_are_whole_passes_of_at_least_eight_steps():
     assert pass_steps(32, 4) == 8 and pass_steps(33, 4) == 9 and pass_steps(3, 4) == 1
+    assert MIN_WINDOW_STEPS == 8
+    assert plateau_window(32, 4) == 8 and plateau_window(16, 4) == 8 and plateau_window(12, 4) == 9
+    assert plateau_window(40, 4) == 10 and plateau_window(5, 2) == 9
 
 
 def test_plateau_compares_whole_passes():
@@ -24,8 +27,8 @@ def test_plateau_compares_whole_passes():
 def test_a_run_stops_on_a_plateau(tiny, tiny_job, tmp_path):
     """With a threshold no pass can meet, the job stops after its second pass (and says why); with 0 it runs on."""
     train = dict(steps=40, prompt_length=4, max_new_tokens=4, lr=0.05, tol=0.0, batch_queries=2, progress=False)
-    window = pass_steps(len(tiny_job.queries), 2)
+    window = plateau_window(len(tiny_job.queries), 2)
     report = fastsoft.compress([tiny_job], tiny, tmp_path / "a", min_improvement=0.99, **train)[0]
     assert report["stop_reason"] == "plateau" and report["steps"] == 2 * window
-    report = fastsoft.compress([tiny_job], tiny, tmp_path / "b", **train)[0]
+    report = fastsoft.compress([tiny_job], tiny, tmp_path / "b", min_improvement=0.0, **train)[0]
     assert report["stop_reason"] == "step budget" and report["steps"] == 40
