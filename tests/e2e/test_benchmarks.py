@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,3 +108,24 @@ def test_bench_student_smoke_runs(tiny_model_dir, tmp_path):
     # the σ-first held-out evaluation of PEFT's σ is PEFT's own logits-based KL
     assert all(c["abs_diff"] < 1e-4 for c in result["sanity_sigma_first"].values())
     assert path.with_suffix(".png").exists()
+
+
+def test_bench_curves_reanalyses_its_saved_curves(tmp_path):
+    """bench_curves recomputes where the plateau rule stops from a saved run's training losses (no model, no training):
+    the committed results give the stops the README quotes."""
+    import shutil
+
+    saved = shutil.copy(ROOT / "benchmarks" / "results" / "curves-amd-epyc-x2-1thread.json", tmp_path / "curves.json")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_curves.py"), "--reanalyse", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {(r["context"], json.dumps(r["settings"])): r for r in json.loads(Path(saved).read_text())["runs"]}
+    island = runs[("marrowick_island", json.dumps({"lr": 0.1, "steps": 200}))]
+    quill = runs[("quillstore", json.dumps({"lr": 0.1, "steps": 200}))]
+    assert island["plateau_window"] == 8 and quill["plateau_window"] == 8
+    assert (island["plateau_stops"]["0.01"]["step"], island["plateau_stops"]["0.01"]["gap_closed"]) == (176, 0.699)
+    assert (quill["plateau_stops"]["0.01"]["step"], quill["plateau_stops"]["0.01"]["gap_closed"]) == (144, 0.426)
