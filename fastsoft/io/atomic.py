@@ -3,6 +3,7 @@ one, never half of one, even after a crash or a full disk."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -75,3 +76,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ different model, tokenizer, template or kind is refused with a sentence naming w
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastsoft.errors import FastsoftError
-from fastsoft.io.atomic import atomic_write, write_json
+from fastsoft.io.atomic import atomic_write, sha256_file, write_json
 from fastsoft.ops import Target
 from fastsoft.teacher.batching import Taught
 
 INDEX = "index.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_index(path: Path) -> dict:
