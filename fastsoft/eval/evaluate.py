@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsoft.eval.generate import answer_text, generate_ids
+from fastsoft.eval.generate import answer_text, generate_batch_ids
 from fastsoft.eval.metrics import rouge_l
 from fastsoft.teacher.batching import Taught
 from fastsoft.train.packing import Segment, pack, scored_hidden, sharable_prefix
@@ -53,10 +53,11 @@ def evaluate(
     kl_soft, student_top1, teacher_top1 = token_kl(loaded, prompt, queries, temperature, share_prefix)
     kl_none, _, _ = token_kl(loaded, None, queries, temperature, share_prefix)
     soft, none = float(kl_soft.mean()), float(kl_none.mean())
+    # all queries' answers decoded as one batch (a few rows): one decoder call per step instead of one per query
+    answers = generate_batch_ids(loaded, prompt, [(q.before, q.after) for q in queries], max_new_tokens, share_prefix)
     matches, rouges, samples = [], [], []
-    for q in queries:
-        reference = answer_text(loaded, q.answer)
-        produced = answer_text(loaded, generate_ids(loaded, prompt, q.before, q.after, max_new_tokens, share_prefix))
+    for q, ids in zip(queries, answers):
+        reference, produced = answer_text(loaded, q.answer), answer_text(loaded, ids)
         matches.append(float(produced == reference))
         rouges.append(rouge_l(produced, reference))
         samples.append({"teacher": reference, "student": produced})

@@ -10,9 +10,10 @@ import torch
 import fastsoft
 from fastsoft.data.templates import make_template, tokenize_query
 from fastsoft.eval.evaluate import token_kl
-from fastsoft.eval.generate import generate, generate_ids
+from fastsoft.eval.generate import generate, generate_batch_ids, generate_ids
 from fastsoft.eval.metrics import rouge_l
 from fastsoft.io.export import load_prompt
+from fastsoft.models import load_model
 from fastsoft.teacher.batching import Taught
 
 TRAIN = dict(steps=12, prompt_length=4, max_new_tokens=5, lr=0.05, tol=0.0, batch_queries=5, progress=False)
@@ -44,6 +45,74 @@ def test_shared_prefix_generates_and_scores_the_same(tiny, tiny_job):
         shared, whole = token_kl(tiny, p, queries, share_prefix=True), token_kl(tiny, p, queries, share_prefix=False)
         torch.testing.assert_close(shared[0], whole[0], rtol=1e-5, atol=1e-6)
         assert torch.equal(shared[1], whole[1])
+
+
+QUERIES = [
+    "Goats?",
+    "Who is the mayor?",
+    "What colour are the doors of the harbour town?",
+    "When is the lantern festival held each spring?",
+]
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory):
+    """The tiny Llama with larger random weights: ``tiny`` answers one token over and over whatever it reads, this
+    one's greedy answers change with the row and the step, so padding or position mistakes change the ids."""
+    from conftest import build_model, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("lively-llama")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, initializer_range=0.2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_model(folder)
+
+
+def greedy_without_cache(loaded, prompt, before, after, steps):
+    """Reference: the whole sequence through the model again at every step, no cache, no padding."""
+    embed = lambda ids: loaded.embed(torch.tensor(ids, dtype=torch.long))
+    context = [embed(before)] + ([] if prompt is None else [prompt]) + [embed(after)]
+    answer = []
+    for _ in range(steps):
+        hidden = loaded.hidden_states(inputs_embeds=torch.cat(context + [embed(answer)])[None])
+        answer.append(int(loaded.logits(hidden[0, -1]).argmax()))
+    return answer
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("with_prompt", [True, False])
+def test_batched_generation_equals_one_by_one(lively, share_prefix, with_prompt):
+    """Rows of different lengths decoded together (left-padded, from one shared head or not) give each row's own
+    greedy ids, which are also what the model gives without any cache."""
+    torch.manual_seed(0)
+    prompt = 0.1 * torch.randn(4, lively.hidden_size) if with_prompt else None
+    rows = [tokenize_query(lively.tokenizer, make_template(lively.tokenizer), q) for q in QUERIES]
+    assert len({len(after) for _, after in rows}) == len(rows)
+    alone = [generate_ids(lively, prompt, before, after, 10, share_prefix) for before, after in rows]
+    assert len({tuple(a) for a in alone}) == len(rows)  # the rows' answers differ: a mix-up would show
+    assert generate_batch_ids(lively, prompt, rows, 10, share_prefix) == alone
+    assert alone == [greedy_without_cache(lively, prompt, before, after, 10) for before, after in rows]
+    # rows with different heads (no shared prefix possible) and a single row
+    mixed = [(before[i:], after) for i, (before, after) in enumerate(rows)]
+    assert generate_batch_ids(lively, prompt, mixed, 10, share_prefix) == [
+        generate_ids(lively, prompt, before, after, 10, share_prefix) for before, after in mixed
+    ]
+    assert generate_batch_ids(lively, prompt, rows[:1], 10, share_prefix) == alone[:1]
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_batched_rows_stop_at_their_own_end_tokens(lively, monkeypatch, share_prefix):
+    """Rows that end early leave the batch; the others go on, with the same ids as alone."""
+    torch.manual_seed(0)
+    prompt = 0.1 * torch.randn(4, lively.hidden_size)
+    rows = [tokenize_query(lively.tokenizer, make_template(lively.tokenizer), q) for q in QUERIES]
+    free = generate_batch_ids(lively, prompt, rows, 10, share_prefix)
+    monkeypatch.setattr(lively.model.generation_config, "eos_token_id", [free[0][1], free[2][5]])
+    alone = [generate_ids(lively, prompt, before, after, 10, share_prefix) for before, after in rows]
+    lengths = [len(a) for a in alone]
+    assert len(set(lengths)) >= 3 and 10 in lengths  # rows stop at different steps, some only at the limit
+    assert generate_batch_ids(lively, prompt, rows, 10, share_prefix) == alone
+    assert generate_batch_ids(lively, prompt, rows, 0, share_prefix) == [[]] * len(rows)
 
 
 def test_no_deprecation_warning_from_our_own_calls(tiny, tiny_job, tmp_path):
