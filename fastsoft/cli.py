@@ -113,10 +113,10 @@ def _compress(args) -> int:
             )
         jobs = read_jobs(args.jobs)
     for job in jobs:
-        if not job.queries and not config.synthetic_queries(False):
+        if not job.queries and not config.makes_queries(False):
             raise FastsoftError(
-                f"job {job.id!r} has no queries and --synthesize is 0: give queries (--queries FILE, or in the jobs "
-                "file), or let the model write them (--synthesize N)"
+                f"job {job.id!r} has no queries and --synthesize and --topic-queries are 0: give queries (--queries "
+                "FILE, or in the jobs file), or let fastsoft make them (--synthesize N, --topic-queries N)"
             )
     dist = init_from_env()
     try:

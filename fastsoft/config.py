@@ -41,6 +41,9 @@ NONLINEAR_TEACHERS = ("dense", "hidden")
 # benchmarks/bench_selfstudy.py measured the choice)
 SYNTHESIZE_DEFAULT = 64
 SYNTHESIZE_DEFAULT_WITH_QUERIES = 0
+# Template questions about the context's names, numbers and identifiers (fastsoft/teacher/topics.py), likewise
+TOPIC_QUERIES_DEFAULT = 64
+TOPIC_QUERIES_DEFAULT_WITH_QUERIES = 0
 TEACHERS: tuple[str, ...] = get_args(Teacher)
 CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
 INITS: tuple[str, ...] = get_args(Init)
@@ -272,6 +275,14 @@ class CompressConfig:
         f"without queries, {SYNTHESIZE_DEFAULT_WITH_QUERIES} for one with queries, 0 with --objective supervised",
         at_least=0,
     )
+    topic_queries: int | None = setting(
+        None,
+        "template questions per job about the names, numbers and identifiers of the context (two a topic, topics "
+        "spread over the context; no model needed), used alongside the other queries; 0: none. Default: "
+        f"{TOPIC_QUERIES_DEFAULT} for a job without queries, {TOPIC_QUERIES_DEFAULT_WITH_QUERIES} for one with "
+        "queries, 0 with --objective supervised",
+        at_least=0,
+    )
     synthesis_temperature: float = setting(0.6, "sampling temperature of the synthetic queries", above=0)
     synthesis_top_p: float = setting(0.95, "nucleus (top-p) of the synthetic queries, in (0, 1]", above=0)
     grad_filter: float = setting(
@@ -327,6 +338,11 @@ class CompressConfig:
             )
         if self.synthesis_top_p > 1:
             raise FastsoftError(f"--synthesis-top-p must be in (0, 1], got {self.synthesis_top_p}")
+        if self.topic_queries and "supervised" in objective:
+            raise FastsoftError(
+                "--objective supervised trains on the given answers, and topic queries have none: "
+                "use --topic-queries 0 (the default with supervised)"
+            )
         if self.synthesize and "supervised" in objective:
             raise FastsoftError(
                 "--objective supervised trains on the given answers, and synthetic queries have none: "
@@ -347,6 +363,18 @@ class CompressConfig:
         if "supervised" in parse_objective(self.objective):
             return 0
         return SYNTHESIZE_DEFAULT_WITH_QUERIES if has_queries else SYNTHESIZE_DEFAULT
+
+    def topic_query_count(self, has_queries: bool) -> int:
+        """``topic_queries`` resolved for a job with or without queries of its own (see the setting's help)."""
+        if self.topic_queries is not None:
+            return self.topic_queries
+        if "supervised" in parse_objective(self.objective):
+            return 0
+        return TOPIC_QUERIES_DEFAULT_WITH_QUERIES if has_queries else TOPIC_QUERIES_DEFAULT
+
+    def makes_queries(self, has_queries: bool) -> bool:
+        """Whether a job gets queries beyond its own (written by the model, or about its topics)."""
+        return bool(self.synthetic_queries(has_queries) or self.topic_query_count(has_queries))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ answers every kept request with the *whole* context, as it answers hand-written 
   :class:`~fastsoft.teacher.batching.Sampling`): each distinct chunk is one batch entry whose prefix is encoded once,
   its requests are rows. Each request draws from its own generator seeded by the job's seed and its index, so the same
   seed gives the same requests in another process or after ``--resume``.
+- **Topic queries** (:mod:`fastsoft.teacher.topics`): two template questions about each name, number and identifier
+  of the context, made without the model; they come first and pass the same filters (kind ``"topic"``, the span of
+  the phrase's first occurrence).
 - **Filters** (:func:`keep_requests`): empty, truncated (no end token within the budget), echoes of the
   instruction, duplicate and near-duplicate requests (ROUGE-L F >= :data:`NEAR_DUPLICATE`), verbatim copies of the
   chunk, and any that repeat a held-out query.
@@ -31,6 +34,7 @@ from fastsoft.data.templates import Template, encode, end_token_ids, make_templa
 from fastsoft.errors import FastsoftError
 from fastsoft.eval.metrics import rouge_l
 from fastsoft.teacher.batching import Sampling, teach_jobs
+from fastsoft.teacher.topics import topic_queries
 
 # The seed instructions: the request must make sense without the excerpt (the student sees only σ and the request).
 SEED_KINDS = {
@@ -153,7 +157,8 @@ def keep_requests(
     Drops, in this order of checks: ``empty`` (under :data:`MIN_WORDS` words), ``truncated`` (no end token),
     ``echoes_instruction`` (repeats its seed instruction, or speaks of "the text above"), ``held_out`` (a held-out
     query, or a near-duplicate of one), ``duplicate`` and ``near_duplicate`` (of a request
-    kept earlier), ``copies_context`` (a run of the chunk's words, not a request about it).
+    kept earlier; topic queries, which share their template's words, only as exact duplicates), ``copies_context``
+    (a run of the chunk's words, not a request about it).
     """
     kept: list[Synthetic] = []
     kept_words: list[str] = []
@@ -167,13 +172,13 @@ def keep_requests(
             reason = "empty"
         elif not ended:
             reason = "truncated"
-        elif rouge_l(norm, " ".join(_words(SEED_KINDS[kind]))) >= ECHO or "text above" in norm:
+        elif kind in SEED_KINDS and (rouge_l(norm, " ".join(_words(SEED_KINDS[kind]))) >= ECHO or "text above" in norm):
             reason = "echoes_instruction"  # it talks about the task, not about the context
         elif any(norm == h or rouge_l(norm, h) >= NEAR_DUPLICATE for h in held):
             reason = "held_out"
         elif norm in kept_words:
             reason = "duplicate"
-        elif any(rouge_l(norm, k) >= NEAR_DUPLICATE for k in kept_words):
+        elif kind != "topic" and any(rouge_l(norm, k) >= NEAR_DUPLICATE for k in kept_words):  # templates share words
             reason = "near_duplicate"
         elif _copies(words, _words(chunks[(start, end)])):
             reason = "copies_context"
@@ -185,39 +190,60 @@ def keep_requests(
     return Synthesis(kept, {reason: dropped[reason] for reason in DROP_REASONS})
 
 
+def _token_span(tokenizer, text: str, start: int, end: int) -> tuple[int, int]:
+    """The tokens ``[first, last)`` of ``encode(text)`` that hold the characters ``[start, end)``."""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: count the tokens of what precedes
+        first = len(encode(tokenizer, text[:start].rstrip()))
+        return first, max(first + 1, len(encode(tokenizer, text[:end])))
+    first = next((i for i, (_, e) in enumerate(offsets) if e > start), len(offsets))
+    last = next((i for i, (s, _) in enumerate(offsets) if s >= end), len(offsets))
+    return first, max(last, first + 1)
+
+
 def synthesize(
     loaded,
     template: Template,
     jobs: list[tuple[Job, int, int]],
     settings: SynthesisSettings,
     *,
+    topics: dict[str, int] | None = None,
     token_budget: int = 8192,
     max_rows: int = 64,
 ) -> dict[str, Synthesis | FastsoftError]:
-    """Write and filter ``count`` requests for each ``(job, seed, count)``, all jobs in one continuous batch.
+    """Write and filter ``count`` requests for each ``(job, seed, count)``, all jobs in one continuous batch, after
+    ``topics[job id]`` topic queries (:func:`~fastsoft.teacher.topics.topic_queries`; none when absent).
 
     Returns ``{job id: Synthesis}``, or the :class:`FastsoftError` of a job that cannot be synthesised (its chunks too
     long for the model); the other jobs are synthesised regardless. Nothing is written to disk here.
     """
     tokenizer = loaded.tokenizer
     frame = make_template(tokenizer, "template", template.kind)  # the request prompt: chunk, then the instruction
-    entries, spans, seeds, chunk_text = [], {}, {}, {}
+    entries, spans, seeds, chunk_text, asked = [], {}, {}, {}, {}
     for job, seed, count in jobs:
         ids = encode(tokenizer, job.context)
+        asked[job.id] = [
+            (query, True, "topic", *_token_span(tokenizer, job.context, topic.start, topic.end))
+            for query, topic in topic_queries(job.context, (topics or {}).get(job.id, 0))
+        ]
         rows: dict[tuple[int, int], list[tuple[int, str]]] = {}
         for index, (kind, start, end) in enumerate(plan(len(ids), count, seed)):
             rows.setdefault((start, end), []).append((index, kind))
-        chunk_text[job.id] = {span: tokenizer.decode(ids[span[0] : span[1]]).strip() for span in rows}
+        spans_used = [*rows, *[(start, end) for *_, start, end in asked[job.id]]]
+        chunk_text[job.id] = {span: tokenizer.decode(ids[span[0] : span[1]]).strip() for span in spans_used}
         for (start, end), members in rows.items():
             key = f"{job.id}\x00{start}:{end}"  # internal id of one chunk's batch entry
             entries.append(Job(key, chunk_text[job.id][(start, end)], [SEED_KINDS[k] for _, k in members]))
             spans[key] = (job.id, start, end, members)
             seeds[key] = zlib.crc32(f"{seed}:{start}:{end}".encode())
-    if not entries:
-        return {job.id: Synthesis([], {r: 0 for r in DROP_REASONS}) for job, _, _ in jobs}
     sampling = Sampling(settings.temperature, settings.top_p, seeds)
-    written = teach_jobs(
-        loaded, frame, entries, settings.max_tokens, token_budget=token_budget, max_rows=max_rows, sampling=sampling
+    written = (
+        teach_jobs(
+            loaded, frame, entries, settings.max_tokens, token_budget=token_budget, max_rows=max_rows, sampling=sampling
+        )
+        if entries
+        else {}
     )
     ends = set(end_token_ids(loaded))
     requests: dict[str, list] = {job.id: [None] * count for job, _, count in jobs}
@@ -233,7 +259,8 @@ def synthesize(
             requests[job_id][index] = (text, ended, kind, start, end)
     out: dict[str, Synthesis | FastsoftError] = {}
     for job, _, _ in jobs:
-        out[job.id] = errors.get(job.id) or keep_requests(requests[job.id], chunk_text[job.id], job.eval_queries)
+        made = [*asked[job.id], *requests[job.id]]
+        out[job.id] = errors.get(job.id) or keep_requests(made, chunk_text[job.id], job.eval_queries)
     return out
 
 
@@ -250,18 +277,21 @@ def expand(job: Job, synthesis: Synthesis | None, eval_fraction: float, seed: in
     as before (``"queries"``); ``"none"`` when there is nothing to hold out. Given answers stay with their queries;
     synthetic queries are answered by the teacher (``None`` in ``answers``).
     """
-    synthetic = [s.query for s in synthesis.kept] if synthesis else []
+    kept = synthesis.kept if synthesis else []
+    synthetic = [s.query for s in kept]
     if not synthetic:
         split = job.with_eval_split(eval_fraction, seed)
         source = "eval_queries" if job.eval_queries else ("queries" if split.eval_queries else "none")
         return split, source
     held: list[str] = []
-    if not job.eval_queries and len(synthetic) >= 2:
-        order = list(range(len(synthetic)))
-        random.Random(f"{seed}:{job.id}:selfstudy").shuffle(order)
-        out = set(order[: max(1, round(eval_fraction * len(order)))])
-        held = [synthetic[i] for i in sorted(out)]
-        synthetic = [q for i, q in enumerate(synthetic) if i not in out]
+    # held out in units: a topic's two questions together (one would give the other away), any other query alone
+    units = list(dict.fromkeys((s.start, s.end) if s.kind == "topic" else i for i, s in enumerate(kept)))
+    if not job.eval_queries and len(units) >= 2:
+        random.Random(f"{seed}:{job.id}:selfstudy").shuffle(units)
+        out = set(units[: max(1, round(eval_fraction * len(units)))])
+        unit_of = [(s.start, s.end) if s.kind == "topic" else i for i, s in enumerate(kept)]
+        held = [q for q, unit in zip(synthetic, unit_of) if unit in out]
+        synthetic = [q for q, unit in zip(synthetic, unit_of) if unit not in out]
     answers = None if job.answers is None else [*job.answers, *[None] * len(synthetic)]
     expanded = Job(job.id, job.context, [*job.queries, *synthetic], answers, job.eval_queries or held)
     return expanded, "eval_queries" if job.eval_queries else ("synthetic" if held else "none")

@@ -32,6 +32,7 @@ from fastsoft.teacher import synthesis as selfstudy
 from fastsoft.teacher.cache import TeacherCache
 from fastsoft.teacher.stage import teach_into_cache
 from fastsoft.teacher.targets import CacheSpec
+from fastsoft.teacher.topics import TOPICS_VERSION
 from fastsoft.train.bank import PromptBank
 from fastsoft.train.lr_schedule import lr_at
 from fastsoft.train.objectives import divergence_of, job_loss_sums, parse_objective, tokens_per_job
@@ -125,9 +126,10 @@ class Engine:
             raise FastsoftError(f"job ids must be unique; repeated: {', '.join(duplicates)}")
         for job in jobs:
             job.validate()
-            if not job.queries and not self.config.synthetic_queries(False):
+            if not job.queries and not self.config.makes_queries(False):
                 raise FastsoftError(
-                    f"job {job.id!r} has no queries: give some, or let the model write them (--synthesize N, N > 0)"
+                    f"job {job.id!r} has no queries: give some, or let fastsoft make them (--synthesize N or "
+                    "--topic-queries N, N > 0)"
                 )
             if "supervised" in self.objective and job.answers is None:
                 raise FastsoftError(f"job {job.id!r} has no answers, which the supervised objective needs")
@@ -143,16 +145,17 @@ class Engine:
         todo = [r for r in runs if not r.eval_source and r.job.id not in errors]
         cfg, written = self.config, {}
         counts = {r.job.id: cfg.synthetic_queries(bool(r.job.queries)) for r in todo}
-        studying = [r for r in todo if counts[r.job.id]]
+        topics = {r.job.id: cfg.topic_query_count(bool(r.job.queries)) for r in todo}
+        studying = [r for r in todo if counts[r.job.id] or topics[r.job.id]]
         if studying:
-            stamps = {r.job.id: self._synthesis_stamp(r, counts[r.job.id]) for r in studying}
+            stamps = {r.job.id: self._synthesis_stamp(r, counts[r.job.id], topics[r.job.id]) for r in studying}
             if self.resume:
                 written = {r.job.id: selfstudy.load(self.out.job(r.job.id), stamps[r.job.id]) for r in studying}
                 written = {k: v for k, v in written.items() if v is not None}
             missing = [(r.job, r.seed, counts[r.job.id]) for r in studying if r.job.id not in written]
             if missing:
                 started = time.perf_counter()
-                written.update(selfstudy.synthesize(self.loaded, self.template, missing, self.synthesis))
+                written.update(selfstudy.synthesize(self.loaded, self.template, missing, self.synthesis, topics=topics))
                 self._charge("synthesis", [r for r in studying if r.job.id in {j.id for j, _, _ in missing}], started)
         for run in todo:
             synthesis = written.get(run.job.id)
@@ -163,8 +166,9 @@ class Engine:
             if not job.queries:
                 dropped = ", ".join(f"{n} {why}" for why, n in synthesis.dropped.items() if n) if synthesis else ""
                 errors[run.job.id] = FastsoftError(
-                    f"job {run.job.id!r} has no training queries: the model wrote {counts[run.job.id]} and every one "
-                    f"was dropped ({dropped or 'none kept'}); give queries, or raise --synthesize"
+                    f"job {run.job.id!r} has no training queries: of the {counts[run.job.id]} the model wrote and the "
+                    f"{topics[run.job.id]} topic queries asked, none was kept ({dropped or 'none made'}); give queries, "
+                    "or raise --synthesize"
                 )
                 continue
             if synthesis is not None:
@@ -182,11 +186,13 @@ class Engine:
         for run in runs:
             run.stage_seconds[stage] = run.stage_seconds.get(stage, 0.0) + share
 
-    def _synthesis_stamp(self, run: JobRun, count: int) -> dict:
+    def _synthesis_stamp(self, run: JobRun, count: int, topics: int) -> dict:
         """What a saved synthesis must match to be reused on ``--resume``."""
         return {
             "settings": self.synthesis.fingerprint(),
             "count": count,
+            "topics": topics,
+            "topics_version": TOPICS_VERSION,
             "seed": run.seed,
             "job": run.job.digest(),
             "model": self.loaded.fingerprint,
@@ -483,7 +489,7 @@ class Engine:
             while self.scheduler.busy:
                 admitted = self.scheduler.admit()
                 if admitted:
-                    stages = "self-study and teacher" if cfg.synthesize != 0 else "teacher"
+                    stages = "self-study and teacher" if cfg.synthesize != 0 or cfg.topic_queries != 0 else "teacher"
                     progress.say(f"{stages}: {', '.join(r.job.id for r in admitted)}")
                     progress.advance(cfg.steps * len(self._admit(admitted)))
                 for run in self._train_step():

@@ -98,7 +98,10 @@ def test_jobs_file(files, tiny_model_dir, tiny_job):
         (lambda f: ["--context", str(f / "missing.txt"), "--queries", str(f / "q.txt")], "does not exist"),
         (lambda f: ["--context", str(f / "empty.txt"), "--queries", str(f / "q.txt")], "is empty"),
         (lambda f: ["--context", str(f / "ctx.txt"), "--queries", str(f / "empty.txt")], "has no queries"),
-        (lambda f: ["--context", str(f / "ctx.txt"), "--synthesize", "0"], "has no queries and --synthesize is 0"),
+        (
+            lambda f: ["--context", str(f / "ctx.txt"), "--synthesize", "0", "--topic-queries", "0"],
+            "has no queries and --synthesize and --topic-queries are 0",
+        ),
         (
             lambda f: ["--context", str(f / "ctx.txt"), "--queries", str(f / "q.txt"), "--prompt-length", "0"],
             "--prompt-length must be at least 1",

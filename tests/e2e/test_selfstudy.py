@@ -16,7 +16,9 @@ from conftest import CHATTY, CORPUS
 import fastsoft
 from fastsoft.cli import main
 from fastsoft.io.export import load_prompt
+from fastsoft.config import TOPIC_QUERIES_DEFAULT
 from fastsoft.teacher.synthesis import SEED_KINDS
+from fastsoft.teacher.topics import topic_queries
 
 FAST = dict(steps=4, prompt_length=4, max_new_tokens=4, tol=0.0, batch_queries=2, slots=2, progress=False, **CHATTY)
 
@@ -35,13 +37,30 @@ def test_a_context_alone_trains_on_what_the_model_writes(chatty, tmp_path):
     assert report["eval_source"] == "synthetic" and report["synthesis"]["kept"] >= 3
     kept = _lines(tmp_path / "doc0" / "synthetic_queries.jsonl")
     assert len(kept) == report["synthesis"]["kept"]
-    assert report["synthesis"]["kept"] + sum(report["synthesis"]["dropped"].values()) == 16
+    asked = len(topic_queries(_contexts(1)[0].context, TOPIC_QUERIES_DEFAULT))  # about Velmora, Odile Varsk, ...
+    assert asked >= 4 and report["synthesis"]["kept"] + sum(report["synthesis"]["dropped"].values()) == 16 + asked
     train = [k["query"] for k in kept if k["split"] == "train"]
     held = [k["query"] for k in kept if k["split"] == "eval"]
     assert report["queries"] == {"train": len(train), "eval": len(held)} and held and train
     assert not set(train) & set(held)  # a held-out synthetic query never trains
     for k in kept:
-        assert k["kind"] in SEED_KINDS and 0 <= k["start"] < k["end"]
+        assert (k["kind"] in SEED_KINDS or k["kind"] == "topic") and 0 <= k["start"] < k["end"]
+    assert sum(k["kind"] == "topic" for k in kept) == asked  # the tiny model's gibberish never repeats them
+
+
+def test_topic_queries_alone_train_and_a_topic_is_held_out_whole(chatty, tmp_path):
+    job = _contexts(1)[0]
+    (report,) = fastsoft.compress([job], chatty, tmp_path, synthesize=0, eval_fraction=0.4, **FAST)
+    kept = _lines(tmp_path / "doc0" / "synthetic_queries.jsonl")
+    assert [k["query"] for k in kept] == [q for q, _ in topic_queries(job.context, TOPIC_QUERIES_DEFAULT)]
+    assert report["eval_source"] == "synthetic" and report["synthesis"]["kept"] == len(kept)
+    splits = {}
+    for k in kept:  # a topic's two questions share its span: both train or both are held out
+        splits.setdefault((k["start"], k["end"]), set()).add(k["split"])
+    assert all(len(s) == 1 for s in splits.values()) and {"train", "eval"} == set().union(*splits.values())
+    ids = chatty.tokenizer(job.context, add_special_tokens=False)["input_ids"]
+    first = kept[0]
+    assert "Velmora" in chatty.tokenizer.decode(ids[first["start"] : first["end"]])
 
 
 def test_a_held_out_query_never_reaches_training(chatty, tmp_path):

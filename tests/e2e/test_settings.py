@@ -335,6 +335,7 @@ DEFAULTS = {
     "backend": "auto",
     # added with self-study and loss v2 (a checkpoint written before them is refused on --resume as other settings)
     "synthesize": None,  # None: 64 for a job without queries, 0 for one with queries
+    "topic_queries": None,  # added with topic queries; None: likewise 64 or 0 (a checkpoint without it resumes)
     "synthesis_temperature": 0.6,
     "synthesis_top_p": 0.95,
     "grad_filter": 0.0,
