@@ -1,56 +1,74 @@
 """Self-study against hand-written queries: held-out quality and seconds by stage of ``fastsoft compress`` on one
-context, when the model writes its own training queries (16, 64, 256 of them), when it gets the user's queries, and
-with both.
+context, when the model writes its own training queries (16, 64, 256 of them), when fastsoft asks template questions
+about the context's names, numbers and identifiers (topic queries, alone and with 64 model-written ones), when it
+gets the user's queries, and with user and model-written queries both.
 
 Every configuration is one ``fastsoft compress`` in a fresh subprocess, timed alone (wall seconds around the
 subprocess: start-up, model load, self-study, teacher, training, evaluation, export), with the context's held-out
 queries as the evaluation set (``--eval-queries``, never trained on: self-study drops a request that repeats one).
-On the shipped example (``examples/marrowick_island.txt``, 8 held-out queries, 32 user queries) the configurations
-and their commands are (``<runs>`` a temporary folder; ``--extra`` flags go at the end of each)::
+Every command passes both ``--synthesize`` and ``--topic-queries``, so no configuration depends on their defaults
+(64 and 64 for a job without queries, 0 and 0 for one with queries). On the shipped example
+(``examples/marrowick_island.txt``, 8 held-out queries, 32 user queries) the configurations and their commands are
+(``<runs>`` a temporary folder; ``--extra`` flags go at the end of each)::
 
-    synthetic 16            python -m fastsoft compress --context examples/marrowick_island.txt \\
-                                --eval-queries examples/marrowick_island.eval.txt --out <runs>/synthetic-16 \\
-                                --no-progress --synthesize 16
-    synthetic 64            ... --out <runs>/synthetic-64 --no-progress --synthesize 64
-    synthetic 256           ... --out <runs>/synthetic-256 --no-progress --synthesize 256
-    user 32                 ... --out <runs>/user-32 --no-progress --queries examples/marrowick_island.queries.txt \\
-                                --synthesize 0
-    user 32 + synthetic 64  ... --out <runs>/user-32-synthetic-64 --no-progress \\
-                                --queries examples/marrowick_island.queries.txt --synthesize 64
+    synthetic 16              python -m fastsoft compress --context examples/marrowick_island.txt \\
+                                  --eval-queries examples/marrowick_island.eval.txt --out <runs>/synthetic-16 \\
+                                  --no-progress --synthesize 16 --topic-queries 0
+    synthetic 64              ... --out <runs>/synthetic-64 --no-progress --synthesize 64 --topic-queries 0
+    synthetic 256             ... --out <runs>/synthetic-256 --no-progress --synthesize 256 --topic-queries 0
+    topics 64                 ... --out <runs>/topics-64 --no-progress --synthesize 0 --topic-queries 64
+    topics 64 + synthetic 64  ... --out <runs>/topics-64-synthetic-64 --no-progress --synthesize 64 \\
+                                  --topic-queries 64
+    user 32                   ... --out <runs>/user-32 --no-progress --queries examples/marrowick_island.queries.txt \\
+                                  --synthesize 0 --topic-queries 0
+    user 32 + synthetic 64    ... --out <runs>/user-32-synthetic-64 --no-progress \\
+                                  --queries examples/marrowick_island.queries.txt --synthesize 64 --topic-queries 0
+
+``topics 64 + synthetic 64`` is what the README's first command does by default (no queries of its own). Topic
+queries come two a topic, so ``--topic-queries 64`` asks at most 64: the example has 14 topics, 28 questions.
 
 Each run's ``<runs>/<config>/<context stem>/report.json`` gives, per configuration: the held-out ``gap_closed``,
 ``top1_agreement``, ``rouge_l``, ``kl_soft``, ``kl_none`` (and ``exact_match``), ``eval_source``, the synthesis counts
-(kept, dropped by reason), the train / eval query counts and ``stage_seconds`` (synthesis, teacher, training); beside
-them the subprocess's wall seconds and exit status (a failed run is recorded with its error and stderr tail; the
-benchmark goes on). The README's first command is meant to take under 10 minutes on this project's 2-core CPU
-machine once it writes its own queries: that target is the ``synthetic 64`` configuration's wall seconds here.
+(kept, dropped by reason; topic queries and model-written ones together), the train / eval query counts and
+``stage_seconds`` (synthesis, teacher, training); beside them ``topic_queries`` (asked: how many the context gives for
+the configuration's count, counted here without the model; kept: the ``"topic"`` lines of the run's
+``synthetic_queries.jsonl``), the subprocess's wall seconds and exit status (a failed run is recorded with its error
+and stderr tail; the benchmark goes on). The README's first command is meant to take under 10 minutes on this
+project's 2-core CPU machine: that target is the ``topics 64 + synthetic 64`` configuration's wall seconds here.
 
-    # the five configurations above on SmolLM2-135M (2 CPU cores: about half an hour, estimated)
+    # the seven configurations above on SmolLM2-135M (2 CPU cores: about an hour, estimated)
     python benchmarks/bench_selfstudy.py
     # the second context (its queries: user 16): selfstudy-<device>-quillstore.json
     python benchmarks/bench_selfstudy.py --context examples/quillstore.txt \
         --eval-queries examples/quillstore.eval.txt --queries examples/quillstore.queries.txt
-    # one configuration, another taken from a finished run (the README's first command is "user 32" while
-    # --synthesize defaults to 0 for a job with queries)
+    # the topic configurations only, added to the file an earlier invocation left
+    python benchmarks/bench_selfstudy.py --configs "topics 64" "topics 64 + synthetic 64"
+    # one configuration, another taken from a finished run (the README's first command is "topics 64 + synthetic 64")
     python benchmarks/bench_selfstudy.py --configs "synthetic 64" \
-        --reuse "user 32=runs/marrowick/marrowick_island/report.json"
+        --reuse "topics 64 + synthetic 64=runs/marrowick/marrowick_island/report.json"
 
 ``--eval-queries`` and ``--queries`` default to ``<context>.eval.txt`` and ``<context>.queries.txt`` beside the
-context; the user configurations are named from the number of query lines. ``--configs`` runs a subset; ``--reuse
-NAME=REPORT_JSON`` takes a finished run's report for a configuration instead of running it (recorded as reused, and
-from where; its wall seconds are unknown). ``--extra`` adds flags to every run (``--extra="--steps 2 --model DIR"``).
-Smoke run on a tiny model: ``--counts 4 8`` (the synthetic counts; the user + synthetic one takes the middle count,
-or ``--mixed N``) with ``--extra="--model DIR --steps 2 --prompt-length 4 --max-new-tokens 4 --synthesis-temperature 3
---synthesis-top-p 1"`` and ``--out /tmp/...`` (``tests/e2e/test_benchmarks.py``, on the tests' chatty tiny model).
+context; the user configurations are named from the number of query lines. ``--counts`` sets the synthetic-only
+counts, ``--mixed N`` the synthetic count of both combinations (``topics + synthetic``, ``user + synthetic``; default
+the middle count), ``--topics N`` the topic count of both topic configurations (default 64). ``--configs`` runs a
+subset; ``--reuse NAME=REPORT_JSON`` takes a finished run's report for a configuration instead of running it
+(recorded as reused, and from where; its wall seconds are unknown). ``--extra`` adds flags to every run
+(``--extra="--steps 2 --model DIR"``; not ``--synthesize`` or ``--topic-queries``, which the configurations set).
+Smoke run on a tiny model: ``--counts 4 --topics 4`` with ``--extra="--model DIR --steps 2 --prompt-length 4
+--max-new-tokens 4 --synthesis-temperature 3 --synthesis-top-p 1"`` and ``--out /tmp/...``
+(``tests/e2e/test_benchmarks.py``, on the tests' chatty tiny model).
 
 Writes ``selfstudy-<device>[-<context stem>][-<label>].json`` into ``benchmarks/results/`` (or ``--out``) after every
 configuration, merged with the configurations an earlier invocation left in that file (so they can be run in separate
-invocations; a rerun replaces its own), prints a table and draws the ``.png``: left, held-out gap closed against the
-number of synthetic queries (no user queries), the user-only and user + synthetic configurations as lines and a
-marker; right, seconds by stage per configuration (the report's three stages, then evaluation and export inside
-``fastsoft compress``, then start-up and model load around it). Without matplotlib the PNG is skipped (one line says
-so). A file holding runs of another context or other ``--extra`` flags is never merged into (exit status 2: pass
-``--label`` or ``--out``). Exit status 1 when a configuration run here failed (it is in the JSON all the same).
+invocations; a rerun replaces its own). An entry stored before topic queries existed has no ``topics`` field: it ran
+without them and counts as topics 0 (its command has no ``--topic-queries``; the file still merges). Prints a table
+(topic queries and model-written queries, kept / asked) and draws the ``.png``: left, held-out gap closed against the
+number of synthetic queries (no user or topic queries), the other configurations as horizontal lines (no synthetic
+queries) or markers at their synthetic count (stars with user queries, diamonds with topic queries); right, seconds by
+stage per configuration (the report's three stages, then evaluation and export inside ``fastsoft compress``, then
+start-up and model load around it). Without matplotlib the PNG is skipped (one line says so). A file holding runs of
+another context or other ``--extra`` flags is never merged into (exit status 2: pass ``--label`` or ``--out``). Exit
+status 1 when a configuration run here failed (it is in the JSON all the same).
 """
 
 from __future__ import annotations
@@ -72,7 +90,12 @@ from common import RESULTS, ROOT  # noqa: E402
 
 DEFAULT_CONTEXT = ROOT / "examples" / "marrowick_island.txt"
 DEFAULT_COUNTS = (16, 64, 256)
-TARGET = {"config": "synthetic 64", "wall_seconds": 600.0, "what": "the README's first command, under 10 minutes"}
+DEFAULT_TOPICS = 64
+TARGET = {
+    "config": "topics 64 + synthetic 64",
+    "wall_seconds": 600.0,
+    "what": "the README's first command, under 10 minutes",
+}
 METRICS = ("gap_closed", "top1_agreement", "rouge_l", "kl_soft", "kl_none", "exact_match")
 STAGES = ("synthesis", "teacher", "training")
 FROM_REPORT = ("eval_source", "synthesis", "queries", "steps", "stop_reason", "context_tokens", "prompt_length")
@@ -88,19 +111,28 @@ def count_lines(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def configurations(counts: list[int], mixed: int, users: int) -> list[dict]:
-    """Every configuration in table order: synthetic only (ascending), user only, user + synthetic."""
-    configs = [{"name": f"synthetic {n}", "slug": f"synthetic-{n}", "synthetic": n, "user": 0} for n in counts]
-    configs.append({"name": f"user {users}", "slug": f"user-{users}", "synthetic": 0, "user": users})
-    configs.append(
-        {
-            "name": f"user {users} + synthetic {mixed}",
-            "slug": f"user-{users}-synthetic-{mixed}",
-            "synthetic": mixed,
-            "user": users,
-        }
-    )
-    return configs
+def configurations(counts: list[int], mixed: int, users: int, topics: int) -> list[dict]:
+    """Every configuration in table order: synthetic only (ascending), topics only, topics + synthetic, user only,
+    user + synthetic."""
+
+    def config(name: str, synthetic: int = 0, topics: int = 0, user: int = 0) -> dict:
+        slug = name.replace(" + ", "-").replace(" ", "-")
+        return {"name": name, "slug": slug, "synthetic": synthetic, "topics": topics, "user": user}
+
+    return [
+        *(config(f"synthetic {n}", synthetic=n) for n in counts),
+        config(f"topics {topics}", topics=topics),
+        config(f"topics {topics} + synthetic {mixed}", synthetic=mixed, topics=topics),
+        config(f"user {users}", user=users),
+        config(f"user {users} + synthetic {mixed}", synthetic=mixed, user=users),
+    ]
+
+
+def topics_asked(context: Path, topics: int) -> int:
+    """How many topic queries ``--topic-queries topics`` asks about ``context`` (two a topic, at most ``topics``)."""
+    from fastsoft.teacher.topics import topic_queries
+
+    return len(topic_queries(context.read_text(encoding="utf-8"), topics)) if topics else 0
 
 
 def shown(path: Path) -> str:
@@ -117,7 +149,8 @@ def command_for(config: dict, args, out: Path) -> list[str]:
     cmd += ["--out", str(out), "--no-progress"]
     if config["user"]:
         cmd += ["--queries", shown(args.queries)]
-    return [*cmd, "--synthesize", str(config["synthetic"]), *shlex.split(args.extra)]
+    cmd += ["--synthesize", str(config["synthetic"]), "--topic-queries", str(config["topics"])]
+    return [*cmd, *shlex.split(args.extra)]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -132,11 +165,24 @@ def read_json(path: Path):
         return None
 
 
-def from_report(entry: dict, report: dict, config: dict, job_id: str) -> None:
-    """Copy the report's numbers into ``entry`` and note anything that does not match the configuration."""
+def topics_kept(folder: Path) -> int | None:
+    """The kept topic queries in a job folder's ``synthetic_queries.jsonl``, or None when it cannot be read."""
+    try:
+        lines = (Path(folder) / "synthetic_queries.jsonl").read_text().splitlines()
+        return sum(json.loads(line).get("kind") == "topic" for line in lines if line.strip())
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def from_report(entry: dict, report: dict, config: dict, job_id: str, folder: Path) -> None:
+    """Copy the report's numbers into ``entry`` (with the topic queries kept in the job ``folder``) and note anything
+    that does not match the configuration."""
     for key in (*METRICS, *FROM_REPORT):
         entry[key] = report.get(key)
     entry["stage_seconds"] = {stage: (report.get("stage_seconds") or {}).get(stage, 0.0) for stage in STAGES}
+    asked = config["topics_asked"]
+    kept = topics_kept(folder) if report.get("synthesis") else 0  # no synthesis: nothing made, no file
+    entry["topic_queries"] = {"asked": asked, "kept": 0 if kept is None and not asked else kept}
     checks = []
     if report.get("job_id") != job_id:
         checks.append(f"job id {report.get('job_id')!r}, not {job_id!r}")
@@ -144,8 +190,10 @@ def from_report(entry: dict, report: dict, config: dict, job_id: str) -> None:
         checks.append(f"held-out queries from {report.get('eval_source')!r}, not the --eval-queries file")
     synthesis = report.get("synthesis")
     written = synthesis["kept"] + sum(synthesis["dropped"].values()) if synthesis else 0
-    if written != config["synthetic"]:
-        checks.append(f"{written} synthetic queries written, not {config['synthetic']}")
+    if written != config["synthetic"] + asked:  # the report counts topic queries and model-written ones together
+        checks.append(
+            f"{written} synthetic and topic queries made, not {config['synthetic']} written + {asked} topic queries"
+        )
     if config["user"] and (report.get("queries") or {}).get("train", 0) < config["user"]:
         checks.append(f"{(report.get('queries') or {}).get('train')} training queries, fewer than {config['user']}")
     if checks:
@@ -196,7 +244,7 @@ def run_config(config: dict, args, runs: Path, job_id: str) -> dict:
         entry["stderr_tail"] = proc.stderr[-3000:]
         print(f"  failed (exit {proc.returncode}) after {entry['wall_seconds']:.0f} s: {entry['error']}", flush=True)
         return entry
-    from_report(entry, report, config, job_id)
+    from_report(entry, report, config, job_id, out / job_id)
     split_seconds(entry)
     print(
         f"  done in {entry['wall_seconds']:.0f} s: gap closed {entry['gap_closed']:.3f}, "
@@ -221,14 +269,15 @@ def reuse_config(config: dict, path: Path, job_id: str) -> dict:
         "extra": None,
         "reused_from": shown(path),
         "reused_settings": {
-            k: settings.get(k) for k in ("synthesize", "steps", "prompt_length", "lr", "seed", "teacher")
+            k: settings.get(k)
+            for k in ("synthesize", "topic_queries", "steps", "prompt_length", "lr", "seed", "teacher")
         },
         "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)),
         "wall_seconds": None,  # not timed here; compress_seconds (without start-up and model load) when known
         "compress_seconds": summary.get("seconds") if isinstance(summary, dict) else None,
         "exit_code": 0,
     }
-    from_report(entry, report, config, job_id)
+    from_report(entry, report, config, job_id, path.parent)
     split_seconds(entry)
     print(f"{config['name']}: reused {entry['reused_from']} (gap closed {entry['gap_closed']:.3f})", flush=True)
     if "mismatch" in entry:
@@ -245,19 +294,37 @@ def _f(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
 
+def kept_of(e: dict) -> tuple[str, str]:
+    """The table's topic queries (kept / asked) and model-written queries (kept / written) of an entry: "-" where
+    the configuration has none or the run failed, "?" for a kept count that is unknown."""
+    kept = (e.get("synthesis") or {}).get("kept")  # topic queries and model-written ones together
+    if kept is None:
+        return "-", "-"
+    topic = e.get("topic_queries") or {"asked": 0, "kept": 0}  # an entry from before topic queries: none
+    model = None if topic["kept"] is None else kept - topic["kept"]
+    known = lambda n: "?" if n is None else str(n)
+    return (
+        f"{known(topic['kept'])}/{topic['asked']}" if e.get("topics") else "-",
+        f"{known(model)}/{e['synthetic']}" if e.get("synthetic") else "-",
+    )
+
+
 def print_table(result: dict) -> None:
     print(
         f"\nself-study on {result['context']} ({result['user_queries']} user queries, {result['eval_count']} held out) "
-        f"on {result['device']}; seconds: synthesis / teacher / training / total (wall)"
+        f"on {result['device']}; queries kept / asked; seconds: synthesis / teacher / training / total (wall)"
     )
-    print("| config | exit | kept | train q | gap_closed | top-1 | ROUGE-L | synthesis | teacher | training | total |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| config | exit | topic q | model q | train q | gap_closed | top-1 | ROUGE-L | synthesis | teacher | training "
+        "| total |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, e in result["configs"].items():
         stages = e.get("stage_seconds") or {}
-        kept = (e.get("synthesis") or {}).get("kept")  # "-" where nothing was synthesised or the run failed
+        topics, model = kept_of(e)
         total = _f(e.get("wall_seconds"), ".1f") if e.get("reused_from") is None else "reused"
         print(
-            f"| {name} | {e.get('exit_code')} | {_f(kept, 'd')} | {_f((e.get('queries') or {}).get('train'), 'd')} "
+            f"| {name} | {e.get('exit_code')} | {topics} | {model} | {_f((e.get('queries') or {}).get('train'), 'd')} "
             f"| {_f(e.get('gap_closed'), '.3f')} | {_f(e.get('top1_agreement'), '.3f')} | {_f(e.get('rouge_l'), '.3f')} | "
             + " | ".join(_f(stages.get(s), ".1f") for s in STAGES)
             + f" | {total} |"
@@ -281,8 +348,8 @@ def plot(result: dict, plt, path: Path) -> None:
     if not configs:
         print("no configuration finished: PNG skipped")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    only = sorted((e["synthetic"], e) for e in configs.values() if not e["user"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    only = sorted((e["synthetic"], e) for e in configs.values() if not e["user"] and not e.get("topics"))
     if only:
         xs, ys = [n for n, _ in only], [e["gap_closed"] for _, e in only]
         left.plot(xs, ys, "o-", color="C0", label="synthetic only")
@@ -290,14 +357,16 @@ def plot(result: dict, plt, path: Path) -> None:
             left.annotate(
                 f"{e['queries']['train']} train", (n, y), textcoords="offset points", xytext=(4, -12), fontsize=8
             )
-    for i, e in enumerate(e for e in configs.values() if e["user"]):
+    # the others: a line at their gap closed, and a marker at their synthetic count (diamond: with topic queries)
+    for i, e in enumerate(e for e in configs.values() if e["user"] or e.get("topics")):
         color = f"C{1 + i}"
         label = f"{e['name']} ({e['gap_closed']:.3f})"
         if e["synthetic"]:
             left.axhline(e["gap_closed"], color=color, ls=":", lw=1)
-            left.plot([e["synthetic"]], [e["gap_closed"]], "*", ms=12, color=color, label=label)
+            marker, size = ("D", 8) if e.get("topics") else ("*", 12)
+            left.plot([e["synthetic"]], [e["gap_closed"]], marker, ms=size, color=color, label=label)
         else:
-            left.axhline(e["gap_closed"], color=color, ls="--", lw=1.2, label=label)
+            left.axhline(e["gap_closed"], color=color, ls="-." if e.get("topics") else "--", lw=1.2, label=label)
     xs = sorted({e["synthetic"] for e in configs.values() if e["synthetic"]})
     if xs:
         left.set_xscale("log", base=2)
@@ -331,7 +400,8 @@ def plot(result: dict, plt, path: Path) -> None:
     right.set_ylim(0, max([*bottom, TARGET["wall_seconds"] if TARGET["config"] in result["configs"] else 0]) * 1.3)
     right.set_ylabel("seconds")
     right.set_title("seconds by stage (bar label: wall seconds)")
-    right.tick_params(axis="x", labelrotation=20, labelsize=8)
+    right.tick_params(axis="x", labelrotation=30, labelsize=8)
+    plt.setp(right.get_xticklabels(), ha="right", rotation_mode="anchor")
     right.legend(fontsize=8, ncol=3, loc="upper center")
     fig.suptitle(f"fastsoft self-study on {Path(result['context']).name} — {result['device']}")
     fig.tight_layout()
@@ -350,7 +420,10 @@ def parse_args(argv):
     parser.add_argument("--queries", type=Path, help="the user's queries (default: <context>.queries.txt)")
     parser.add_argument("--counts", type=int, nargs="+", default=list(DEFAULT_COUNTS), help="synthetic-only counts")
     parser.add_argument(
-        "--mixed", type=int, help="synthetic count of the user + synthetic config (default: middle count)"
+        "--mixed", type=int, help="synthetic count of the topics / user + synthetic configs (default: middle count)"
+    )
+    parser.add_argument(
+        "--topics", type=int, default=DEFAULT_TOPICS, help="--topic-queries of the topics configs (default 64)"
     )
     parser.add_argument("--configs", nargs="+", metavar="NAME", help='configurations to run, e.g. "synthetic 64"')
     parser.add_argument(
@@ -371,15 +444,20 @@ def parse_args(argv):
     args.counts = sorted(set(args.counts))
     if args.mixed is None:
         args.mixed = args.counts[len(args.counts) // 2]
-    if min(args.counts) < 1 or args.mixed < 1:
-        parser.error("--counts and --mixed must be at least 1")
+    if min(args.counts) < 1 or args.mixed < 1 or args.topics < 1:
+        parser.error("--counts, --mixed and --topics must be at least 1")
+    for flag in ("--synthesize", "--topic-queries"):
+        if any(word == flag or word.startswith(f"{flag}=") for word in shlex.split(args.extra)):
+            parser.error(f"--extra must not set {flag}: the configurations set it")
     return parser, args
 
 
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
     users = count_lines(args.queries)
-    configs = configurations(args.counts, args.mixed, users)
+    configs = configurations(args.counts, args.mixed, users, args.topics)
+    for config in configs:
+        config["topics_asked"] = topics_asked(args.context, config["topics"])
     by_name = {c["name"]: c for c in configs}
     chosen = args.configs or list(by_name)
     reuse = {}
@@ -435,7 +513,8 @@ def main(argv=None) -> int:
         **invocation,
         **setting,
         "target": TARGET,
-        "configs": dict(previous.get("configs", {})),
+        # an entry stored before topic queries existed ran without them (and its command has no --topic-queries)
+        "configs": {name: {"topics": 0, **entry} for name, entry in previous.get("configs", {}).items()},
         "invocations": [*previous.get("invocations", []), invocation],
     }
     order = [c["name"] for c in configs]
@@ -458,7 +537,8 @@ def main(argv=None) -> int:
                 entry = reuse_config(config, reuse[name], job_id)
             else:
                 entry = run_config(config, args, runs, job_id)
-            result["configs"][name] = {"name": name, "synthetic": config["synthetic"], "user": config["user"], **entry}
+            counts = {k: config[k] for k in ("synthetic", "topics", "user")}
+            result["configs"][name] = {"name": name, **counts, **entry}
             result["configs"] = ordered(result["configs"])
             common.save(result, stem, dirs)  # a stopped run keeps every configuration measured so far
 

@@ -40,20 +40,26 @@ def test_bench_e2e_cpu_small_runs(tmp_path):
 
 
 def test_bench_selfstudy_smoke_runs(chatty_model_dir, tmp_path):
-    """Every configuration in its own ``fastsoft compress`` subprocess on the chatty tiny model, then one merged rerun
-    that takes a finished run's report instead of running it."""
+    """Every configuration (topic queries among them) in its own ``fastsoft compress`` subprocess on the chatty tiny
+    model, then one merged rerun that takes a finished run's report instead of running it, beside an entry stored
+    before topic queries existed."""
     spec = importlib.util.spec_from_file_location("bench_selfstudy", ROOT / "benchmarks" / "bench_selfstudy.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_selfstudy"] = bench
     spec.loader.exec_module(bench)
+    from fastsoft.teacher.topics import topic_queries
+
     example = ROOT / "examples" / "quillstore"
     extra = f"--model {chatty_model_dir} --steps 2 --prompt-length 4 --max-new-tokens 4 --synthesis-temperature 3 --synthesis-top-p 1"
-    base = ["--context", f"{example}.txt", "--counts", "4", "--out", str(tmp_path / "out"), f"--extra={extra}"]
+    base = ["--context", f"{example}.txt", "--counts", "4", "--topics", "4", "--out", str(tmp_path / "out")]
+    base.append(f"--extra={extra}")
     assert bench.main([*base, "--runs", str(tmp_path / "runs")]) == 0
     (path,) = (tmp_path / "out").glob("selfstudy-*-quillstore.json")
     result = json.loads(path.read_text())
-    names = ["synthetic 4", "user 16", "user 16 + synthetic 4"]
+    names = ["synthetic 4", "topics 4", "topics 4 + synthetic 4", "user 16", "user 16 + synthetic 4"]
     assert list(result["configs"]) == names and result["user_queries"] == 16 and result["eval_count"] == 8
+    asked = len(topic_queries(Path(f"{example}.txt").read_text(), 4))
+    assert asked == 4  # two topics, two questions each
     for name, entry in result["configs"].items():
         assert entry["exit_code"] == 0 and entry["wall_seconds"] > 0 and entry["reused_from"] is None, name
         assert "mismatch" not in entry, entry["mismatch"]
@@ -63,21 +69,38 @@ def test_bench_selfstudy_smoke_runs(chatty_model_dir, tmp_path):
         assert entry["eval_source"] == "eval_queries" and entry["queries"]["eval"] == 8
         assert set(entry["stage_seconds"]) == {"synthesis", "teacher", "training"}
         assert entry["startup_seconds"] > 0 and entry["unstaged_seconds"] >= 0
-        assert (entry["synthesis"] is None) == (entry["synthetic"] == 0)
+        assert (entry["synthesis"] is None) == (entry["synthetic"] == entry["topics"] == 0)
+        assert entry["topics"] == (4 if name.startswith("topics") else 0)
+        assert f"--synthesize {entry['synthetic']} --topic-queries {entry['topics']}" in entry["command"]
+        topics = entry["topic_queries"]
+        assert topics["asked"] == (asked if entry["topics"] else 0) and 0 <= topics["kept"] <= topics["asked"]
+        if entry["synthesis"]:  # the report counts topic queries and model-written ones together
+            made = entry["synthesis"]["kept"] + sum(entry["synthesis"]["dropped"].values())
+            assert made == entry["synthetic"] + topics["asked"], name
     assert result["configs"]["user 16"]["queries"]["train"] == 16
     mixed = result["configs"]["user 16 + synthetic 4"]
     assert mixed["queries"]["train"] == 16 + mixed["synthesis"]["kept"]
-    assert sum(mixed["synthesis"]["dropped"].values()) + mixed["synthesis"]["kept"] == 4
+    only_topics = result["configs"]["topics 4"]
+    assert only_topics["topic_queries"]["kept"] == only_topics["synthesis"]["kept"] == only_topics["queries"]["train"]
+    assert only_topics["topic_queries"]["kept"] > 0
+    assert result["target"]["config"] == "topics 64 + synthetic 64"  # the README's first command, not run here
     assert path.with_suffix(".png").exists()
+    # an entry stored before topic queries existed: no topics field, a command without --topic-queries
+    old = dict(result["configs"]["synthetic 4"])
+    del old["topics"], old["topic_queries"]
+    old["command"] = old["command"].replace(" --topic-queries 0", "")
+    path.write_text(json.dumps({**result, "configs": {**result["configs"], "synthetic 4": old}}))
     # a second invocation merges: one configuration reused from the first run's folder, the others kept
-    report = tmp_path / "runs" / "user-16" / "quillstore" / "report.json"
-    assert bench.main([*base, "--configs", "user 16", "--reuse", f"user 16={report}"]) == 0
+    report = tmp_path / "runs" / "topics-4" / "quillstore" / "report.json"
+    assert bench.main([*base, "--configs", "topics 4", "--reuse", f"topics 4={report}"]) == 0
     merged = json.loads(path.read_text())
     assert list(merged["configs"]) == names and len(merged["invocations"]) == 2
-    reused = merged["configs"]["user 16"]
-    assert reused["reused_from"] == str(report) and reused["wall_seconds"] is None
-    assert reused["gap_closed"] == result["configs"]["user 16"]["gap_closed"]
-    assert merged["configs"]["synthetic 4"] == result["configs"]["synthetic 4"]
+    reused = merged["configs"]["topics 4"]
+    assert reused["reused_from"] == str(report) and reused["wall_seconds"] is None and "mismatch" not in reused
+    assert reused["gap_closed"] == only_topics["gap_closed"]
+    assert reused["topic_queries"] == only_topics["topic_queries"]
+    assert merged["configs"]["synthetic 4"] == {"topics": 0, **old}
+    assert merged["configs"]["user 16"] == result["configs"]["user 16"]
 
 
 def test_bench_student_smoke_runs(tiny_model_dir, tmp_path):
