@@ -278,7 +278,8 @@ class CompressConfig:
     topic_queries: int | None = setting(
         None,
         "template questions per job about the names, numbers and identifiers of the context (two a topic, topics "
-        "spread over the context; no model needed), used alongside the other queries; 0: none. Default: "
+        "spread over the context; no model needed), used alongside the other queries; 0: none, else at least 2. "
+        "Default: "
         f"{TOPIC_QUERIES_DEFAULT} for a job without queries, {TOPIC_QUERIES_DEFAULT_WITH_QUERIES} for one with "
         "queries, 0 with --objective supervised",
         at_least=0,
@@ -338,6 +339,8 @@ class CompressConfig:
             )
         if self.synthesis_top_p > 1:
             raise FastsoftError(f"--synthesis-top-p must be in (0, 1], got {self.synthesis_top_p}")
+        if self.topic_queries == 1:
+            raise FastsoftError("--topic-queries asks two questions a topic: give 0 or at least 2, got 1")
         if self.topic_queries and "supervised" in objective:
             raise FastsoftError(
                 "--objective supervised trains on the given answers, and topic queries have none: "

@@ -89,6 +89,11 @@ def read_checkpoint(path: Path) -> dict:
         ) from error
 
 
+# what a run checkpointed before a setting existed did, where that differs from the setting's default: such a run
+# resumes only with the setting at that value (absent keys otherwise read as None, the default of most)
+BEFORE_SETTING = {"topic_queries": 0}
+
+
 def load_checkpoint(out: Path, jobs_hash: str, config: dict, name: str = CHECKPOINT) -> dict:
     """The checkpoint in ``out``, checked to belong to the same jobs and settings."""
     path = out / name
@@ -101,7 +106,8 @@ def load_checkpoint(out: Path, jobs_hash: str, config: dict, name: str = CHECKPO
         raise FastsoftError(
             f"the jobs differ from those of the checkpointed run in {out}; resume with the same jobs file"
         )
-    changed = sorted(k for k, v in config.items() if k not in NON_SEMANTIC and state["config"].get(k) != v)
+    saved = {**BEFORE_SETTING, **state["config"]}
+    changed = sorted(k for k, v in config.items() if k not in NON_SEMANTIC and saved.get(k) != v)
     if changed:
         raise FastsoftError(
             f"these settings differ from the checkpointed run's: {', '.join('--' + c.replace('_', '-') for c in changed)}"

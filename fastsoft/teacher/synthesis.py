@@ -22,6 +22,7 @@ answers every kept request with the *whole* context, as it answers hand-written 
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import re
@@ -34,7 +35,7 @@ from fastsoft.data.templates import Template, encode, end_token_ids, make_templa
 from fastsoft.errors import FastsoftError
 from fastsoft.eval.metrics import rouge_l
 from fastsoft.teacher.batching import Sampling, teach_jobs
-from fastsoft.teacher.topics import topic_queries
+from fastsoft.teacher.topics import phrase_of, topic_queries
 
 # The seed instructions: the request must make sense without the excerpt (the student sees only σ and the request).
 SEED_KINDS = {
@@ -162,6 +163,7 @@ def keep_requests(
     """
     kept: list[Synthetic] = []
     kept_words: list[str] = []
+    written_words: list[str] = []  # near-duplicates are judged among model-written requests only: templates share words
     dropped: Counter = Counter()
     held = [" ".join(_words(q)) for q in held_out]
     for text, ended, kind, start, end in requests:
@@ -174,32 +176,52 @@ def keep_requests(
             reason = "truncated"
         elif kind in SEED_KINDS and (rouge_l(norm, " ".join(_words(SEED_KINDS[kind]))) >= ECHO or "text above" in norm):
             reason = "echoes_instruction"  # it talks about the task, not about the context
-        elif any(norm == h or rouge_l(norm, h) >= NEAR_DUPLICATE for h in held):
+        elif any(norm == h or (_near(norm, h) if kind != "topic" else _near_topic(text, h)) for h in held):
             reason = "held_out"
         elif norm in kept_words:
             reason = "duplicate"
-        elif kind != "topic" and any(rouge_l(norm, k) >= NEAR_DUPLICATE for k in kept_words):  # templates share words
+        elif kind != "topic" and any(_near(norm, k) for k in written_words):
             reason = "near_duplicate"
         elif _copies(words, _words(chunks[(start, end)])):
             reason = "copies_context"
         else:
             kept.append(Synthetic(text, kind, start, end))
             kept_words.append(norm)
+            if kind != "topic":
+                written_words.append(norm)
             continue
         dropped[reason] += 1
     return Synthesis(kept, {reason: dropped[reason] for reason in DROP_REASONS})
 
 
-def _token_span(tokenizer, text: str, start: int, end: int) -> tuple[int, int]:
-    """The tokens ``[first, last)`` of ``encode(text)`` that hold the characters ``[start, end)``."""
+def _near(words: str, other: str) -> bool:
+    return rouge_l(words, other) >= NEAR_DUPLICATE
+
+
+def _near_topic(query: str, held: str) -> bool:
+    """A topic question is near a held-out query only if that query names the same phrase (the templates' own words
+    alone would make "What is Corrin?" near "What is the harbour?")."""
+    phrase = " ".join(_words(phrase_of(query) or query))
+    return f" {phrase} " in f" {held} " and _near(" ".join(_words(query)), held)
+
+
+def _token_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """For each character span ``[start, end)`` of ``text``, the tokens ``[first, last)`` of ``encode(text)`` that
+    hold it."""
     try:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: count the tokens of what precedes
-        first = len(encode(tokenizer, text[:start].rstrip()))
-        return first, max(first + 1, len(encode(tokenizer, text[:end])))
-    first = next((i for i, (_, e) in enumerate(offsets) if e > start), len(offsets))
-    last = next((i for i, (s, _) in enumerate(offsets) if s >= end), len(offsets))
-    return first, max(last, first + 1)
+        out = []
+        for start, end in spans:
+            first = len(encode(tokenizer, text[:start].rstrip()))
+            out.append((first, max(first + 1, len(encode(tokenizer, text[:end])))))
+        return out
+    ends, starts = [e for _, e in offsets], [s for s, _ in offsets]
+    out = []
+    for start, end in spans:
+        first = bisect.bisect_right(ends, start)  # the first token ending after ``start``
+        out.append((first, max(bisect.bisect_left(starts, end), first + 1)))
+    return out
 
 
 def synthesize(
@@ -223,10 +245,9 @@ def synthesize(
     entries, spans, seeds, chunk_text, asked = [], {}, {}, {}, {}
     for job, seed, count in jobs:
         ids = encode(tokenizer, job.context)
-        asked[job.id] = [
-            (query, True, "topic", *_token_span(tokenizer, job.context, topic.start, topic.end))
-            for query, topic in topic_queries(job.context, (topics or {}).get(job.id, 0))
-        ]
+        questions = topic_queries(job.context, (topics or {}).get(job.id, 0))
+        spans_of = _token_spans(tokenizer, job.context, [(t.start, t.end) for _, t in questions])
+        asked[job.id] = [(query, True, "topic", *span) for (query, _), span in zip(questions, spans_of)]
         rows: dict[tuple[int, int], list[tuple[int, str]]] = {}
         for index, (kind, start, end) in enumerate(plan(len(ids), count, seed)):
             rows.setdefault((start, end), []).append((index, kind))
@@ -269,6 +290,23 @@ def synthesize(
 QUERIES_FILE, SYNTHESIS_FILE = "synthetic_queries.jsonl", "synthesis.json"
 
 
+def _held_out_units(kept: list[Synthetic]) -> list:
+    """Which queries are held out together: a topic's two questions, and with them every written request that names
+    the topic's phrase (one would give the others away); any other request alone (its index)."""
+    phrases = {}
+    for s in kept:
+        if s.kind == "topic" and phrase_of(s.query):
+            phrases.setdefault(" ".join(_words(phrase_of(s.query))), (s.start, s.end))
+    units = []
+    for i, s in enumerate(kept):
+        if s.kind == "topic":
+            units.append((s.start, s.end))
+            continue
+        padded = f" {' '.join(_words(s.query))} "
+        units.append(next((unit for phrase, unit in phrases.items() if f" {phrase} " in padded), i))
+    return units
+
+
 def expand(job: Job, synthesis: Synthesis | None, eval_fraction: float, seed: int) -> tuple[Job, str]:
     """The job to train: its own queries plus the kept synthetic ones, and where its held-out queries come from.
 
@@ -284,12 +322,11 @@ def expand(job: Job, synthesis: Synthesis | None, eval_fraction: float, seed: in
         source = "eval_queries" if job.eval_queries else ("queries" if split.eval_queries else "none")
         return split, source
     held: list[str] = []
-    # held out in units: a topic's two questions together (one would give the other away), any other query alone
-    units = list(dict.fromkeys((s.start, s.end) if s.kind == "topic" else i for i, s in enumerate(kept)))
+    unit_of = _held_out_units(kept)
+    units = list(dict.fromkeys(unit_of))
     if not job.eval_queries and len(units) >= 2:
         random.Random(f"{seed}:{job.id}:selfstudy").shuffle(units)
         out = set(units[: max(1, round(eval_fraction * len(units)))])
-        unit_of = [(s.start, s.end) if s.kind == "topic" else i for i, s in enumerate(kept)]
         held = [q for q, unit in zip(synthetic, unit_of) if unit in out]
         synthetic = [q for q, unit in zip(synthetic, unit_of) if unit not in out]
     answers = None if job.answers is None else [*job.answers, *[None] * len(synthetic)]

@@ -32,7 +32,7 @@ from fastsoft.teacher import synthesis as selfstudy
 from fastsoft.teacher.cache import TeacherCache
 from fastsoft.teacher.stage import teach_into_cache
 from fastsoft.teacher.targets import CacheSpec
-from fastsoft.teacher.topics import TOPICS_VERSION
+from fastsoft.teacher.topics import TOPICS_VERSION, topic_queries
 from fastsoft.train.bank import PromptBank
 from fastsoft.train.lr_schedule import lr_at
 from fastsoft.train.objectives import divergence_of, job_loss_sums, parse_objective, tokens_per_job
@@ -167,8 +167,8 @@ class Engine:
                 dropped = ", ".join(f"{n} {why}" for why, n in synthesis.dropped.items() if n) if synthesis else ""
                 errors[run.job.id] = FastsoftError(
                     f"job {run.job.id!r} has no training queries: of the {counts[run.job.id]} the model wrote and the "
-                    f"{topics[run.job.id]} topic queries asked, none was kept ({dropped or 'none made'}); give queries, "
-                    "or raise --synthesize"
+                    f"{len(topic_queries(run.job.context, topics[run.job.id]))} topic queries its context gave, none "
+                    f"was kept ({dropped or 'none made'}); give queries, or raise --synthesize"
                 )
                 continue
             if synthesis is not None:
@@ -489,7 +489,8 @@ class Engine:
             while self.scheduler.busy:
                 admitted = self.scheduler.admit()
                 if admitted:
-                    stages = "self-study and teacher" if cfg.synthesize != 0 or cfg.topic_queries != 0 else "teacher"
+                    studying = any(cfg.makes_queries(bool(r.job.queries)) for r in admitted)
+                    stages = "self-study and teacher" if studying else "teacher"
                     progress.say(f"{stages}: {', '.join(r.job.id for r in admitted)}")
                     progress.advance(cfg.steps * len(self._admit(admitted)))
                 for run in self._train_step():

@@ -301,3 +301,14 @@ def test_checkpoints_grow_with_the_slots_not_with_the_jobs(tiny, tiny_job, tmp_p
         many[:12], tiny, tmp_path / "12", resume=True, **FAST
     )  # nothing left to do: reports come back from disk
     assert [r["job_id"] for r in resumed] == [j.id for j in many] and all("kl_soft" in r for r in resumed)
+
+
+def test_a_checkpoint_from_before_topic_queries_resumes_only_without_them(tmp_path):
+    from fastsoft.io.checkpoint import load_checkpoint, save_checkpoint
+
+    old = fastsoft.CompressConfig().to_dict()
+    del old["topic_queries"]  # written before the setting existed: those runs asked no topic questions
+    save_checkpoint(tmp_path, {"jobs_digest": "d", "config": old})
+    with pytest.raises(fastsoft.FastsoftError, match="--topic-queries"):
+        load_checkpoint(tmp_path, "d", fastsoft.CompressConfig().to_dict())
+    assert load_checkpoint(tmp_path, "d", fastsoft.CompressConfig(topic_queries=0).to_dict())["jobs_digest"] == "d"

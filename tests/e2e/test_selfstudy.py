@@ -15,8 +15,8 @@ from conftest import CHATTY, CORPUS
 
 import fastsoft
 from fastsoft.cli import main
-from fastsoft.io.export import load_prompt
 from fastsoft.config import TOPIC_QUERIES_DEFAULT
+from fastsoft.io.export import load_prompt
 from fastsoft.teacher.synthesis import SEED_KINDS
 from fastsoft.teacher.topics import topic_queries
 

@@ -128,6 +128,7 @@ CASES = [
     (["--cache-dtype", "fp16"], "--cache-dtype must be bf16 or fp32, got 'fp16'"),
     (["--teacher", "fuzzy"], "--teacher must be dense, topk, sampled, hidden or compact, got 'fuzzy'"),
     (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    (["--topic-queries", "1"], "--topic-queries asks two questions a topic: give 0 or at least 2, got 1"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
     (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),  # argparse's own refusal, on one line too
 ] + [

@@ -109,3 +109,34 @@ def test_expand_says_where_held_out_queries_come_from_and_keeps_given_answers():
     )
     assert expand(own, None, 0.2, 0)[1] == "queries"  # no synthesis: a share of the job's own queries, as before
     assert expand(Job("j", "c", ["Only one?"]), None, 0.2, 0)[1] == "none"
+
+
+def test_topic_questions_are_judged_by_their_phrase_and_never_crowd_out_written_ones():
+    spans = {(0, 2): "Corrin", (3, 5): "Pell Harbour", (0, 10): "the ferry sails from corrin to pell harbour"}
+    requests = [
+        ("What does the text say about Corrin?", True, "topic", 0, 2),  # the held-out query names another thing
+        ("What is Corrin?", True, "topic", 0, 2),
+        ("What does the text say about Pell Harbour?", True, "topic", 3, 5),  # near the held-out one, same phrase
+        ("What does the text say about the harbour?", True, "fact", 0, 10),  # written: kept beside the templates
+    ]
+    result = keep_requests(requests, spans, held_out=["What does the text say about Pell Harbour's boats?"])
+    assert [s.query for s in result.kept] == [
+        "What does the text say about Corrin?",
+        "What is Corrin?",
+        "What does the text say about the harbour?",
+    ]
+    assert result.dropped["held_out"] == 1 and result.dropped["near_duplicate"] == 0
+
+
+def test_held_out_units_keep_a_topic_and_the_requests_naming_it_together():
+    from fastsoft.teacher.synthesis import Synthesis, Synthetic, expand
+
+    kept = [Synthetic(q, "topic", 0, 2) for q in ("What does the text say about Corrin?", "What is Corrin?")]
+    kept += [Synthetic(q, "topic", 3, 5) for q in ("What does the text say about Pell Harbour?", "What is Pell Harbour?")]
+    kept += [Synthetic("How often does the ferry leave Corrin?", "fact", 0, 10)]
+    kept += [Synthetic(f"Other question number {i}?", "fact", 0, 10) for i in range(5)]
+    for seed in range(20):
+        job, _ = expand(Job("j", "c"), Synthesis(kept), 0.3, seed)
+        corrin = [q for q in [*job.queries, *job.eval_queries] if "Corrin" in q]
+        assert all(q in job.eval_queries for q in corrin) or not any(q in job.eval_queries for q in corrin)
+        assert job.eval_queries and job.queries

@@ -67,3 +67,49 @@ def test_the_shipped_contexts_give_the_topics_a_reader_would_ask_about():
 def test_text_without_names_or_numbers_has_no_topics():
     assert topics("") == []
     assert topics("it rained all day and the river rose.") == []
+
+
+def test_everyday_text_names_numbers_and_markup():
+    assert phrases("Version 2\nRelease Notes follow. We run Python 3.11, not Model 3.5 Turbo.") == [
+        "Version 2",
+        "Release Notes",
+        "Python 3.11",
+        "Model 3.5 Turbo",
+    ]  # a name never runs over a line break; decimals stay in a name
+    assert phrases("Zoë Ørsted met Émile Durand in Århus. Большой Город стоит на реке Волга.") == [
+        "Zoë Ørsted",
+        "Émile Durand",
+        "Århus",
+        "Большой Город",
+        "Волга",
+    ]
+    assert phrases("In 2019, sales rose. Roughly 0.5 of them paid $40, or 12% at 40°C.") == [
+        "2019",
+        "0.5",
+        "$40",
+        "12%",
+        "40°C",
+    ]  # an opener is not part of a name; "of them" is no unit
+    assert phrases("Pell Harbour is deep. People love Marrowick. Marrowick's coast is steep. I think I'm fine.") == [
+        "Pell Harbour",
+        "Marrowick",
+    ]
+    assert phrases("1. Install it\n2. Run it\n- The node fails.\n**Warning** The disk fills at 3 am.") == ["3 am"]
+
+
+def test_phrase_of_inverts_the_templates():
+    from fastsoft.teacher.topics import phrase_of
+
+    for query, topic in topic_queries("Gull Maiden sails at 3 pm from Corrin.", 64):
+        assert phrase_of(query) == topic.phrase
+    assert phrase_of("Who is the mayor?") is None
+
+
+def test_a_long_text_is_quick():
+    import time
+
+    text = (EXAMPLES / "quillstore.txt").read_text()
+    big = " ".join(text.replace("Quillstore", f"Quillstore{i}") for i in range(100))  # 300k characters
+    started = time.perf_counter()
+    assert len(topics(big)) > 100
+    assert time.perf_counter() - started < 20  # quadratic matching took minutes at this size
