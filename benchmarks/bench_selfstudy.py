@@ -204,7 +204,8 @@ def split_seconds(entry: dict) -> None:
     """The seconds outside the report's stages: ``unstaged_seconds`` inside ``fastsoft compress`` (evaluation, export,
     cache writes) and ``startup_seconds`` around it (interpreter, imports, model load, the closing table)."""
     staged, compress, wall = sum(entry["stage_seconds"].values()), entry["compress_seconds"], entry["wall_seconds"]
-    entry["unstaged_seconds"] = compress - staged if compress is not None else None
+    # a report with no stage seconds (older code) cannot say what was outside the stages: unknown, not all of it
+    entry["unstaged_seconds"] = compress - staged if compress is not None and staged > 0 else None
     if wall is not None and compress is None:  # no summary.json: everything outside the stages in one number
         entry["unstaged_seconds"] = wall - staged
     entry["startup_seconds"] = wall - compress if wall is not None and compress is not None else None
