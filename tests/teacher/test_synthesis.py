@@ -132,7 +132,9 @@ def test_held_out_units_keep_a_topic_and_the_requests_naming_it_together():
     from fastsoft.teacher.synthesis import Synthesis, Synthetic, expand
 
     kept = [Synthetic(q, "topic", 0, 2) for q in ("What does the text say about Corrin?", "What is Corrin?")]
-    kept += [Synthetic(q, "topic", 3, 5) for q in ("What does the text say about Pell Harbour?", "What is Pell Harbour?")]
+    kept += [
+        Synthetic(q, "topic", 3, 5) for q in ("What does the text say about Pell Harbour?", "What is Pell Harbour?")
+    ]
     kept += [Synthetic("How often does the ferry leave Corrin?", "fact", 0, 10)]
     kept += [Synthetic(f"Other question number {i}?", "fact", 0, 10) for i in range(5)]
     for seed in range(20):
