@@ -175,7 +175,7 @@ def _model_cache_root() -> Path | None:
     return Path(setting) if setting else Path.home() / ".cache" / "fastsoft" / "models"
 
 
-def _converted_folder(file: Path) -> tuple[Path | None, tuple | None]:
+def _converted_folder(file: Path, attn_implementation: str | None = None) -> tuple[Path | None, tuple | None]:
     """The Hugging Face folder a GGUF file is converted into once, made here on first use: ``(folder, None)``; or,
     when it cannot be kept (the cache turned off, a read-only or full disk), ``(None, (tokenizer, fp32 model))`` as read
     from the GGUF file (None when the cache is off), with one warning."""
@@ -190,7 +190,9 @@ def _converted_folder(file: Path) -> tuple[Path | None, tuple | None]:
         return folder, None
     kwargs = dict(local_files_only=True, gguf_file=file.name)
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(file.parent), dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(file.parent), dtype=torch.float32, attn_implementation=attn_implementation, **kwargs
+    )  # the attention asked for: this model is the one returned when no copy can be kept
     # de-quantized on load, it is a plain fp32 model: drop the GGUF quantizer, which refuses to save
     model.hf_quantizer, model.is_quantized = None, False
     model.config.__dict__.pop("quantization_config", None)
@@ -254,7 +256,7 @@ def load_model(
                 where, dtype=torch_dtype, attn_implementation=attn_implementation, **extra
             ),
         )
-        converted, read = _converted_folder(file) if is_gguf else (None, None)
+        converted, read = _converted_folder(file, attn_implementation) if is_gguf else (None, None)
         try:
             if read is not None:
                 tokenizer, model = read[0], read[1].to(torch_dtype)

@@ -51,6 +51,15 @@ def test_gguf_is_converted_once_and_loads_the_same_model(smollm, tmp_path, monke
     assert torch.equal(direct.model(ids).logits, first.model(ids).logits)
 
 
+def test_without_a_converted_copy_the_gguf_model_keeps_the_attention_asked_for(smollm, tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("FASTSOFT_MODEL_CACHE", str(blocked))
+    with pytest.warns(UserWarning, match="could not keep a converted copy"):
+        eager = load_model(attn_implementation="eager")
+    assert eager.model.config._attn_implementation == "eager" and eager.fingerprint == smollm.fingerprint
+
+
 def test_teacher_reads_the_context_and_a_short_run_trains(smollm, tmp_path):
     context = (
         "Marrowick is an island in the Lantern Sea. The lighthouse on Marrowick, the Tamsin Light, "
