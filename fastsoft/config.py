@@ -341,16 +341,15 @@ class CompressConfig:
             raise FastsoftError(f"--synthesis-top-p must be in (0, 1], got {self.synthesis_top_p}")
         if self.topic_queries == 1:
             raise FastsoftError("--topic-queries asks two questions a topic: give 0 or at least 2, got 1")
-        if self.topic_queries and "supervised" in objective:
-            raise FastsoftError(
-                "--objective supervised trains on the given answers, and topic queries have none: "
-                "use --topic-queries 0 (the default with supervised)"
-            )
-        if self.synthesize and "supervised" in objective:
-            raise FastsoftError(
-                "--objective supervised trains on the given answers, and synthetic queries have none: "
-                "use --synthesize 0 (the default with supervised)"
-            )
+        for flag, made, count in (
+            ("--synthesize", "synthetic", self.synthesize),
+            ("--topic-queries", "topic", self.topic_queries),
+        ):
+            if count and "supervised" in objective:
+                raise FastsoftError(
+                    f"--objective supervised trains on the given answers, and {made} queries have none: "
+                    f"use {flag} 0 (the default with supervised)"
+                )
         if self.init == "text" and not self.init_text:
             raise FastsoftError("--init text needs --init-text, the text whose tokens start the prompt")
         if device is not None:
@@ -359,21 +358,22 @@ class CompressConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def synthetic_queries(self, has_queries: bool) -> int:
-        """``synthesize`` resolved for a job with or without queries of its own (see the setting's help)."""
-        if self.synthesize is not None:
-            return self.synthesize
+    def _per_job(self, count: int | None, without: int, with_queries: int, has_queries: bool) -> int:
+        """A count of made queries resolved for a job with or without queries of its own: as given; else none with
+        the supervised objective (made queries have no answers); else the default for that kind of job."""
+        if count is not None:
+            return count
         if "supervised" in parse_objective(self.objective):
             return 0
-        return SYNTHESIZE_DEFAULT_WITH_QUERIES if has_queries else SYNTHESIZE_DEFAULT
+        return with_queries if has_queries else without
+
+    def synthetic_queries(self, has_queries: bool) -> int:
+        """``synthesize`` resolved for a job with or without queries of its own (see the setting's help)."""
+        return self._per_job(self.synthesize, SYNTHESIZE_DEFAULT, SYNTHESIZE_DEFAULT_WITH_QUERIES, has_queries)
 
     def topic_query_count(self, has_queries: bool) -> int:
         """``topic_queries`` resolved for a job with or without queries of its own (see the setting's help)."""
-        if self.topic_queries is not None:
-            return self.topic_queries
-        if "supervised" in parse_objective(self.objective):
-            return 0
-        return TOPIC_QUERIES_DEFAULT_WITH_QUERIES if has_queries else TOPIC_QUERIES_DEFAULT
+        return self._per_job(self.topic_queries, TOPIC_QUERIES_DEFAULT, TOPIC_QUERIES_DEFAULT_WITH_QUERIES, has_queries)
 
     def makes_queries(self, has_queries: bool) -> bool:
         """Whether a job gets queries beyond its own (written by the model, or about its topics)."""

@@ -129,6 +129,14 @@ CASES = [
     (["--teacher", "fuzzy"], "--teacher must be dense, topk, sampled, hidden or compact, got 'fuzzy'"),
     (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
     (["--topic-queries", "1"], "--topic-queries asks two questions a topic: give 0 or at least 2, got 1"),
+    (
+        ["--objective", "supervised", "--topic-queries", "4"],
+        "and topic queries have none: use --topic-queries 0 (the default with supervised)",
+    ),
+    (
+        ["--objective", "supervised", "--synthesize", "4"],
+        "and synthetic queries have none: use --synthesize 0 (the default with supervised)",
+    ),
     (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
     (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),  # argparse's own refusal, on one line too
 ] + [
