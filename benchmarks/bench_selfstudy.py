@@ -48,10 +48,11 @@ project's 2-core CPU machine: that target is the ``topics 64 + synthetic 64`` co
         --reuse "topics 64 + synthetic 64=runs/marrowick/marrowick_island/report.json"
 
 ``--eval-queries`` and ``--queries`` default to ``<context>.eval.txt`` and ``<context>.queries.txt`` beside the
-context; the user configurations are named from the number of query lines. ``--counts`` sets the synthetic-only
-counts, ``--mixed N`` the synthetic count of both combinations (``topics + synthetic``, ``user + synthetic``; default
-the middle count), ``--topics N`` the topic count of both topic configurations (default 64). ``--configs`` runs a
-subset; ``--reuse NAME=REPORT_JSON`` takes a finished run's report for a configuration instead of running it
+context; the user configurations are named from the number of query lines (a context with no queries file has
+none). ``--counts`` sets the synthetic-only counts, ``--mixed N`` the synthetic count of both combinations
+(``topics + synthetic``, ``user + synthetic``; default the middle count), ``--topics N`` the topic count of both
+topic configurations (default 64, at least 2). ``--configs`` runs a subset; ``--reuse NAME=REPORT_JSON`` takes a
+finished run's report for a configuration instead of running it
 (recorded as reused, and from where; its wall seconds are unknown). ``--extra`` adds flags to every run
 (``--extra="--steps 2 --model DIR"``; not ``--synthesize`` or ``--topic-queries``, which the configurations set).
 Smoke run on a tiny model: ``--counts 4 --topics 4`` with ``--extra="--model DIR --steps 2 --prompt-length 4
@@ -113,7 +114,7 @@ def count_lines(path: Path) -> int:
 
 def configurations(counts: list[int], mixed: int, users: int, topics: int) -> list[dict]:
     """Every configuration in table order: synthetic only (ascending), topics only, topics + synthetic, user only,
-    user + synthetic."""
+    user + synthetic (the user ones only when there are user queries)."""
 
     def config(name: str, synthetic: int = 0, topics: int = 0, user: int = 0) -> dict:
         slug = name.replace(" + ", "-").replace(" ", "-")
@@ -123,8 +124,14 @@ def configurations(counts: list[int], mixed: int, users: int, topics: int) -> li
         *(config(f"synthetic {n}", synthetic=n) for n in counts),
         config(f"topics {topics}", topics=topics),
         config(f"topics {topics} + synthetic {mixed}", synthetic=mixed, topics=topics),
-        config(f"user {users}", user=users),
-        config(f"user {users} + synthetic {mixed}", synthetic=mixed, user=users),
+        *(
+            [
+                config(f"user {users}", user=users),
+                config(f"user {users} + synthetic {mixed}", synthetic=mixed, user=users),
+            ]
+            if users
+            else []
+        ),
     ]
 
 
@@ -438,15 +445,20 @@ def parse_args(argv):
     args.context = args.context.resolve()
     base = args.context.with_suffix("")
     args.eval_queries = (args.eval_queries or Path(f"{base}.eval.txt")).resolve()
-    args.queries = (args.queries or Path(f"{base}.queries.txt")).resolve()
+    if args.queries is None and not Path(f"{base}.queries.txt").is_file():
+        args.queries = None  # a context without training queries: no user configurations
+    else:
+        args.queries = (args.queries or Path(f"{base}.queries.txt")).resolve()
     for flag, path in (("--context", args.context), ("--eval-queries", args.eval_queries), ("--queries", args.queries)):
-        if not path.is_file():
+        if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
     args.counts = sorted(set(args.counts))
     if args.mixed is None:
         args.mixed = args.counts[len(args.counts) // 2]
-    if min(args.counts) < 1 or args.mixed < 1 or args.topics < 1:
-        parser.error("--counts, --mixed and --topics must be at least 1")
+    if min(args.counts) < 1 or args.mixed < 1:
+        parser.error("--counts and --mixed must be at least 1")
+    if args.topics < 2:
+        parser.error("--topics must be at least 2 (topic queries come two a topic)")
     for flag in ("--synthesize", "--topic-queries"):
         if any(word == flag or word.startswith(f"{flag}=") for word in shlex.split(args.extra)):
             parser.error(f"--extra must not set {flag}: the configurations set it")
@@ -455,7 +467,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
-    users = count_lines(args.queries)
+    users = count_lines(args.queries) if args.queries else 0
     configs = configurations(args.counts, args.mixed, users, args.topics)
     for config in configs:
         config["topics_asked"] = topics_asked(args.context, config["topics"])
@@ -485,7 +497,7 @@ def main(argv=None) -> int:
     setting = {
         "context": shown(args.context),
         "eval_queries": shown(args.eval_queries),
-        "queries": shown(args.queries),
+        "queries": shown(args.queries) if args.queries else None,
         "context_words": len(args.context.read_text(encoding="utf-8").split()),
         "user_queries": users,
         "eval_count": count_lines(args.eval_queries),

@@ -168,7 +168,7 @@ class Engine:
                 errors[run.job.id] = FastsoftError(
                     f"job {run.job.id!r} has no training queries: of the {counts[run.job.id]} the model wrote and the "
                     f"{len(topic_queries(run.job.context, topics[run.job.id]))} topic queries its context gave, none "
-                    f"was kept ({dropped or 'none made'}); give queries, or raise --synthesize"
+                    f"was kept ({dropped or 'none made'}); give queries, or raise --synthesize or --topic-queries"
                 )
                 continue
             if synthesis is not None:
