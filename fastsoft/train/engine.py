@@ -40,6 +40,7 @@ from fastsoft.train.packing import Segment
 from fastsoft.train.progress import RunProgress
 from fastsoft.train.prompt_init import init_prompt
 from fastsoft.train.scheduler import JobRun, Scheduler, State, job_seed
+from fastsoft.train.signals import held_signals
 from fastsoft.train.stopping import plateau_window, plateaued
 
 
@@ -286,8 +287,8 @@ class Engine:
 
     def _fail(self, run: JobRun, error: Exception) -> None:
         run.error = str(error)
+        self.out.write_error(run.job.id, run.error)  # first: a run interrupted here is failed again on --resume
         self.scheduler.retire(run, State.FAILED)
-        self.out.write_error(run.job.id, run.error)
 
     # -- one training step ----------------------------------------------------------------------
 
@@ -302,12 +303,18 @@ class Engine:
         return queries[self.dist.rank :: self.dist.world] if self.dist.split else queries
 
     def _step(self) -> list[JobRun]:
-        """One optimizer step over the training jobs that fit the token budget; returns them."""
+        """One optimizer step over the training jobs that fit the token budget; returns them, each with its stop
+        decision made (``stop_reason`` or ``error`` set when it stops here).
+
+        Before the commit at the end nothing a checkpoint keeps changes but the minibatches drawn (kept until they
+        run), so an interrupt or an out-of-memory retry in the forward or backward replans the very same step.
+        """
         cfg, P = self.config, self.config.prompt_length
         training = [r for r in self.scheduler.running if r.state is State.TRAINING]
-        for run in training:
-            if not run.pending:
-                run.pending = run.next_batch(cfg.batch_queries)
+        with held_signals():  # a draw advances the job's seeded stream: all of it or none
+            for run in training:
+                if not run.pending:
+                    run.pending = run.next_batch(cfg.batch_queries)
         lengths = {r.slot: [s.length(P) for s in self._segments(r, r.pending)] for r in training}
         chosen = self.scheduler.plan({r.slot: r.pending for r in training}, lengths)
         if not chosen:
@@ -325,6 +332,7 @@ class Engine:
         counts = tokens_per_job(segments, job_of_segment, len(chosen)).to(self.loaded.device)
         counts = self.dist.all_reduce_(counts) if self.dist.split else counts
         sums = torch.zeros(len(chosen), device=self.loaded.device)  # per-job summed token losses on this rank
+        trained = sum(s.length(P) for s in segments)
         if segments:
             teacher = type(parts[0]).concat(parts) if self.needs_teacher else None
             sums = job_loss_sums(
@@ -342,18 +350,25 @@ class Engine:
             )
             # each slot's gradient comes from its own job's mean loss only (normalised by the job's global count)
             (sums / counts.clamp_min(1)).sum().backward()
-            self.tokens_trained += sum(s.length(P) for s in segments)
         if self.dist.split:
             grad = self.bank.prompts.grad if self.bank.prompts.grad is not None else torch.zeros_like(self.bank.prompts)
             self.bank.prompts.grad = self.dist.all_reduce_(grad)
             sums = self.dist.all_reduce_(sums.detach())
-        self.bank.step({run.slot: lr_at(run.step, cfg.steps, cfg.lr, cfg.warmup) for run in chosen})
+        losses = (sums.detach() / counts.clamp_min(1)).cpu().tolist()
         elapsed = time.perf_counter() - started
-        for run, loss in zip(chosen, (sums.detach() / counts.clamp_min(1)).cpu().tolist()):
-            run.step += 1
-            run.losses.append(loss)
-            run.seconds += elapsed
-            run.pending = None
+        with held_signals():  # the commit: a checkpoint sees the step whole or not at all
+            self.bank.step({run.slot: lr_at(run.step, cfg.steps, cfg.lr, cfg.warmup) for run in chosen})
+            self.scheduler.commit(chosen)
+            self.tokens_trained += trained
+            for run, loss in zip(chosen, losses):
+                run.step += 1
+                run.losses.append(loss)
+                run.seconds += elapsed
+                run.pending = None
+                try:
+                    run.stop_reason = self._stop_reason(run) or ""
+                except FastsoftError as error:
+                    run.error = str(error)
         return chosen
 
     def _train_step(self) -> list[JobRun]:
@@ -429,7 +444,9 @@ class Engine:
             run = runs[job_id]
             run.load_state_dict(saved)
             s.running.append(run)
-            if self.out.is_finished(job_id):  # finished and exported after the last checkpoint: never redo it
+            if run.error:  # it failed in the step before the checkpoint, which came before its error was written
+                self._fail(run, FastsoftError(run.error))
+            elif self.out.is_finished(job_id):  # finished and exported after the last checkpoint: never redo it
                 run.report = self.out.read_report(job_id)
                 s.retire(run, State.DONE)
         # a rebuilt cache (--rebuild-cache) dropped what failed its checks: teach those jobs again
@@ -495,14 +512,12 @@ class Engine:
                     progress.advance(cfg.steps * len(self._admit(admitted)))
                 for run in self._train_step():
                     progress.advance()
-                    try:
-                        reason = self._stop_reason(run)
-                        if reason:
-                            progress.say(f"eval {run.job.id}")
-                            progress.advance(cfg.steps - run.step)
-                            self._finish(run, reason)
-                    except FastsoftError as error:
-                        self._fail(run, error)
+                    if run.error:
+                        self._fail(run, FastsoftError(run.error))
+                    elif run.stop_reason:
+                        progress.say(f"eval {run.job.id}")
+                        progress.advance(cfg.steps - run.step)
+                        self._finish(run, run.stop_reason)
                 self.loop_steps += 1
                 if self.loop_steps % self.checkpoint_every == 0:
                     self._checkpoint()

@@ -151,7 +151,7 @@ class Scheduler:
         """Training jobs whose whole minibatch goes into this step, packed best-fit into the token budget.
 
         ``minibatches[slot]`` is the job's query indices, ``lengths[slot]`` their packed lengths. Returns the
-        chosen runs in admission order; the others' ``waited`` counts go up by one (theirs reset to 0).
+        chosen runs in admission order. Changes nothing: :meth:`commit` does, once the step has run.
         """
         training = [run for run in self.running if run.state is State.TRAINING]
         if not training:
@@ -163,9 +163,14 @@ class Scheduler:
             if run.slot not in chosen and used + need[run.slot] <= self.token_budget:
                 chosen.add(run.slot)
                 used += need[run.slot]
-        for run in training:
-            run.waited = 0 if run.slot in chosen else run.waited + 1
         return [run for run in training if run.slot in chosen]
+
+    def commit(self, chosen: list[JobRun]) -> None:
+        """A planned step has run: the jobs left out of it waited one step more, the chosen ones start again at 0."""
+        slots = {run.slot for run in chosen}
+        for run in self.running:
+            if run.state is State.TRAINING:
+                run.waited = 0 if run.slot in slots else run.waited + 1
 
     @property
     def busy(self) -> bool:

@@ -137,6 +137,78 @@ def test_ctrl_c_checkpoints_and_resume_finishes_identically(tiny, tiny_job, tmp_
         assert torch.equal(prompts(tmp_path / "run")[name], prompt)
 
 
+def test_ctrl_c_in_the_evaluation_of_one_of_two_jobs_stopping_together_resumes_identically(
+    tiny, tiny_job, tmp_path, monkeypatch
+):
+    """job0 and job1 spend their budget in the same step; Ctrl-C while job0 is evaluated must not give job1 a step
+    more on --resume (its stop was decided with the step, before the checkpoint)."""
+    import fastsoft.train.engine as engine
+
+    reference = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "ref", **FAST)
+    assert [r["steps"] for r in reference[:2]] == [10, 10]  # the premise: both stop at the end of the same step
+    evaluate, calls = engine.evaluate, {"n": 0}
+
+    def interrupted_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, **FAST)
+    resumed = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "run", resume=True, **FAST)
+    assert [r["steps"] for r in resumed] == [r["steps"] for r in reference]
+    for name, prompt in prompts(tmp_path / "ref").items():
+        assert torch.equal(prompts(tmp_path / "run")[name], prompt), name
+
+
+@pytest.mark.parametrize("at_call", [2, 5, 8])
+def test_ctrl_c_in_a_step_that_left_a_job_waiting_resumes_with_the_same_packing(tiny, tiny_job, tmp_path, at_call):
+    """With room for two of three jobs a step, which jobs share a step depends on who waited; an interrupted step
+    must not count as waited, or the resumed run packs other jobs together (another rounding of every loss)."""
+    settings = {**FAST, "slots": 3}
+    needs: list[int] = []
+
+    def packed_tokens(runs):  # each job's minibatch in packed tokens (prompt length 4)
+        for run in runs:
+            rows = [run.teacher.train[q] for q in run.pending]
+            needs.append(sum(len(t.before) + 4 + len(t.after) + len(t.answer) for t in rows))
+
+    fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "probe", on_step=packed_tokens, **settings)
+    need = max(needs)
+    steps: list[list[str]] = []
+    settings["token_budget"] = 2 * need + 8  # two minibatches a step, never three
+    reference = fastsoft.compress(
+        jobs(tiny_job.context),
+        tiny,
+        tmp_path / "ref",
+        on_step=lambda runs: steps.append([r.job.id for r in runs]),
+        **settings,
+    )
+    assert max(len(s) for s in steps) == 2 and len({tuple(s) for s in steps}) > 1  # the premise: jobs take turns
+    calls = {"n": 0}
+
+    def interrupted(runs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fastsoft.compress(
+            jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, on_step=interrupted, **settings
+        )
+    resumed_steps: list[list[str]] = []
+    resumed = fastsoft.compress(
+        jobs(tiny_job.context), tiny, tmp_path / "run", resume=True,
+        on_step=lambda runs: resumed_steps.append([r.job.id for r in runs]), **settings,
+    )  # fmt: skip
+    assert resumed_steps == steps[at_call - 1 :]  # the interrupted step again, then the rest as planned
+    assert [r["losses"] for r in resumed] == [r["losses"] for r in reference]
+    for name, prompt in prompts(tmp_path / "ref").items():
+        assert torch.equal(prompts(tmp_path / "run")[name], prompt), name
+
+
 def test_resume_refuses_other_jobs_or_settings(tiny, tiny_job, tmp_path):
     fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path, **FAST)
     with pytest.raises(fastsoft.FastsoftError, match="--lr"):

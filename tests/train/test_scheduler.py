@@ -38,6 +38,8 @@ def test_best_fit_packing_takes_whole_minibatches_and_never_starves_a_job():
     seen = []
     for _ in range(6):
         chosen = scheduler.plan(minibatches, lengths)
+        assert scheduler.plan(minibatches, lengths) == chosen  # planning changes nothing; the step's commit does
+        scheduler.commit(chosen)
         assert sum(sum(lengths[r.slot]) for r in chosen) <= 100 or len(chosen) == 1
         assert [r.slot for r in chosen] == sorted(r.slot for r in chosen)  # admission order
         seen.append([r.slot for r in chosen])
@@ -48,6 +50,7 @@ def test_best_fit_packing_takes_whole_minibatches_and_never_starves_a_job():
     lengths[1] = [250]
     for _ in range(4):
         chosen = scheduler.plan(minibatches, lengths)
+        scheduler.commit(chosen)
         if any(r.slot == 1 for r in chosen):
             assert [r.slot for r in chosen] == [1]
             break
