@@ -10,8 +10,10 @@ Three packed layouts, all exact (no segment ever sees another's tokens):
 - ``fastsoft_teacher`` (``fastsoft/teacher/batching.py``): prefix ⊕ own row merged through their log-sum-exp,
   with :func:`attention_lse` (fused kernels that return the log-sum-exp) and the same length buckets.
 
-The two packed student layouts also take a shared frozen prefix (``fastsoft_prefix=``, :mod:`fastsoft.prefix`):
-every segment attends to the prefix's cached keys and values first, then causally to its own tokens.
+The two packed student layouts also take shared prefixes: the frozen template head (``fastsoft_prefix=``,
+:mod:`fastsoft.prefix`), whose cached keys and values every run attends to first, and a *lead* run per job (its soft
+prompt σ, computed once per step with its gradient) that each of the job's segments attends to next, before its own
+tokens (``Packed.leads``, :mod:`fastsoft.train.packing`).
 
 Nothing is registered with transformers at import: :func:`attention_implementation` registers the
 implementation it switches to, the first time it is asked for.
@@ -86,11 +88,25 @@ def bucket_index(pieces: list[tuple[int, int]], device) -> tuple[torch.Tensor, t
     return tuple(torch.tensor(x, dtype=torch.int64).to(device) for x in (gather, real, where))
 
 
-def length_buckets(cu_seq_lens: torch.Tensor, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The packed row's segments (``cu_seq_lens [B + 1]``, on the host) as :func:`bucket_index` batches."""
+def length_buckets(cu_seq_lens: torch.Tensor, device, leads: torch.Tensor | None = None) -> list[tuple]:
+    """The packed row's runs (``cu_seq_lens [R + 1]``, on the host) as :func:`bucket_index` batches, each with
+    ``lead [B, Lc]``: the row positions of the lead run its runs see before their own tokens (``leads [R, 2]``:
+    ``(start, length)``, length 0 for none), or None. Runs of a bucket share their lead's length."""
     bounds = cu_seq_lens.tolist()
     pieces = [(start, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
-    return [bucket_index(group, device) for group in group_by_length(pieces)]
+    lead_of = dict(zip(pieces, leads.tolist() if leads is not None else [(0, 0)] * len(pieces)))
+    by_lead: dict[int, list[tuple[int, int]]] = {}
+    for piece in pieces:
+        by_lead.setdefault(lead_of[piece][1], []).append(piece)
+    buckets = []
+    for lead_length, runs in by_lead.items():
+        for group in group_by_length(runs):
+            lead = None
+            if lead_length:
+                starts = [lead_of[piece][0] for piece in group]
+                lead = torch.tensor([list(range(a, a + lead_length)) for a in starts], dtype=torch.int64).to(device)
+            buckets.append((*bucket_index(group, device), lead))
+    return buckets
 
 
 # -- the student's packed attention ---------------------------------------------------------------
@@ -130,7 +146,8 @@ def _bucket_attention(
 ):
     """Packed causal attention as one sdpa call per length bucket. ``query [1, H, L, D]``, ``key/value
     [1, KV, L, D]``; returns ``[1, L, H, D]``. Right padding is never seen by a real query (causal).
-    ``fastsoft_prefix`` (a :class:`fastsoft.prefix.SharedPrefix`): every segment first sees all its ``Lp`` positions."""
+    ``fastsoft_prefix`` (a :class:`fastsoft.prefix.SharedPrefix`): every run first sees all its ``Lp`` positions;
+    then a bucket's lead (:func:`length_buckets`) all of its run's lead, then its own tokens causally."""
     if fastsoft_buckets is None:
         raise RuntimeError("fastsoft_buckets attention needs the packed row's length buckets (a packed student step)")
     if kwargs.get("sliding_window") is not None:
@@ -138,13 +155,25 @@ def _bucket_attention(
     q, k, v = query[0], key[0], value[0]  # [H, L, D], [KV, L, D]
     heads, dim = q.shape[0], q.shape[-1]
     out = q.new_zeros(heads, q.shape[1], dim)
-    for gather, real, where in fastsoft_buckets:
-        take = lambda x: (
-            x.index_select(1, gather.flatten()).unflatten(1, gather.shape).transpose(0, 1)
-        )  # [B, H|KV, W, D]
-        qb, kb, vb, causal = take(q), take(k), take(v), dict(is_causal=True)
-        if fastsoft_prefix is not None:
-            kb, vb, causal = _with_prefix(fastsoft_prefix, module.layer_idx, kb, vb)
+    for gather, real, where, lead in fastsoft_buckets:
+        take = lambda x, rows: (
+            x.index_select(1, rows.flatten()).unflatten(1, rows.shape).transpose(0, 1)
+        )  # [B,H|KV,W,D]
+        qb, kb, vb, causal = take(q, gather), take(k, gather), take(v, gather), dict(is_causal=True)
+        front_k, front_v = [], []
+        if fastsoft_prefix is not None:  # [B, KV, Lp, D]: the same cached head for every run
+            expand = lambda cached: cached.to(kb.dtype).expand(kb.shape[0], -1, -1, -1)
+            front_k.append(expand(fastsoft_prefix.keys[module.layer_idx]))
+            front_v.append(expand(fastsoft_prefix.values[module.layer_idx]))
+        if lead is not None:  # [B, KV, Lc, D]: each run's own lead (its job's σ), gathered from this row
+            front_k.append(take(k, lead))
+            front_v.append(take(v, lead))
+        if front_k:
+            kb, vb = torch.cat([*front_k, kb], 2), torch.cat([*front_v, vb], 2)
+            front = kb.shape[2] - gather.shape[1]  # query i sees every front key and its own keys up to i
+            causal = dict(
+                attn_mask=torch.ones(gather.shape[1], kb.shape[2], dtype=torch.bool, device=kb.device).tril(front)
+            )
         o = torch.nn.functional.scaled_dot_product_attention(
             qb, kb, vb, scale=scaling, enable_gqa=k.shape[0] != heads, **causal
         )
@@ -152,31 +181,30 @@ def _bucket_attention(
     return out.transpose(0, 1)[None], None
 
 
-def _with_prefix(prefix, layer: int, key, value):
-    """``key/value [B, KV, W, D]`` with the prefix's ``[KV, Lp, D]`` in front, and the sdpa mask ``[W, Lp + W]`` that
-    lets query ``i`` see the whole prefix and its own keys up to ``i``."""
-    batch, width = key.shape[0], key.shape[2]
-    front = lambda cached, own: torch.cat([cached.to(own.dtype).expand(batch, -1, -1, -1), own], 2)
-    key, value = front(prefix.keys[layer], key), front(prefix.values[layer], value)
-    mask = torch.ones(width, key.shape[2], dtype=torch.bool, device=key.device).tril(len(prefix))
-    return key, value, dict(attn_mask=mask)
-
-
-def prefix_varlen_keys(cu_seq_lens: torch.Tensor, prefix_length: int, device) -> dict:
-    """The key side of a varlen call where each of the packed row's segments (``cu_seq_lens [B + 1]``, host) sees a
-    shared prefix first: ``cu_seq_lens_k``, ``max_length_k`` and ``fastsoft_prefix_index`` (``[B · Lp + L]`` rows of
-    ``cat(prefix, own)``)."""
+def varlen_keys(cu_seq_lens: torch.Tensor, prefix_length: int, device, leads: torch.Tensor | None = None) -> dict:
+    """The key side of a varlen call where each of the packed row's runs (``cu_seq_lens [R + 1]``, host) sees first a
+    shared prefix of ``prefix_length`` cached positions, then its lead run (``leads [R, 2]``: ``(start, length)`` in
+    the row, length 0 for none), then its own tokens: ``cu_seq_lens_k``, ``max_length_k`` and ``fastsoft_key_index``
+    (rows of ``cat(prefix, row)``, one run's keys after another's)."""
     bounds = cu_seq_lens.tolist()
-    index = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        index += list(range(prefix_length)) + list(range(prefix_length + start, prefix_length + end))
-    steps = torch.arange(len(bounds), dtype=torch.int32) * prefix_length
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    lead_of = leads.tolist() if leads is not None else [(0, 0)] * (len(bounds) - 1)
+    index, key_bounds = [], [0]
+    for (start, end), (lead, lead_length) in zip(zip(bounds[:-1], bounds[1:]), lead_of):
+        index += list(range(prefix_length))
+        index += range(prefix_length + lead, prefix_length + lead + lead_length)
+        index += range(prefix_length + start, prefix_length + end)
+        key_bounds.append(len(index))
     return dict(
-        cu_seq_lens_k=(cu_seq_lens + steps).to(device),
-        max_length_k=longest + prefix_length,
-        fastsoft_prefix_index=torch.tensor(index, dtype=torch.int64, device=device),
+        cu_seq_lens_k=torch.tensor(key_bounds, dtype=torch.int32, device=device),
+        max_length_k=max(b - a for a, b in zip(key_bounds[:-1], key_bounds[1:])),
+        fastsoft_key_index=torch.tensor(index, dtype=torch.int64, device=device),
     )
+
+
+def _gather_keys(own, prefix, which: str, layer: int, index):
+    """Rows ``index`` of ``cat(prefix's cached [Lp, KV, D], own [L, KV, D])`` (no prefix: of ``own``)."""
+    rows = [own] if prefix is None else [getattr(prefix, which)[layer].transpose(0, 1).to(own.dtype), own]
+    return torch.cat(rows).index_select(0, index)
 
 
 def _varlen_attention(
@@ -192,13 +220,14 @@ def _varlen_attention(
     max_length_q=None,
     max_length_k=None,
     fastsoft_prefix=None,
-    fastsoft_prefix_index=None,
+    fastsoft_key_index=None,
     **kwargs,
 ):
     """Packed causal attention with torch's varlen flash kernel. ``query [1, H, L, D]``, ``key/value
     [1, KV, L, D]`` (one packed row), segments given by ``cu_seq_lens_*``; returns ``[1, L, H, D]``.
-    ``fastsoft_prefix``: each segment's keys are the prefix's then its own (:func:`prefix_varlen_keys`); the kernel's
-    causal mask is aligned to the bottom right, so query ``i`` sees the prefix and its own keys up to ``i``."""
+    ``fastsoft_key_index`` (:func:`varlen_keys`): each run's keys are the prefix's (``fastsoft_prefix``), its lead's,
+    then its own; the kernel's causal mask is aligned to the bottom right, so query ``i`` sees all the keys before its
+    own and its own up to ``i``."""
     if cu_seq_lens_q is None:
         raise RuntimeError("fastsoft_varlen attention needs cu_seq_lens_q/k and max_length_q/k (a packed student step)")
     if kwargs.get("sliding_window") is not None:
@@ -208,12 +237,9 @@ def _varlen_attention(
     heads, dim = query.shape[1], query.shape[-1]
     q = query[0].transpose(0, 1)  # [L, H, D]
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [L, KV, D]
-    if fastsoft_prefix is not None:  # [B · Lp + L, KV, D]: each segment's own keys after a copy of the prefix's
-        layer = module.layer_idx
-        front = lambda cached, own: torch.cat([cached.transpose(0, 1).to(own.dtype), own]).index_select(
-            0, fastsoft_prefix_index
-        )
-        k, v = front(fastsoft_prefix.keys[layer], k), front(fastsoft_prefix.values[layer], v)
+    if fastsoft_key_index is not None:  # each run's keys: a copy of the prefix's, of its lead's, then its own
+        k = _gather_keys(k, fastsoft_prefix, "keys", module.layer_idx, fastsoft_key_index)
+        v = _gather_keys(v, fastsoft_prefix, "values", module.layer_idx, fastsoft_key_index)
     extra = {}
     if k.shape[1] != heads:
         if "enable_gqa" in params:

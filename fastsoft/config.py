@@ -296,8 +296,9 @@ class CompressConfig:
 
     share_prefix: bool = setting(
         True,
-        "compute the template head before σ once per model and let every segment attend to its keys and values, "
-        "instead of running it in every segment of every step (exact up to rounding; --no-share-prefix turns it off)",
+        "compute the template head before σ once per model, and each job's σ once per step, and let every segment "
+        "attend to their keys and values instead of running them in every segment of every step (exact up to "
+        "rounding; --no-share-prefix turns both off)",
     )
     min_improvement: float = setting(
         0.0,

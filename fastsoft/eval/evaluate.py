@@ -14,7 +14,7 @@ import torch
 from fastsoft.eval.generate import answer_text, generate_batch_ids
 from fastsoft.eval.metrics import rouge_l
 from fastsoft.teacher.batching import Taught
-from fastsoft.train.packing import Segment, pack, scored_hidden, sharable_prefix
+from fastsoft.train.packing import Segment, pack_shared, scored_hidden
 
 
 @torch.no_grad()
@@ -23,12 +23,13 @@ def token_kl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token KL(teacher || student) ``[N]`` at every answer position of ``queries`` (teacher-forced), with the
     student's and the teacher's argmax ids ``[N]``. ``prompt [P, H]`` stands in the context's place; None: no context.
-    ``share_prefix``: the template head's keys and values computed once (:mod:`fastsoft.prefix`).
+    ``share_prefix``: the template head's keys and values computed once (:mod:`fastsoft.prefix`), σ once for all
+    the queries (:func:`fastsoft.train.packing.pack`).
     Memory: ``[N, V]`` fp32 logits (N is a few held-out answers)."""
     slot = None if prompt is None else 0
     length = 0 if prompt is None else prompt.shape[0]
     segments = [Segment(slot, q.before, q.after, q.answer) for q in queries]
-    packed = pack(segments, length, sharable_prefix(loaded, segments) if share_prefix else ())
+    packed = pack_shared(loaded, segments, length, share=share_prefix)
     prompts = torch.zeros(1, 0, loaded.hidden_size) if prompt is None else prompt[None]
     student = torch.log_softmax(loaded.logits(scored_hidden(loaded, prompts, packed)) / temperature, -1)  # [N, V]
     teacher = torch.log_softmax(

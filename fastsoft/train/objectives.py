@@ -18,7 +18,7 @@ from fastsoft.attention import packed_attention
 from fastsoft.config import OBJECTIVES, parse_objective  # noqa: F401  (the objective's parser lives with the settings)
 from fastsoft.errors import FastsoftError
 from fastsoft.ops import CompactTarget, SparseTarget, Target, softmax_kl
-from fastsoft.train.packing import Segment, pack, scored_hidden, sharable_prefix
+from fastsoft.train.packing import Segment, pack_shared, scored_hidden
 
 
 def divergence_of(name: str) -> tuple[str, float] | None:
@@ -64,8 +64,9 @@ def job_loss_sums(
         objective: weights by name, as :func:`parse_objective` returns them.
         attention: overrides the packed attention implementation (``fastsoft.attention.packed_attention``'s choice).
         grad_filter: ``softmax_kl``'s gradient filter for a compact teacher's KL term (0: exact).
-        share_prefix: compute the segments' common template head once per model instead of in every segment
-            (:mod:`fastsoft.prefix`; exact up to rounding); False runs every segment whole.
+        share_prefix: compute the segments' common template head once per model and each job's σ once per step
+            instead of in every segment (:mod:`fastsoft.prefix`, :func:`fastsoft.train.packing.pack`; exact up to
+            rounding); False runs every segment whole.
 
     Returns:
         ``[jobs]`` fp32 sums of the weighted token losses (differentiable w.r.t. ``prompts``); divide by each job's
@@ -74,8 +75,8 @@ def job_loss_sums(
     device = loaded.device
     row_job = [job for seg, job in zip(segments, job_of_segment) for _ in seg.answer]
     attention = attention or packed_attention(loaded)
-    prefix = sharable_prefix(loaded, segments, attention) if share_prefix else ()
-    hidden = scored_hidden(loaded, prompts, pack(segments, prompts.shape[1], prefix), attention)  # [N, H]
+    packed = pack_shared(loaded, segments, prompts.shape[1], attention, share_prefix)
+    hidden = scored_hidden(loaded, prompts, packed, attention)  # [N, H]
     row_loss = torch.zeros(hidden.shape[0], device=device)
     for name, weight in objective.items():
         if weight == 0:

@@ -1,6 +1,7 @@
 """The student step: segments of many jobs packed into one row, each with its own soft prompt written in.
 
-One segment is ``before + σ(slot) + after + answer``. Segments are concatenated with no padding;
+One segment is ``before + σ(slot) + after + answer`` (the last answer token left out: its hidden state predicts
+nothing scored). Segments are concatenated with no padding;
 ``position_ids`` restart at 0 per segment and ``use_cache=False`` makes transformers derive the
 packed-sequence mask from them (with its default cache, sdpa/eager/flex silently let segments attend
 to each other). Only the final hidden states at scored positions leave this module: the loss needs
@@ -15,6 +16,12 @@ derives from the restarting ``position_ids``.
 Shared frozen prefix (:mod:`fastsoft.prefix`): when every segment's ``before`` is the same template head and the
 attention is one of fastsoft's packed layouts, the head is left out of the row; its keys and values are computed once
 per model and every segment attends to them first (positions continue after it). :func:`sharable_prefix` decides.
+
+Shared soft prompt (``share_sigma``, the same layouts): the segments of one job all start ``head + σ``, and σ attends
+only to the head and to itself, so its hidden states are the same in every one of them. The row then holds each such
+job's σ once, as a *lead* run, and each of its segments as a run of ``after + answer`` alone that attends to the lead
+before its own tokens (``Packed.leads``); σ's gradient from all of them meets in the one lead. With 4 queries of ~45
+tokens and P = 16 this leaves out a quarter of a step's tokens. Exact up to rounding, like the head.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from fastsoft.attention import (
     attention_implementation,
     length_buckets,
     packed_attention,
-    prefix_varlen_keys,
+    varlen_keys,
 )
 from fastsoft.prefix import shared_prefix
 
@@ -58,8 +65,9 @@ class Packed:
     position_ids: torch.Tensor  # [L] restarting at 0 per segment
     scored: torch.Tensor  # [N] positions whose hidden state is scored
     segment_of_row: torch.Tensor  # [N] segment index of each scored row
-    cu_seq_lens: torch.Tensor  # [B + 1] int32 segment boundaries (for varlen attention kernels)
-    prefix: tuple[int, ...] = ()  # the shared frozen prefix every segment attends to first (left out of the row)
+    cu_seq_lens: torch.Tensor  # [R + 1] int32 run boundaries (for varlen attention kernels): segments, leads, tails
+    prefix: tuple[int, ...] = ()  # the shared frozen prefix every run attends to first (left out of the row)
+    leads: torch.Tensor | None = None  # [R, 2] int64 (start, length) of the lead run each run sees next; 0: none
 
 
 def sharable_prefix(loaded, segments: list[Segment], attention: str | None = None) -> tuple[int, ...]:
@@ -71,28 +79,62 @@ def sharable_prefix(loaded, segments: list[Segment], attention: str | None = Non
     return tuple(first) if (attention or packed_attention(loaded)) in PREFIX_ATTENTIONS else ()
 
 
-def pack(segments: list[Segment], prompt_length: int, prefix: tuple[int, ...] = ()) -> Packed:
-    """Concatenate ``segments`` into one row; with ``prefix`` (each segment's ``before`` starts with it) those tokens
-    are left out and positions start at ``len(prefix)``."""
+def sigma_leads(segments: list[Segment], prefix_length: int = 0) -> set[int]:
+    """The slots whose segments can share one lead run: two or more segments, all with the same ``before`` after the
+    shared prefix, and something after σ in each (every scored row then lies in a segment's own run)."""
+    by_slot: dict[int, list[Segment]] = {}
+    for seg in segments:
+        if seg.slot is not None:
+            by_slot.setdefault(seg.slot, []).append(seg)
+    return {
+        slot
+        for slot, segs in by_slot.items()
+        if len(segs) > 1 and all(s.after and s.before[prefix_length:] == segs[0].before[prefix_length:] for s in segs)
+    }
+
+
+def pack(
+    segments: list[Segment], prompt_length: int, prefix: tuple[int, ...] = (), share_sigma: bool = False
+) -> Packed:
+    """Concatenate ``segments`` into one row (each without its last answer token, which predicts nothing scored);
+    with ``prefix`` (each segment's ``before`` starts with it) those tokens
+    are left out and positions start at ``len(prefix)``. With ``share_sigma`` the ``before + σ`` of the slots
+    :func:`sigma_leads` names is written once, as a lead run ahead of the slot's first segment, and their segments hold
+    only ``after + answer`` (positions continue after the lead). Scored rows stay in segment order either way."""
     shared = len(prefix)
-    ids, sigma_rows, positions, scored, owner, bounds = [], [], [], [], [], [0]
+    ids, sigma_rows, positions, scored, owner, bounds, leads = [], [], [], [], [], [0], []
+    lead_slots, lead_of_slot = sigma_leads(segments, shared) if share_sigma else set(), {}
+
+    def run(tokens: list[int], slot: int | None, sigma_at: int, sigma: int, first_position: int, lead=(0, 0)) -> int:
+        """Append one run (``tokens`` with ``sigma`` σ rows of ``slot`` from ``sigma_at``); returns its start."""
+        start = len(ids)
+        ids.extend(tokens)
+        sigma_rows.extend(
+            slot * prompt_length + (i - sigma_at) if sigma_at <= i < sigma_at + sigma else -1
+            for i in range(len(tokens))
+        )
+        positions.extend(range(first_position, first_position + len(tokens)))
+        bounds.append(len(ids))
+        leads.append(lead)
+        return start
+
     for index, seg in enumerate(segments):
         if shared and tuple(seg.before[:shared]) != tuple(prefix):
             raise ValueError(f"segment {index} does not start with the shared prefix")
         before = seg.before[shared:]
-        start = len(ids)
         sigma = prompt_length if seg.slot is not None else 0
-        ids += before + [0] * sigma + seg.after + seg.answer
-        sigma_rows += (
-            [-1] * len(before)
-            + [seg.slot * prompt_length + j for j in range(sigma)]
-            + [-1] * (len(seg.after) + len(seg.answer))
-        )
-        positions += range(shared, shared + len(ids) - start)
-        first = start + len(before) + sigma + len(seg.after) - 1
+        lead_tokens = before + [0] * sigma
+        tail = seg.after + seg.answer[:-1]  # the last answer token predicts nothing scored: it is never input
+        if seg.slot in lead_slots:
+            if seg.slot not in lead_of_slot:
+                lead_of_slot[seg.slot] = (run(lead_tokens, seg.slot, len(before), sigma, shared), len(lead_tokens))
+            start = run(tail, None, 0, 0, shared + len(lead_tokens), lead_of_slot[seg.slot])
+            first = start + len(seg.after) - 1
+        else:
+            start = run(lead_tokens + tail, seg.slot, len(before), sigma, shared)
+            first = start + len(lead_tokens) + len(seg.after) - 1
         scored += range(first, first + len(seg.answer))
         owner += [index] * len(seg.answer)
-        bounds.append(len(ids))
     as_long = lambda x: torch.tensor(x, dtype=torch.int64)
     return Packed(
         as_long(ids),
@@ -102,7 +144,18 @@ def pack(segments: list[Segment], prompt_length: int, prefix: tuple[int, ...] = 
         as_long(owner),
         torch.tensor(bounds, dtype=torch.int32),
         tuple(prefix),
+        as_long(leads).reshape(-1, 2) if lead_of_slot else None,
     )
+
+
+def pack_shared(
+    loaded, segments: list[Segment], prompt_length: int, attention: str | None = None, share: bool = True
+) -> Packed:
+    """:func:`pack` with every sharing ``attention`` takes (the template head, each job's σ); ``share=False``: none."""
+    attention = attention or packed_attention(loaded)
+    if not share or attention not in PREFIX_ATTENTIONS:
+        return pack(segments, prompt_length)
+    return pack(segments, prompt_length, sharable_prefix(loaded, segments, attention), share_sigma=True)
 
 
 def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str | None = None) -> torch.Tensor:
@@ -126,13 +179,14 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
         longest = int((packed.cu_seq_lens[1:] - packed.cu_seq_lens[:-1]).max())  # host tensor: no device sync
         extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     elif attention == BUCKETS_ATTENTION:
-        extra = dict(fastsoft_buckets=length_buckets(packed.cu_seq_lens, device))
-    if packed.prefix:
+        extra = dict(fastsoft_buckets=length_buckets(packed.cu_seq_lens, device, packed.leads))
+    if packed.prefix or packed.leads is not None:
         if attention not in PREFIX_ATTENTIONS:
             raise ValueError(f"attention {attention!r} does not take a shared prefix; pack the row without one")
-        extra["fastsoft_prefix"] = shared_prefix(loaded, packed.prefix)
+        if packed.prefix:
+            extra["fastsoft_prefix"] = shared_prefix(loaded, packed.prefix)
         if attention in VARLEN_ATTENTIONS:
-            extra |= prefix_varlen_keys(packed.cu_seq_lens, len(packed.prefix), device)
+            extra |= varlen_keys(packed.cu_seq_lens, len(packed.prefix), device, packed.leads)
     with attention_implementation(loaded, attention):
         hidden = loaded.hidden_states(
             inputs_embeds=embeds[None], position_ids=packed.position_ids.to(device)[None], **extra

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastsoft.attention as attention_mod
 from fastsoft.ops import SparseTarget, softmax_kl
 from fastsoft.train.objectives import job_loss_sums
-from fastsoft.train.packing import Segment, pack, scored_hidden, sharable_prefix
+from fastsoft.train.packing import Segment, pack, pack_shared, scored_hidden, sharable_prefix, sigma_leads
 
 ATTENTIONS = ["sdpa", "fastsoft_buckets", "fastsoft_varlen:new", "fastsoft_varlen:old"]
 
@@ -62,7 +62,7 @@ _GRADIENT_BYTES = """
 import hashlib, sys, torch
 from fastsoft.models import load_model
 from fastsoft.train.objectives import job_loss_sums
-from fastsoft.train.packing import Segment, pack, scored_hidden, sharable_prefix
+from fastsoft.train.packing import Segment, pack, pack_shared, scored_hidden, sharable_prefix, sigma_leads
 tiny = load_model(sys.argv[1])
 torch.manual_seed(0)
 prompts = torch.randn(2, 16, 64, requires_grad=True)  # 64 segments share slot 0: σ's rows gathered 64 times each
@@ -164,11 +164,65 @@ def test_what_shares_a_prefix(tiny):
     assert sharable_prefix(tiny, segs + [Segment(0, HEAD[:-1], [5], [7])]) == ()  # heads differ: run them whole
     packed = pack(segs[:2], 4, tuple(HEAD))
     assert packed.position_ids[:3].tolist() == [5, 6, 7] and packed.ids[4:7].tolist() == [17, 18, 19]
-    assert packed.cu_seq_lens.tolist() == [0, 9, 9 + 4 + 15 + 3]
+    assert packed.cu_seq_lens.tolist() == [0, 8, 8 + 4 + 15 + 2]  # each without its last answer token
     with pytest.raises(ValueError, match="shared prefix"):
         pack([Segment(0, [1, 2], [3], [4])], 4, tuple(HEAD))
     with pytest.raises(ValueError, match="does not take a shared prefix"):
         scored_hidden(tiny, torch.zeros(3, 4, 64), packed, "sdpa")
+
+
+def _led_segments(head):
+    return [
+        Segment(0, head, [17, 18, 19], [20, 21]),
+        Segment(2, head, [22, 23, 24, 25, 26] * 3, [24, 25, 26]),
+        Segment(0, head, [19], [28, 23]),
+        Segment(None, head, [30, 31], [32]),  # no σ: never led
+        Segment(2, head, [33, 34], [35, 36, 37]),  # slot 2 again, after other segments
+        Segment(0, head, [38, 39, 40, 41], [42]),
+        Segment(1, head, [43], [44]),  # alone in its slot: nothing to share
+    ]
+
+
+@pytest.mark.parametrize("attention", ["fastsoft_buckets", "fastsoft_varlen:new", "fastsoft_varlen:old"])
+@pytest.mark.parametrize("head", [HEAD, []], ids=["with the shared head", "placement first"])
+def test_shared_sigma_gives_the_same_hidden_states_and_gradients(tiny, attention, head, monkeypatch):
+    """Each job's σ run once as a lead that its segments attend to equals σ run inside every segment: hidden states
+    at every scored row and the gradient of every slot."""
+    attention = _attention(attention, monkeypatch)
+    torch.manual_seed(0)
+    prompts = torch.randn(3, 4, 64, requires_grad=True)
+    segs = _led_segments(head)
+    whole = scored_hidden(tiny, prompts, pack(segs, 4), attention)
+    led = pack(segs, 4, tuple(head), share_sigma=True)
+    assert led.leads is not None and int((led.leads[:, 1] > 0).sum()) == 5  # slots 0 and 2: five segments led
+    shared = scored_hidden(tiny, prompts, led, attention)
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(whole)
+    (g_whole,) = torch.autograd.grad((whole * weights).sum(), prompts)
+    (g_shared,) = torch.autograd.grad((shared * weights).sum(), prompts)
+    torch.testing.assert_close(g_shared, g_whole, rtol=1e-4, atol=1e-6)
+    assert g_shared[1].abs().sum() > 0  # slot 1, alone and not led, still gets its gradient
+
+
+def test_what_shares_sigma(tiny):
+    segs = _led_segments(HEAD)
+    assert sigma_leads(segs, len(HEAD)) == {0, 2}
+    assert sigma_leads(segs + [Segment(0, HEAD, [], [5])], len(HEAD)) == {2}  # one slot-0 segment has nothing after σ
+    assert sigma_leads(segs + [Segment(2, HEAD + [9], [5], [6])], len(HEAD)) == {0}  # slot 2's befores differ
+    packed = pack(segs[:3], 4, tuple(HEAD), share_sigma=True)
+    # slot 0's lead (σ, 4 rows), its first segment's tail, slot 2 whole (alone in its slot), slot 0's second tail
+    assert packed.cu_seq_lens.tolist() == [0, 4, 8, 8 + 4 + 15 + 2, 8 + 4 + 15 + 2 + 2]  # no last answer tokens
+    assert packed.leads.tolist() == [[0, 0], [0, 4], [0, 0], [0, 4]]
+    assert packed.position_ids[:9].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 5]  # the tail continues after σ
+    assert packed.sigma_rows[:4].tolist() == [0, 1, 2, 3] and (packed.sigma_rows[4:8] == -1).all()
+    assert packed.scored[:2].tolist() == [6, 7]  # the last query token, then the first answer token
+    assert pack_shared(tiny, segs, 4).leads is not None
+    assert (
+        pack_shared(tiny, segs, 4, share=False).leads is None and pack_shared(tiny, segs, 4, share=False).prefix == ()
+    )
+    assert pack_shared(tiny, segs, 4, "sdpa").leads is None  # transformers' own attention takes no lead
+    with pytest.raises(ValueError, match="does not take a shared prefix"):
+        scored_hidden(tiny, torch.zeros(3, 4, 64), pack(segs, 4, share_sigma=True), "sdpa")
 
 
 def test_packed_attention_choice(tiny):

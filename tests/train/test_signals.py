@@ -11,13 +11,28 @@ from fastsoft.train.signals import held_signals
 
 
 def test_ctrl_c_in_the_block_arrives_after_it_whole():
+    # Python's own Ctrl-C handler, set here: a shell starting the tests in the background may have SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
-    with pytest.raises(KeyboardInterrupt):
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with held_signals():
+                signal.raise_signal(signal.SIGINT)
+                done.append("after the signal")  # the block runs to its end
+        assert done == ["after the signal"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_ignored_signal_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
         with held_signals():
             signal.raise_signal(signal.SIGINT)
-            done.append("after the signal")  # the block runs to its end
-    assert done == ["after the signal"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigterm_goes_to_the_handler_there_before_once():
