@@ -19,7 +19,8 @@ cache kind of ``CompressConfig()``, the compact target); both students learn aga
   PEFT can only put σ first, before the chat template's head; it cannot put it where the context was. The two
   students therefore do not follow the same loss curve (``bench_e2e.py`` compares them with σ at the same place).
 - fastsoft, no shared prefix: only when ``job_loss_sums`` takes ``share_prefix`` (the template head's keys and
-  values computed once per step): fastsoft with it off.
+  values computed once per model, and, since σ sharing, the job's σ once per step for its 4 segments): fastsoft
+  with it off, every segment run whole.
 
 The same seeded sequence of minibatches of 4 query indices (epochs of a permutation of the 32) feeds every
 student; init: ``init_prompt`` (the default: evenly spaced context tokens), copied into each; lr: ``lr_at(step,
