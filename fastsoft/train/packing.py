@@ -20,8 +20,8 @@ per model and every segment attends to them first (positions continue after it).
 Shared soft prompt (``share_sigma``, the same layouts): the segments of one job all start ``head + σ``, and σ attends
 only to the head and to itself, so its hidden states are the same in every one of them. The row then holds each such
 job's σ once, as a *lead* run, and each of its segments as a run of ``after + answer`` alone that attends to the lead
-before its own tokens (``Packed.leads``); σ's gradient from all of them meets in the one lead. With 4 queries of ~45
-tokens and P = 16 this leaves out a quarter of a step's tokens. Exact up to rounding, like the head.
+before its own tokens (``Packed.leads``); σ's gradient from all of them meets in the one lead. With 4 queries a job
+and P = 16 this leaves out 48 σ rows a step. Exact up to rounding, like the head.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Packed:
 
     ids: torch.Tensor  # [L] int64, 0 at σ positions
     sigma_rows: torch.Tensor  # [L] int64 index into the flattened bank [S * P], -1 where a real token
-    position_ids: torch.Tensor  # [L] restarting at 0 per segment
+    position_ids: torch.Tensor  # [L] per run: from len(prefix), or after its lead for a led segment
     scored: torch.Tensor  # [N] positions whose hidden state is scored
     segment_of_row: torch.Tensor  # [N] segment index of each scored row
     cu_seq_lens: torch.Tensor  # [R + 1] int32 run boundaries (for varlen attention kernels): segments, leads, tails
@@ -96,9 +96,9 @@ def sigma_leads(segments: list[Segment], prefix_length: int = 0) -> set[int]:
 def pack(
     segments: list[Segment], prompt_length: int, prefix: tuple[int, ...] = (), share_sigma: bool = False
 ) -> Packed:
-    """Concatenate ``segments`` into one row (each without its last answer token, which predicts nothing scored);
-    with ``prefix`` (each segment's ``before`` starts with it) those tokens
-    are left out and positions start at ``len(prefix)``. With ``share_sigma`` the ``before + σ`` of the slots
+    """Concatenate ``segments`` into one row (each without its last answer token, which predicts nothing scored).
+    With ``prefix`` (each segment's ``before`` starts with it) those tokens are left out and positions start at
+    ``len(prefix)``. With ``share_sigma`` the ``before + σ`` of the slots
     :func:`sigma_leads` names is written once, as a lead run ahead of the slot's first segment, and their segments hold
     only ``after + answer`` (positions continue after the lead). Scored rows stay in segment order either way."""
     shared = len(prefix)

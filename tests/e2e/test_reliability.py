@@ -50,6 +50,18 @@ def prompts(out: Path) -> dict[str, torch.Tensor]:
     return {p.name: load_prompt(p)[0] for p in sorted(out.iterdir()) if (p / "report.json").exists()}
 
 
+def raising_at(error, call: int):
+    """An ``on_step`` callback that raises ``error`` at its ``call``-th call (1-based), the ``n``-th planned step."""
+    calls = {"n": 0}
+
+    def on_step(runs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise error
+
+    return on_step
+
+
 def cli_args(jobs_file: Path, model: Path, out: Path) -> list[str]:
     flags = {
         "steps": 10,
@@ -119,13 +131,7 @@ def test_sigkill_several_times_then_resume_matches_an_uninterrupted_run(tiny_mod
 
 def test_ctrl_c_checkpoints_and_resume_finishes_identically(tiny, tiny_job, tmp_path):
     reference = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "ref", **FAST)
-    calls = {"n": 0}
-
-    def interrupted(runs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-
+    interrupted = raising_at(KeyboardInterrupt, 7)
     with pytest.raises(KeyboardInterrupt):
         fastsoft.compress(
             jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, on_step=interrupted, **FAST
@@ -187,13 +193,7 @@ def test_ctrl_c_in_a_step_that_left_a_job_waiting_resumes_with_the_same_packing(
         **settings,
     )
     assert max(len(s) for s in steps) == 2 and len({tuple(s) for s in steps}) > 1  # the premise: jobs take turns
-    calls = {"n": 0}
-
-    def interrupted(runs):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise KeyboardInterrupt
-
+    interrupted = raising_at(KeyboardInterrupt, at_call)
     with pytest.raises(KeyboardInterrupt):
         fastsoft.compress(
             jobs(tiny_job.context), tiny, tmp_path / "run", checkpoint_every=1000, on_step=interrupted, **settings
@@ -221,13 +221,7 @@ def test_resume_refuses_other_jobs_or_settings(tiny, tiny_job, tmp_path):
 
 def test_out_of_memory_lowers_the_token_budget_and_keeps_results(tiny, tiny_job, tmp_path, capsys):
     reference = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "ref", **FAST)
-    calls = {"n": 0}
-
-    def oom_once(runs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-
+    oom_once = raising_at(torch.OutOfMemoryError("CUDA out of memory (simulated)"), 3)
     got = fastsoft.compress(
         jobs(tiny_job.context), tiny, tmp_path / "oom", on_step=oom_once, **{**FAST, "token_budget": 4096}
     )
