@@ -17,7 +17,7 @@ if os.environ.get("FASTSOFT_SKIP_EXT") != "1" and os.path.exists("csrc/softmax_k
         ext_modules = [
             CppExtension(
                 "fastsoft._C",
-                ["csrc/softmax_kl.cpp"],
+                ["csrc/softmax_kl.cpp", "csrc/layers.cpp"],
                 extra_compile_args=[
                     "-O3",
                     "-fopenmp",
@@ -44,7 +44,7 @@ setup(
         "fastsoft.csrc",
     ],
     package_dir={"fastsoft.kernels": "kernels", "fastsoft.csrc": "csrc"},
-    package_data={"fastsoft.csrc": ["*.cpp"]},  # the source the just-in-time build compiles
+    package_data={"fastsoft.csrc": ["*.cpp", "*.h"]},  # the source the just-in-time build compiles
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

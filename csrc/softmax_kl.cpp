@@ -39,6 +39,8 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace fastsoft {
 namespace {
 
@@ -47,13 +49,6 @@ namespace {
 constexpr int64_t BN = 256;  // token rows per task: GEMMs with M = 256 run near MKL's peak
 constexpr int64_t BV = 256;  // vocab columns per tile: a [BV, H] fp32 W tile stays in L2
 
-#define FS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FS_X86 1
-#else
-#define FS_X86 0
-#endif
-
 template <typename T>
 constexpr T NEG_INF = -std::numeric_limits<T>::infinity();
 
@@ -61,29 +56,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- vectorisable maths
 
-// exp(x) for fp32 in plain arithmetic so that loops around it vectorise: x = n ln2 + r,
-// |r| <= ln2/2, e^r by the Cephes degree-7 polynomial (about 1 ulp); results below FLT_MIN flush
-// to 0 (exp(-inf) = 0); NaN propagates.
-FS_INLINE float exp_acc(float x) {
-  float xc = x < -87.3f ? -87.3f : x;
-  xc = xc > 88.3f ? 88.3f : xc;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-  float y = p * scale;
-  return x < -87.3f ? 0.0f : y;
-}
-
-FS_INLINE double exp_acc(double x) { return std::exp(x); }
+// exp_acc (a vectorisable fp32 exp), cpu_has_avx2 and FS_AVX2_ATTR: vec_math.h.
 
 template <typename T>
 FS_INLINE T row_max(const T* x, int64_t n, T scale) {
@@ -194,18 +167,7 @@ FS_INLINE void sparse_tile_impl(T* z, T inv_t, int64_t rows, int64_t cols, int64
   }
 }
 
-// Each fp32 kernel is compiled for AVX2+FMA and for the baseline ISA and chosen once at run time;
-// fp64 (the tests' ground-truth path) uses the baseline build only.
-#if FS_X86
-#define FS_AVX2_ATTR __attribute__((target("avx2,fma")))
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-#else
-#define FS_AVX2_ATTR
-bool cpu_has_avx2() { return false; }
-#endif
+// Each fp32 kernel is compiled for AVX2+FMA and for the baseline ISA and chosen once at run time (vec_math.h).
 
 #define FS_PARAMS_sparse_tile(T)                                                                               \
   T *z, T inv_t, int64_t rows, int64_t cols, int64_t v0, const uint8_t *keep, const int64_t *uid,                 \

@@ -4,9 +4,10 @@ Three packed layouts, all exact (no segment ever sees another's tokens):
 
 - ``fastsoft_varlen``: torch's varlen flash kernel (``torch.nn.attention.varlen``) on CUDA in fp16/bf16,
   segments given by ``cu_seq_lens_*`` — as flash-attn's own ``flash_attention_2`` is when installed;
-- ``fastsoft_buckets``: one causal sdpa call per *length bucket* (segments within a factor 2 of each other's
-  length, right-padded into one batch) — ``O(sum segment^2)`` work where a block-diagonal mask over the
-  whole row would cost ``O(row^2)``. The student's path on CPU and for fp32 on GPU;
+- ``fastsoft_buckets``: the segments right-padded into a batch and run as masked sdpa calls: all in one call, or one
+  per *length bucket* (segments within a factor 2 of each other's length) when that computes fewer padded entries
+  (:func:`length_buckets`) — ``O(sum segment^2)`` work where a block-diagonal mask over the whole row would cost
+  ``O(row^2)``. The student's path on CPU and for fp32 on GPU;
 - ``fastsoft_teacher`` (``fastsoft/teacher/batching.py``): prefix ⊕ own row merged through their log-sum-exp,
   with :func:`attention_lse` (fused kernels that return the log-sum-exp) and the same length buckets.
 
@@ -26,6 +27,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -69,8 +71,8 @@ def register(name: str, function: Callable | None = None) -> None:
     _REGISTERED[name] = function
 
 
-def group_by_length(pieces: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-    """``(offset, length)`` runs of a row grouped into length buckets (lengths within a factor of 2), in order."""
+def group_by_length(pieces: list[tuple]) -> list[list[tuple]]:
+    """``(offset, length, ...)`` runs of a row grouped into length buckets (lengths within a factor of 2), in order."""
     groups: dict[int, list[tuple[int, int]]] = {}
     for piece in pieces:
         groups.setdefault(piece[1].bit_length(), []).append(piece)
@@ -88,25 +90,85 @@ def bucket_index(pieces: list[tuple[int, int]], device) -> tuple[torch.Tensor, t
     return tuple(torch.tensor(x, dtype=torch.int64).to(device) for x in (gather, real, where))
 
 
-def length_buckets(cu_seq_lens: torch.Tensor, device, leads: torch.Tensor | None = None) -> list[tuple]:
-    """The packed row's runs (``cu_seq_lens [R + 1]``, on the host) as :func:`bucket_index` batches, each with
-    ``lead [B, Lc]``: the row positions of the lead run its runs see before their own tokens (``leads [R, 2]``:
-    ``(start, length)``, length 0 for none), or None. Runs of a bucket share their lead's length."""
+@dataclass(frozen=True)
+class Bucket:
+    """One sdpa call of :func:`_bucket_attention`: ``B`` runs of the packed row, right-padded to ``W`` queries.
+
+    ``queries [B, W]``: row positions of each run's tokens (padding repeats its first token; a padded query's output is
+    dropped). ``keys [B, K]``: positions in the key rows ``cat(prefix [Lp], row [L])`` that each run sees, in order:
+    the whole shared prefix, ``C`` slots for its lead run (its job's σ; a shorter or no lead leaves slots masked), then
+    its own tokens padded like the queries (a real query never sees the padding: it is causal). ``mask [B, 1, W, K]``:
+    query ``i`` of a run sees the prefix, its lead and its own keys up to ``i`` (None: nothing in front, plain
+    causal). ``where [n]``: places of the real tokens in the flattened ``[B * W]`` output, in the order of its runs."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor | None
+    where: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """A packed row's runs as :class:`Bucket` calls, and ``order [L]``: the row position of each output row once the
+    buckets' real outputs are concatenated is undone by ``index_select(0, order)``."""
+
+    buckets: tuple[Bucket, ...]
+    order: torch.Tensor
+
+
+# One more sdpa call (forward and backward) costs about as much on CPU as this many more score entries per head
+# (measured on the 2-core machine, SmolLM2's 9 heads of 64, a 160-token row: ~0.5 ms a call).
+CALL_COST_ENTRIES = 4096
+
+
+def _bucket(runs: list[tuple[int, int, int, int]], prefix_length: int) -> tuple[Bucket, torch.Tensor]:
+    """One :class:`Bucket` (host tensors) of ``runs`` ``(start, length, lead start, lead length)``, and the row
+    positions of its real tokens."""
+    queries, real, where = bucket_index([(start, n) for start, n, _, _ in runs], "cpu")
+    width, slots = queries.shape[1], max(lead for *_, lead in runs)
+    front = prefix_length + slots
+    keys, masks = [], []
+    for (_, _, lead_start, lead), row in zip(runs, queries.tolist()):
+        lead_keys = [prefix_length + lead_start + i if i < lead else 0 for i in range(slots)]
+        keys.append(list(range(prefix_length)) + lead_keys + [prefix_length + p for p in row])
+        mask = torch.ones(width, front + width, dtype=torch.bool).tril(front)
+        mask[:, prefix_length + lead : front] = False  # the lead slots it does not have
+        masks.append(mask)
+    mask = torch.stack(masks)[:, None] if front else None
+    return Bucket(queries, torch.tensor(keys, dtype=torch.int64), mask, where), real
+
+
+def _padded_entries(groups: list[list[tuple[int, int, int, int]]], prefix_length: int) -> int:
+    """Score entries per head the groups' sdpa calls compute, plus :data:`CALL_COST_ENTRIES` a call."""
+    total = 0
+    for runs in groups:
+        width, slots = max(n for _, n, _, _ in runs), max(lead for *_, lead in runs)
+        total += CALL_COST_ENTRIES + len(runs) * width * (prefix_length + slots + width)
+    return total
+
+
+def length_buckets(
+    cu_seq_lens: torch.Tensor, device, leads: torch.Tensor | None = None, prefix_length: int = 0
+) -> Buckets:
+    """The packed row's runs (``cu_seq_lens [R + 1]``, on the host; ``leads [R, 2]``: ``(start, length)`` of the
+    lead run each sees before its own tokens, length 0 for none; ``prefix_length``: the shared prefix every run sees
+    first) as :class:`Bucket` calls: all runs in one call, or one call per length bucket (lengths within a factor of
+    2), whichever computes fewer padded score entries counting each call as :data:`CALL_COST_ENTRIES` more (a small
+    step's few runs: one call; many runs of very different lengths: buckets). Index tensors are built on the host
+    once a step and reused by every layer."""
     bounds = cu_seq_lens.tolist()
-    pieces = [(start, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
-    lead_of = dict(zip(pieces, leads.tolist() if leads is not None else [(0, 0)] * len(pieces)))
-    by_lead: dict[int, list[tuple[int, int]]] = {}
-    for piece in pieces:
-        by_lead.setdefault(lead_of[piece][1], []).append(piece)
-    buckets = []
-    for lead_length, runs in by_lead.items():
-        for group in group_by_length(runs):
-            lead = None
-            if lead_length:
-                starts = [lead_of[piece][0] for piece in group]
-                lead = torch.tensor([list(range(a, a + lead_length)) for a in starts], dtype=torch.int64).to(device)
-            buckets.append((*bucket_index(group, device), lead))
-    return buckets
+    lead_of = leads.tolist() if leads is not None else [(0, 0)] * (len(bounds) - 1)
+    runs = [(a, b - a, lead, n) for (a, b), (lead, n) in zip(zip(bounds[:-1], bounds[1:]), lead_of)]
+    groups = min([runs], group_by_length(runs), key=lambda g: _padded_entries(g, prefix_length))
+    buckets, placed = [], []
+    for group in groups:
+        bucket, real = _bucket(group, prefix_length)
+        to = lambda x: None if x is None else x.to(device)
+        buckets.append(Bucket(to(bucket.queries), to(bucket.keys), to(bucket.mask), to(bucket.where)))
+        placed.append(real)
+    order = torch.empty(int(bounds[-1]), dtype=torch.int64)
+    order[torch.cat(placed)] = torch.arange(int(bounds[-1]))
+    return Buckets(tuple(buckets), order.to(device))
 
 
 # -- the student's packed attention ---------------------------------------------------------------
@@ -144,41 +206,34 @@ def _bucket_attention(
     fastsoft_prefix=None,
     **kwargs,
 ):
-    """Packed causal attention as one sdpa call per length bucket. ``query [1, H, L, D]``, ``key/value
-    [1, KV, L, D]``; returns ``[1, L, H, D]``. Right padding is never seen by a real query (causal).
-    ``fastsoft_prefix`` (a :class:`fastsoft.prefix.SharedPrefix`): every run first sees all its ``Lp`` positions;
-    then a bucket's lead (:func:`length_buckets`) all of its run's lead, then its own tokens causally."""
+    """Packed causal attention as one sdpa call per length bucket (:func:`length_buckets`). ``query [1, H, L, D]``,
+    ``key/value [1, KV, L, D]``; returns ``[1, L, H, D]``. ``fastsoft_prefix`` (a :class:`fastsoft.prefix.SharedPrefix`):
+    every run first sees all its ``Lp`` cached positions; then its lead, then its own tokens causally.
+
+    Every gather reads whole ``[H, D]`` rows of the ``[L, H, D]`` layout the projections wrote (no transposed copies),
+    and the output is put back in row order by one ``index_select``: per layer, ``2 + 4 * buckets`` gathers, one sdpa
+    call per bucket, and their backward scatters."""
     if fastsoft_buckets is None:
         raise RuntimeError("fastsoft_buckets attention needs the packed row's length buckets (a packed student step)")
     if kwargs.get("sliding_window") is not None:
         raise RuntimeError("fastsoft_buckets attention does not support sliding-window layers")
-    q, k, v = query[0], key[0], value[0]  # [H, L, D], [KV, L, D]
-    heads, dim = q.shape[0], q.shape[-1]
-    out = q.new_zeros(heads, q.shape[1], dim)
-    for gather, real, where, lead in fastsoft_buckets:
-        take = lambda x, rows: (
-            x.index_select(1, rows.flatten()).unflatten(1, rows.shape).transpose(0, 1)
-        )  # [B,H|KV,W,D]
-        qb, kb, vb, causal = take(q, gather), take(k, gather), take(v, gather), dict(is_causal=True)
-        front_k, front_v = [], []
-        if fastsoft_prefix is not None:  # [B, KV, Lp, D]: the same cached head for every run
-            expand = lambda cached: cached.to(kb.dtype).expand(kb.shape[0], -1, -1, -1)
-            front_k.append(expand(fastsoft_prefix.keys[module.layer_idx]))
-            front_v.append(expand(fastsoft_prefix.values[module.layer_idx]))
-        if lead is not None:  # [B, KV, Lc, D]: each run's own lead (its job's σ), gathered from this row
-            front_k.append(take(k, lead))
-            front_v.append(take(v, lead))
-        if front_k:
-            kb, vb = torch.cat([*front_k, kb], 2), torch.cat([*front_v, vb], 2)
-            front = kb.shape[2] - gather.shape[1]  # query i sees every front key and its own keys up to i
-            causal = dict(
-                attn_mask=torch.ones(gather.shape[1], kb.shape[2], dtype=torch.bool, device=kb.device).tril(front)
-            )
+    heads, dim = query.shape[1], query.shape[-1]
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [L, H|KV, D]
+    if fastsoft_prefix is not None:  # key rows: the cached head's [Lp, KV, D], then the row's
+        layer = module.layer_idx
+        k = torch.cat([fastsoft_prefix.keys[layer].transpose(0, 1).to(k.dtype), k])
+        v = torch.cat([fastsoft_prefix.values[layer].transpose(0, 1).to(v.dtype), v])
+    outs = []
+    for bucket in fastsoft_buckets.buckets:
+        take = lambda x, rows: x.index_select(0, rows.flatten()).unflatten(0, rows.shape).transpose(1, 2)
+        qb, kb, vb = take(q, bucket.queries), take(k, bucket.keys), take(v, bucket.keys)  # [B, H|KV, W|K, D]
+        mask = dict(is_causal=True) if bucket.mask is None else dict(attn_mask=bucket.mask)
         o = torch.nn.functional.scaled_dot_product_attention(
-            qb, kb, vb, scale=scaling, enable_gqa=k.shape[0] != heads, **causal
+            qb, kb, vb, scale=scaling, enable_gqa=kb.shape[1] != heads, **mask
         )
-        out = out.index_copy(1, real, o.transpose(0, 1).reshape(heads, -1, dim).index_select(1, where))
-    return out.transpose(0, 1)[None], None
+        outs.append(o.transpose(1, 2).reshape(-1, heads, dim).index_select(0, bucket.where))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.index_select(0, fastsoft_buckets.order)[None], None
 
 
 def varlen_keys(cu_seq_lens: torch.Tensor, prefix_length: int, device, leads: torch.Tensor | None = None) -> dict:

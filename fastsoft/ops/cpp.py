@@ -1,4 +1,5 @@
-"""The C++ CPU backend of ``softmax_kl`` (``csrc/softmax_kl.cpp``), registered as ``torch.ops.fastsoft.*``.
+"""The C++ CPU backend (``csrc/``): ``softmax_kl`` (``softmax_kl.cpp``) and the decoder layer's fused small ops
+(``layers.cpp``, :mod:`fastsoft.ops.layers`), registered as ``torch.ops.fastsoft.*``.
 
 It is loaded from ``fastsoft._C`` when ``setup.py`` built it at install (and the source has not changed
 since); otherwise it is built just in time with ``torch.utils.cpp_extension.load`` (ninja) into
@@ -18,7 +19,8 @@ import torch
 
 from fastsoft.ops.targets import CompactTarget, HiddenTarget, SparseTarget, Teacher, as_target
 
-_SOURCE = "softmax_kl.cpp"
+_SOURCES = ("softmax_kl.cpp", "layers.cpp")  # compiled into one extension, with their header vec_math.h
+_HEADERS = ("vec_math.h",)
 _FLAGS = [
     "-O3",
     "-fopenmp",
@@ -27,12 +29,12 @@ _FLAGS = [
 ]  # as ext_modules in setup.py; lets the exp loops vectorise
 
 
-def _source() -> Path | None:
-    """``softmax_kl.cpp`` of a source checkout (``csrc/``) or of an installed package (``fastsoft/csrc/``)."""
+def _source_folder() -> Path | None:
+    """The C++ sources' folder of a source checkout (``csrc/``) or of an installed package (``fastsoft/csrc/``)."""
     package = Path(__file__).resolve().parents[1]
     for folder in (package.parent / "csrc", package / "csrc"):
-        if (folder / _SOURCE).is_file():
-            return folder / _SOURCE
+        if all((folder / name).is_file() for name in _SOURCES + _HEADERS):
+            return folder
     return None
 
 
@@ -46,20 +48,21 @@ def _build_dir() -> Path:
 def _load() -> tuple[bool, str]:
     if os.environ.get("FASTSOFT_SKIP_EXT") == "1":
         return False, "the C++ backend is turned off (FASTSOFT_SKIP_EXT=1)"
-    source = _source()
+    folder = _source_folder()
     built = importlib.util.find_spec("fastsoft._C")
-    # The build from install, unless the source next to it changed since (an edited checkout): then JIT.
-    if built is not None and not (source and built.origin and source.stat().st_mtime > os.path.getmtime(built.origin)):
+    newest = max((folder / name).stat().st_mtime for name in _SOURCES + _HEADERS) if folder else 0.0
+    # The build from install, unless a source next to it changed since (an edited checkout): then JIT.
+    if built is not None and not (built.origin and newest > os.path.getmtime(built.origin)):
         try:
             import fastsoft._C  # noqa: F401  (registers torch.ops.fastsoft.softmax_kl_rows_*)
 
             return True, ""
         except (ImportError, OSError):  # e.g. built against another torch: build just in time instead
             pass
-    if source is None:
+    if folder is None:
         return (
             False,
-            f"the C++ backend was not built at install and its source {_SOURCE} is not shipped with this install",
+            f"the C++ backend was not built at install and its sources {', '.join(_SOURCES)} are not shipped with this install",
         )
     try:
         from torch.utils.cpp_extension import load
@@ -67,8 +70,8 @@ def _load() -> tuple[bool, str]:
         build_dir = _build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         load(
-            name="fastsoft_softmax_kl",
-            sources=[str(source)],
+            name="fastsoft_cpu_ops",
+            sources=[str(folder / name) for name in _SOURCES],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),

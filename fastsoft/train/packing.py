@@ -39,6 +39,7 @@ from fastsoft.attention import (
     packed_attention,
     varlen_keys,
 )
+from fastsoft.layers import fused_layers
 from fastsoft.prefix import shared_prefix
 
 
@@ -179,7 +180,7 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
         longest = int((packed.cu_seq_lens[1:] - packed.cu_seq_lens[:-1]).max())  # host tensor: no device sync
         extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     elif attention == BUCKETS_ATTENTION:
-        extra = dict(fastsoft_buckets=length_buckets(packed.cu_seq_lens, device, packed.leads))
+        extra = dict(fastsoft_buckets=length_buckets(packed.cu_seq_lens, device, packed.leads, len(packed.prefix)))
     if packed.prefix or packed.leads is not None:
         if attention not in PREFIX_ATTENTIONS:
             raise ValueError(f"attention {attention!r} does not take a shared prefix; pack the row without one")
@@ -187,7 +188,7 @@ def scored_hidden(loaded, prompts: torch.Tensor, packed: Packed, attention: str 
             extra["fastsoft_prefix"] = shared_prefix(loaded, packed.prefix)
         if attention in VARLEN_ATTENTIONS:
             extra |= varlen_keys(packed.cu_seq_lens, len(packed.prefix), device, packed.leads)
-    with attention_implementation(loaded, attention):
+    with attention_implementation(loaded, attention), fused_layers(loaded):
         hidden = loaded.hidden_states(
             inputs_embeds=embeds[None], position_ids=packed.position_ids.to(device)[None], **extra
         )[0]

@@ -1,7 +1,9 @@
 """A seeded run's per-step losses are those of the committed reference, to the bit (tests/e2e/seeded_losses.json).
 
 The reference was produced by the code before the pipeline was regrouped into stages; any change to the
-maths, the packing, the sampling streams or the schedule shows up here as a changed bit.
+maths, the packing, the sampling streams or the schedule shows up here as a changed bit. The reference pins the
+transformers formulas of the model's layers (``FASTSOFT_FUSED_LAYERS=0``); with the fused layer ops (the default,
+:mod:`fastsoft.layers`) the same run differs from it by rounding only.
 """
 
 import json
@@ -10,17 +12,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 
 
-def test_seeded_losses_equal_the_committed_reference():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+def _seeded_losses(fused: bool) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "FASTSOFT_FUSED_LAYERS": "1" if fused else "0"}
     proc = subprocess.run(
         [sys.executable, str(HERE / "seeded_losses.py")], env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_seeded_losses_equal_the_committed_reference():
+    got = _seeded_losses(fused=False)
     want = json.loads((HERE / "seeded_losses.json").read_text())
     assert got.keys() == want.keys()
     for case in want:
         assert got[case] == want[case], f"{case}: the per-step losses changed"
+
+
+def test_fused_layers_change_the_seeded_losses_by_rounding_only():
+    got = _seeded_losses(fused=True)
+    want = json.loads((HERE / "seeded_losses.json").read_text())
+    for case in want:
+        for job, losses in want[case].items():
+            expected = torch.tensor([float.fromhex(x) for x in losses], dtype=torch.float64)
+            actual = torch.tensor([float.fromhex(x) for x in got[case][job]], dtype=torch.float64)
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=f"{case}/{job}")

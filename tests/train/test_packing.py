@@ -204,6 +204,27 @@ def test_shared_sigma_gives_the_same_hidden_states_and_gradients(tiny, attention
     assert g_shared[1].abs().sum() > 0  # slot 1, alone and not led, still gets its gradient
 
 
+@pytest.mark.parametrize("calls", ["one call", "length buckets"])
+@pytest.mark.parametrize("share", [True, False], ids=["head and σ shared", "whole segments"])
+def test_bucket_attention_in_one_call_or_per_length_bucket_equals_sdpa(tiny, calls, share, monkeypatch):
+    """The bucket attention's two groupings (all runs in one masked sdpa call, or one per length bucket, leads of
+    different lengths padded and masked) give transformers' sdpa on the whole segments: hidden states and gradients."""
+    monkeypatch.setattr(attention_mod, "CALL_COST_ENTRIES", 10**9 if calls == "one call" else 0)
+    torch.manual_seed(0)
+    prompts = torch.randn(3, 4, 64, requires_grad=True)
+    segs = _led_segments(HEAD)
+    whole = scored_hidden(tiny, prompts, pack(segs, 4), "sdpa")
+    packed = pack_shared(tiny, segs, 4, "fastsoft_buckets", share)
+    buckets = attention_mod.length_buckets(packed.cu_seq_lens, "cpu", packed.leads, len(packed.prefix))
+    assert (len(buckets.buckets) == 1) == (calls == "one call")
+    bucketed = scored_hidden(tiny, prompts, packed, "fastsoft_buckets")
+    torch.testing.assert_close(bucketed, whole, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(whole)
+    (g_whole,) = torch.autograd.grad((whole * weights).sum(), prompts)
+    (g_bucketed,) = torch.autograd.grad((bucketed * weights).sum(), prompts)
+    torch.testing.assert_close(g_bucketed, g_whole, rtol=1e-4, atol=1e-6)
+
+
 def test_what_shares_sigma(tiny):
     segs = _led_segments(HEAD)
     assert sigma_leads(segs, len(HEAD)) == {0, 2}

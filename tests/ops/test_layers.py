@@ -1,0 +1,131 @@
+"""The decoder layer's fused ops (csrc/layers.cpp, fastsoft/ops/layers.py) against the transformers formulas, and
+``fastsoft.layers.fused_layers`` on a model: the same hidden states and σ gradients, the model restored after."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+from fastsoft.layers import fused_layers
+from fastsoft.ops import cpp
+from fastsoft.ops.layers import rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
+from fastsoft.train.packing import Segment, pack_shared, scored_hidden
+
+
+@pytest.fixture(autouse=True)
+def cpp_backend():
+    ok, why = cpp.is_available()
+    if not ok:
+        if os.environ.get("FASTSOFT_SKIP_EXT") == "1":
+            pytest.skip(why)
+        pytest.fail(f"the C++ backend should build here: {why}")
+
+
+def _rope_inputs(dtype, batch=2, length=7, heads=9, kv=3, dim=16):
+    gen = torch.Generator().manual_seed(0)
+    # the projections' layout: [B, L, heads, D] memory seen as [B, heads, L, D]
+    q = torch.randn(batch, length, heads, dim, generator=gen, dtype=dtype).transpose(1, 2)
+    k = torch.randn(batch, length, kv, dim, generator=gen, dtype=dtype).transpose(1, 2)
+    angle = torch.randn(batch, length, dim // 2, generator=gen, dtype=dtype).repeat(1, 1, 2)
+    return q.requires_grad_(), k.requires_grad_(), angle.cos(), angle.sin()
+
+
+def test_rms_norm_equals_the_transformers_formula_and_its_gradient():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 576, generator=gen) * 4
+    weight = torch.randn(576, generator=gen)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), rms_norm_reference(x, weight, 1e-5), rtol=1e-6, atol=1e-6)
+    x64 = x[0, :3, :40].double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: rms_norm(t, weight[:40].double(), 1e-5), (x64,))
+    # the first layer's norm sees the embeddings; an all-zero row (padding) stays finite
+    assert torch.isfinite(rms_norm(torch.zeros(2, 576), weight, 1e-5)).all()
+
+
+def test_swiglu_equals_silu_times_up_and_its_gradient():
+    gen = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(4, 1536, generator=gen) * 6, torch.randn(4, 1536, generator=gen)
+    gate[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -87.5])  # exp's clamps
+    torch.testing.assert_close(swiglu(gate, up), swiglu_reference(gate, up), rtol=1e-6, atol=1e-6)
+    g64, u64 = (t[:2, :30].double().requires_grad_() for t in (gate, up))
+    assert torch.autograd.gradcheck(swiglu, (g64, u64))
+
+
+def test_rope_equals_apply_rotary_pos_emb_keeps_its_layout_and_gradient():
+    q, k, cos, sin = _rope_inputs(torch.float32)
+    fused, reference = rope(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert a.stride() == b.stride()  # [B, L, heads, D] memory, as the projections wrote it
+    q, k, cos, sin = _rope_inputs(torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: rope(a, b, cos, sin), (q, k))
+    (dq,) = torch.autograd.grad(rope(q, k, cos, sin)[0].sum(), q)  # a gradient for q alone
+    (dq_ref,) = torch.autograd.grad(rope_reference(q, k, cos, sin)[0].sum(), q)
+    torch.testing.assert_close(dq, dq_ref)
+
+
+def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
+    """A weight that needs a gradient, bf16, or cos/sin that need one: the transformers formulas run (and a gradient
+    reaches the weight)."""
+    x = torch.randn(3, 8)
+    weight = torch.randn(8, requires_grad=True)
+    rms_norm(x, weight, 1e-5).sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    xb, wb = x.bfloat16(), torch.randn(8).bfloat16()
+    torch.testing.assert_close(rms_norm(xb, wb, 1e-5), rms_norm_reference(xb, wb, 1e-5), rtol=0, atol=0)
+    q, k, cos, sin = _rope_inputs(torch.float32)
+    cos.requires_grad_()
+    rope(q, k, cos, sin)[0].sum().backward()
+    assert cos.grad is not None
+
+
+def _sigma_step(tiny, prompts):
+    segments = [Segment(0, [5, 6, 7], [17, 18, 19], [20, 21]), Segment(1, [5, 6, 7], [22, 23] * 4, [24, 25, 26])]
+    packed = pack_shared(tiny, segments, prompts.shape[1], "fastsoft_buckets", True)
+    return scored_hidden(tiny, prompts, packed, "fastsoft_buckets")
+
+
+def test_fused_layers_give_the_same_hidden_states_and_gradients_and_restore_the_model(tiny, monkeypatch, calls):
+    torch.manual_seed(0)
+    prompts = torch.randn(2, 4, 64, requires_grad=True)
+    monkeypatch.setenv("FASTSOFT_FUSED_LAYERS", "0")
+    plain = _sigma_step(tiny, prompts)
+    (g_plain,) = torch.autograd.grad(plain.square().sum(), prompts)
+    monkeypatch.setenv("FASTSOFT_FUSED_LAYERS", "1")
+    rope_before = modeling_llama.apply_rotary_pos_emb
+    with fused_layers(tiny):  # the swap itself: every norm and MLP, and the rotary function
+        swapped = [m for m in tiny.model.modules() if "forward" in m.__dict__]
+        kinds = {type(m).__name__ for m in swapped}
+        assert kinds == {"LlamaRMSNorm", "LlamaMLP"}
+        assert len(swapped) == 2 * 2 + 1 + 2  # 2 layers: 2 norms and an MLP each, the final norm
+        assert modeling_llama.apply_rotary_pos_emb.__name__ == "counted"
+        with fused_layers(tiny):  # nested: nothing swapped twice, and the outer block still restores
+            pass
+        assert modeling_llama.apply_rotary_pos_emb.__name__ == "counted"
+    assert modeling_llama.apply_rotary_pos_emb is rope_before
+    assert not [m for m in tiny.model.modules() if "forward" in m.__dict__]
+    calls.clear()
+    fused = _sigma_step(tiny, prompts)
+    (g_fused,) = torch.autograd.grad(fused.square().sum(), prompts)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+    assert calls == {"rms_norm": 5, "swiglu": 2, "rope": 2}  # the fused step ran them, once per module a forward
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the fused ops' calls through fastsoft.layers (what the swapped forwards call)."""
+    import fastsoft.layers as layers
+
+    counts = {}
+    for name in ("rms_norm", "swiglu", "rope"):
+        op = getattr(layers, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(layers, name, counted)
+    return counts
