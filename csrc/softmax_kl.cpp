@@ -23,7 +23,8 @@
 //   the tile), which gives the tail bucket exactly; the ids' own terms come from gathered W rows:
 //   dh = [((sum w + r) / S - r / S_tail) O + sum_ids ((sum w + r) p_v - w_v) W_v] / T. 2 GEMMs.
 // - compact teachers (wbar = sum q W, sum q log q): the sparse pass with no ids gives lse and O / S = sum p W;
-//   KL = sum q log q - h . wbar / T + lse, dh = (O / S - wbar) / T. 2 GEMMs, no teacher read over V.
+//   KL = sum q log q - h . wbar / T + lse, dh = (O / S - wbar) / T. 2 GEMMs, no teacher read over V. With at most BN
+//   rows the threads split the vocabulary instead (compact_rows_vocab_split).
 //   Optional gradient filtering (softmax_kl_rows_compact_filtered): a tile's O GEMM is skipped when every row's
 //   final mass there is provably tiny (see compact_rows); the skipped part's norm bound is returned per row.
 // The loss and gradient formulas are those of fastsoft/ops/reference.py.
@@ -877,6 +878,92 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_sparse(const at::Tensor& hidd
   return {loss, grad};
 }
 
+// Compact teacher, few rows (at most BN, as in a student step): the vocabulary is split among the threads
+// instead of the rows. Each split streams its share of the tiles with all N rows (GEMMs with M = N, not N / threads;
+// W read once, not once a thread) and keeps its own running max, sum and O; the splits are merged as tiles are
+// (rescaled by e^{m_split - m}). The same maths as compact_rows; only the order of the sums differs.
+template <typename T>
+void compact_rows_vocab_split(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& wbar,
+                              const at::Tensor& neg_entropy, double temperature, const uint8_t* keep, bool need_grad,
+                              int64_t splits, at::Tensor& loss, at::Tensor& grad) {
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0), tiles = ceil_div(V, BV);
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  const auto opts = hidden.options().dtype(acc);
+  const T inv_t = T(1) / static_cast<T>(temperature);
+  const at::Tensor h_mat = hidden.scalar_type() == acc ? hidden : hidden.to(acc);
+  std::vector<T> m_all(splits * N, NEG_INF<T>), s_all(splits * N, T(0));
+  at::Tensor o_all = need_grad ? at::zeros({splits, N, H}, opts) : at::Tensor();
+
+  at::parallel_for(0, splits, 1, [&](int64_t sp_begin, int64_t sp_end) {
+    WeightTiles w_tile(weight, acc);
+    at::Tensor z_buf = at::empty({N * BV}, opts);
+    std::vector<int64_t> ucount(N, 0), cursor(N, 0);
+    std::vector<T> alpha(N);
+    for (int64_t sp = sp_begin; sp < sp_end; ++sp) {
+      T* m = m_all.data() + sp * N;
+      T* s = s_all.data() + sp * N;
+      at::Tensor o = need_grad ? o_all.select(0, sp) : at::Tensor();
+      for (int64_t tile = sp * tiles / splits; tile < (sp + 1) * tiles / splits; ++tile) {
+        const int64_t v0 = tile * BV, bv = std::min(BV, V - v0);
+        const at::Tensor w_t = w_tile(v0, bv);
+        at::Tensor z = matrix(z_buf, N, bv);
+        at::mm_out(z, h_mat, w_t.t());
+        sparse_tile(z.mutable_data_ptr<T>(), inv_t, N, bv, v0, keep, nullptr, ucount.data(), 0, cursor.data(), nullptr,
+                    m, s, alpha.data());
+        if (!need_grad) continue;
+        rescale_rows(o, alpha.data());
+        o.addmm_(z, w_t);
+      }
+    }
+  });
+
+  const T* hp = h_mat.const_data_ptr<T>();
+  const T* wbar_p = wbar.const_data_ptr<T>();
+  const T* nq_p = neg_entropy.const_data_ptr<T>();
+  T* loss_out = loss.mutable_data_ptr<T>();
+  at::Tensor g_acc = need_grad ? (grad.scalar_type() == acc ? grad : at::empty({N, H}, opts)) : at::Tensor();
+  T* gp = need_grad ? g_acc.mutable_data_ptr<T>() : nullptr;
+  const T* op = need_grad ? o_all.const_data_ptr<T>() : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
+    std::vector<T> scale(splits);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      if (!keep[n]) {  // an ignored row's target is never read (it may hold NaN)
+        loss_out[n] = T(0);
+        if (need_grad) std::fill(gp + n * H, gp + (n + 1) * H, T(0));
+        continue;
+      }
+      T mx = NEG_INF<T>;
+      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, m_all[sp * N + n]);
+      T sum = 0;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        scale[sp] = m_all[sp * N + n] == NEG_INF<T> ? T(0) : exp_acc(m_all[sp * N + n] - mx);
+        sum += s_all[sp * N + n] * scale[sp];
+      }
+      double dot = 0;  // h . wbar in fp64, as compact_rows
+      for (int64_t j = 0; j < H; ++j) dot += static_cast<double>(hp[n * H + j]) * wbar_p[n * H + j];
+      const double lse = static_cast<double>(mx) + std::log(static_cast<double>(sum));
+      loss_out[n] = static_cast<T>(static_cast<double>(nq_p[n]) - dot / temperature + lse);
+      if (!need_grad) continue;
+      T* g = gp + n * H;
+      const T* wr = wbar_p + n * H;
+      const T c = inv_t / sum;
+      for (int64_t j = 0; j < H; ++j) {
+        T o_sum = 0;
+        for (int64_t sp = 0; sp < splits; ++sp) o_sum += scale[sp] * op[(sp * N + n) * H + j];
+        g[j] = o_sum * c - wr[j] * inv_t;
+      }
+    }
+  });
+  if (need_grad && g_acc.data_ptr() != grad.data_ptr()) grad.copy_(g_acc);
+}
+
+// Splits of the vocabulary for compact_rows_vocab_split: one a thread when all the rows fit one task of BN (scratch
+// stays O(threads * BN * (BV + H))); else 1: the threads split the rows (compact_rows).
+int64_t vocab_splits(int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return threads > 1 && n <= BN ? threads : 1;
+}
+
 std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_compact(const at::Tensor& hidden, const at::Tensor& lm_weight,
                                                            const at::Tensor& wbar, const at::Tensor& neg_entropy,
                                                            double temperature,
@@ -893,8 +980,15 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_rows_compact(const at::Tensor& hid
   auto [loss, grad] = outputs(hidden, acc, need_grad);
   if (hidden.size(0) == 0) return {loss, grad};
   const at::Tensor wb = wbar.to(acc), nq = neg_entropy.to(acc);
-  if (acc == at::kDouble) compact_rows<double>(hidden, lm_weight, wb, nq, temperature, keep.data(), need_grad, loss, grad);
-  else compact_rows<float>(hidden, lm_weight, wb, nq, temperature, keep.data(), need_grad, loss, grad);
+  const int64_t splits = vocab_splits(hidden.size(0));
+  if (splits > 1 && acc == at::kDouble)
+    compact_rows_vocab_split<double>(hidden, lm_weight, wb, nq, temperature, keep.data(), need_grad, splits, loss, grad);
+  else if (splits > 1)
+    compact_rows_vocab_split<float>(hidden, lm_weight, wb, nq, temperature, keep.data(), need_grad, splits, loss, grad);
+  else if (acc == at::kDouble)
+    compact_rows<double>(hidden, lm_weight, wb, nq, temperature, keep.data(), need_grad, loss, grad);
+  else
+    compact_rows<float>(hidden, lm_weight, wb, nq, temperature, keep.data(), need_grad, loss, grad);
   return {loss, grad};
 }
 

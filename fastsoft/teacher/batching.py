@@ -35,6 +35,7 @@ from fastsoft.attention import attention_implementation, attention_lse, bucket_i
 from fastsoft.data.jobs import Job
 from fastsoft.data.templates import Template, encode, end_token_ids, tokenize_query
 from fastsoft.errors import FastsoftError
+from fastsoft.layers import fused_layers
 
 TEACHER_ATTENTION = "fastsoft_teacher"
 
@@ -156,7 +157,7 @@ def teach_jobs(
         else:
             results[request.id] = ([], [])
     active: list[_Job] = []
-    with attention_implementation(loaded, TEACHER_ATTENTION, _teacher_attention):
+    with attention_implementation(loaded, TEACHER_ATTENTION, _teacher_attention), fused_layers(loaded):
         while pending or active:
             while pending and len(active) < max_jobs:
                 active.append(pending.popleft())

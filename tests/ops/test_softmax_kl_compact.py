@@ -147,3 +147,32 @@ def test_ignored_rows_give_zero_and_never_leak_nan(backend):
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
     assert (out[[1, 4]] == 0).all() and (x.grad[[1, 4]] == 0).all()
     assert softmax_kl(x, W.float(), t, token_weight=torch.zeros(6), backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("rows", [1, 37, 256, 300], ids=lambda n: f"N={n}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_compact_splits_rows_or_vocabulary_alike(rows, dtype):
+    """With at most BN = 256 rows the C++ backend's threads split the vocabulary (each keeps its own max, sum and O,
+    merged at the end), else the rows; one thread never splits. Every way gives the fp64 formula's value and
+    gradient (V not a multiple of the 256-column tile, so the splits get unequal tiles; two rows ignored)."""
+    from fastsoft.ops import cpp
+
+    ok, why = cpp.is_available()
+    if not ok:
+        pytest.skip(why)
+    gen, h, W = _problem(stable_seed("splits", rows), n=rows, v=1000, hd=48)
+    teacher = CompactTarget.from_hidden(2 * torch.randn(rows, 48, generator=gen, dtype=torch.float64), W, 0.7)
+    keep = torch.ones(rows)
+    keep[[0, rows // 2]] = 0
+    want_value, want_grad = reference.softmax_kl_rows(h, W, teacher, 0.7, keep, True)
+    cast = CompactTarget(teacher.wbar.to(dtype), teacher.neg_entropy.to(dtype), 0.7)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            value, grad = cpp.softmax_kl_rows(h.to(dtype), W.to(dtype), cast, 0.7, keep.to(dtype), True)
+            torch.testing.assert_close(value.double(), want_value * keep, **tol, msg=f"{threads} threads")
+            torch.testing.assert_close(grad.double(), want_grad * keep[:, None], **tol, msg=f"{threads} threads")
+    finally:
+        torch.set_num_threads(previous)
