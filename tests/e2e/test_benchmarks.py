@@ -133,6 +133,28 @@ def test_bench_student_smoke_runs(tiny_model_dir, tmp_path):
     assert path.with_suffix(".png").exists()
 
 
+def test_bench_rounding_smoke_runs(tiny_model_dir, tmp_path):
+    """The compact and dense students and the compact one's rounding twins, trained alike on the tiny model: their σ
+    stay within rounding of each other over a few steps (they separate only over many), and every number is saved."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_rounding", ROOT / "benchmarks" / "bench_rounding.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--twins", "2", "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("rounding-*-smoke.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] and result["steps"] == 6
+    assert result["students"] == ["compact", "dense", "twin 1", "twin 2"]
+    assert all(len(result["losses"][n]) == 6 for n in result["students"])
+    for name, distances in result["sigma_distance"].items():
+        assert len(distances) == 6 and 0 < distances[-1] < 1e-4, name  # apart by rounding, not by more
+    assert all(math.isfinite(row["gap_closed"]) for row in result["final"].values())
+    assert abs(result["spread"]["dense_minus_compact"]) < 1e-3
+    assert path.with_suffix(".png").exists()
+
+
 def test_bench_curves_reanalyses_its_saved_curves(tmp_path):
     """bench_curves recomputes where the plateau rule stops from a saved run's training losses (no model, no training):
     the committed results give the stops the README quotes."""

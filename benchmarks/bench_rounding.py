@@ -1,0 +1,185 @@
+"""How far apart do trainings end that differ only in rounding? The compact teacher against the dense one, and
+against itself perturbed at the level of fp32 rounding, on the real default model on CPU.
+
+The default compact teacher (``w̄ = Σ q W`` and ``Σ q log q`` a token) and the dense one (all V log-probs) give the
+same forward KL and gradient, exactly in real arithmetic (tested to 1e-12 in fp64); in fp32 they round differently.
+Issue #11 asks that README command 1 give the same held-out ``gap_closed`` with either within 0.005. This measures
+what a single 200-step run can say about that: the same job (the shipped example's 32 training queries and 8
+held-out ones, as ``bench_student.py``), the same seeded minibatches of 4, init and lr schedule, trained by
+
+- ``compact``: the default teacher;
+- ``dense``: the dense teacher (its log-probs, the distribution the compact target encodes);
+- ``twin k``: the compact teacher with every ``w̄`` number multiplied by ``1 + 2^-24 ε`` (``ε ~ N(0, 1)``, seed k):
+  a perturbation the size of one fp32 rounding, i.e. another run of the same maths.
+
+Measured, in one run (students interleaved step by step): each student's per-step loss and the relative distance of
+its σ from the ``compact`` student's, and the held-out ``gap_closed`` of each at the end. The twins' spread is what
+rounding alone does to a run; ``dense`` against ``compact`` is then compared with it.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_rounding.py               # 200 steps, 3 twins: ~15 min on 2 cores
+    python benchmarks/bench_rounding.py --smoke --model DIR --out DIR   # the tiny model, seconds (tests)
+
+Writes ``benchmarks/results/rounding-<device>[-<label>].json`` and ``.png`` (left: σ distance from ``compact``
+against step, log scale; right: each student's final held-out gap_closed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_student  # noqa: E402  (the job, its teacher, the minibatches, the fastsoft student)
+import common  # noqa: E402
+
+ULP = 2.0**-24  # fp32's relative rounding unit
+
+
+def students_for(loaded, data, config, twins: int) -> dict:
+    """``{name: FastsoftStudent}``: compact, dense, and ``twins`` rounding twins of compact."""
+    from fastsoft.ops import DenseTarget
+
+    base = data["targets"]
+    variants = {"compact": base, "dense": DenseTarget(data["dense"])}
+    for k in range(1, twins + 1):
+        gen = torch.Generator().manual_seed(k)
+        noise = torch.randn(base.wbar.shape, generator=gen, dtype=torch.float64)
+        wbar = (base.wbar.double() * (1 + ULP * noise)).to(base.wbar.dtype)
+        variants[f"twin {k}"] = dataclasses.replace(base, wbar=wbar)
+    return {name: bench_student.FastsoftStudent(loaded, dict(data, targets=t), config) for name, t in variants.items()}
+
+
+def run(loaded, data, config, args, result: dict) -> None:
+    from fastsoft.train.lr_schedule import lr_at
+
+    students = students_for(loaded, data, config, args.twins)
+    schedule = bench_student.batches(len(data["train"]), config.batch_queries, args.steps, seed=config.seed + 3)
+    T = config.temperature
+    kl_none = bench_student.heldout_kl(loaded, None, data["held_out"], T)
+    losses = {n: [] for n in students}
+    distance = {n: [] for n in students if n != "compact"}
+    seconds = {n: 0.0 for n in students}
+    names = list(students)
+    result.update(students=names, kl_none=kl_none, losses=losses, sigma_distance=distance, seconds=seconds)
+    for step, batch in enumerate(schedule):
+        lr = lr_at(step, args.steps, config.lr, config.warmup)
+        for name in names if step % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            losses[name].append(students[name].step(batch, lr)[0])
+            seconds[name] += time.perf_counter() - started
+        ref = students["compact"].prompt()
+        for name in distance:
+            distance[name].append(float((students[name].prompt() - ref).norm() / ref.norm()))
+        if (step + 1) % max(1, args.steps // 10) == 0:
+            line = "  ".join(f"{n} {distance[n][-1]:.1e}" for n in distance)
+            print(f"  step {step + 1:4d}  σ distance from compact: {line}", flush=True)
+    final = {}
+    for name, student in students.items():
+        kl = bench_student.heldout_kl(loaded, student.prompt(), data["held_out"], T)
+        final[name] = {"kl_soft": kl, "gap_closed": 1 - kl / kl_none, "final_loss": losses[name][-1]}
+    twins = [final[n]["gap_closed"] for n in names if n.startswith("twin")] + [final["compact"]["gap_closed"]]
+    result["final"] = final
+    result["spread"] = {
+        "compact_and_twins": twins,
+        "stdev": statistics.stdev(twins) if len(twins) > 1 else None,
+        "range": max(twins) - min(twins),
+        "dense_minus_compact": final["dense"]["gap_closed"] - final["compact"]["gap_closed"],
+        "first_step_sigma_distance_above_1e-3": {
+            n: next((i + 1 for i, d in enumerate(distance[n]) if d > 1e-3), None) for n in distance
+        },
+    }
+
+
+def print_table(result: dict) -> None:
+    final = result.get("final")
+    if not final:
+        return
+    print(f"\nheld-out gap_closed after {result['steps']} steps (the same job, batches, init and lr for each):")
+    print("| student | gap_closed | final training loss | σ distance from compact at the end |")
+    print("|---|---|---|---|")
+    for name, row in final.items():
+        dist = result["sigma_distance"].get(name)
+        far = f"{dist[-1]:.2e}" if dist else "—"
+        print(f"| {name} | {row['gap_closed']:.3f} | {row['final_loss']:.3f} | {far} |")
+    spread = result["spread"]
+    stdev = spread["stdev"]
+    print(
+        f"compact and its rounding twins: range {spread['range']:.3f}"
+        + (f", stdev {stdev:.3f}" if stdev is not None else "")
+        + f"; dense - compact: {spread['dense_minus_compact']:+.3f}"
+    )
+
+
+def plot(result: dict, plt, path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, dist in result.get("sigma_distance", {}).items():
+        left.semilogy(range(1, len(dist) + 1), [max(d, 1e-9) for d in dist], label=name)
+    left.set_xlabel("step")
+    left.set_ylabel("‖σ − σ_compact‖ / ‖σ_compact‖")
+    left.set_title("runs that differ by rounding separate")
+    left.legend()
+    final = result.get("final", {})
+    names = list(final)
+    right.scatter(range(len(names)), [final[n]["gap_closed"] for n in names])
+    right.set_xticks(range(len(names)), names, rotation=30)
+    right.set_ylabel("held-out gap_closed")
+    right.set_title(f"after {result['steps']} steps ({result['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = common.parser(__doc__)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200; --smoke: 6)")
+    parser.add_argument("--twins", type=int, default=3, help="rounding twins of the compact student (3)")
+    parser.add_argument("--label", default="", help="appended to the results' file name")
+    parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps, 8 training queries, only into --out")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (6 if args.smoke else 200)
+    if args.steps < 1 or args.twins < 1:
+        parser.error("--steps and --twins must be positive")
+
+    from fastsoft.config import CompressConfig
+    from fastsoft.models import load_model
+
+    config = CompressConfig(
+        prompt_length=4 if args.smoke else 16,
+        steps=args.steps,
+        batch_queries=4,
+        **({"max_new_tokens": 6} if args.smoke else {}),
+    )
+    name = common.device_name("cpu")
+    print(f"runs that differ only in rounding on {name}, {torch.get_num_threads()} threads", flush=True)
+    result = {
+        **common.run_info(name, "bench_rounding.py", argv),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "twins": args.twins,
+        "perturbation": "wbar * (1 + 2^-24 * N(0, 1)), seeded per twin",
+        "checkout": bench_student.checkout_state(),
+    }
+    stem = "-".join(["rounding", common.file_tag(name, "smoke" if args.smoke else "", args.label)])
+    dirs = common.out_dirs(args.out, only_out=args.smoke)
+
+    def body():
+        loaded = load_model(args.model)
+        result["model_name"] = Path(loaded.path).name
+        data = bench_student.prepare(loaded, config, max_train=8 if args.smoke else None)
+        result["teacher_kind"] = data["teacher_kind"]
+        run(loaded, data, config, args, result)
+
+    status = common.run_keeping_partial(result, body)
+    print_table(result)
+    print()
+    print(common.save(result, stem, dirs, plot))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
