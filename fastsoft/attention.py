@@ -121,9 +121,9 @@ class Buckets:
 CALL_COST_ENTRIES = 4096
 
 
-def _bucket(runs: list[tuple[int, int, int, int]], prefix_length: int) -> tuple[Bucket, torch.Tensor]:
-    """One :class:`Bucket` (host tensors) of ``runs`` ``(start, length, lead start, lead length)``, and the row
-    positions of its real tokens."""
+def _bucket(runs: list[tuple[int, int, int, int]], prefix_length: int, device) -> tuple[Bucket, torch.Tensor]:
+    """One :class:`Bucket` on ``device`` of ``runs`` ``(start, length, lead start, lead length)``, and the row
+    positions of its real tokens (on the host)."""
     queries, real, where = bucket_index([(start, n) for start, n, _, _ in runs], "cpu")
     width, slots = queries.shape[1], max(lead for *_, lead in runs)
     front = prefix_length + slots
@@ -134,8 +134,9 @@ def _bucket(runs: list[tuple[int, int, int, int]], prefix_length: int) -> tuple[
         mask = torch.ones(width, front + width, dtype=torch.bool).tril(front)
         mask[:, prefix_length + lead : front] = False  # the lead slots it does not have
         masks.append(mask)
-    mask = torch.stack(masks)[:, None] if front else None
-    return Bucket(queries, torch.tensor(keys, dtype=torch.int64), mask, where), real
+    mask = torch.stack(masks)[:, None].to(device) if front else None
+    keys = torch.tensor(keys, dtype=torch.int64)
+    return Bucket(queries.to(device), keys.to(device), mask, where.to(device)), real
 
 
 def _padded_entries(groups: list[list[tuple[int, int, int, int]]], prefix_length: int) -> int:
@@ -162,9 +163,8 @@ def length_buckets(
     groups = min([runs], group_by_length(runs), key=lambda g: _padded_entries(g, prefix_length))
     buckets, placed = [], []
     for group in groups:
-        bucket, real = _bucket(group, prefix_length)
-        to = lambda x: None if x is None else x.to(device)
-        buckets.append(Bucket(to(bucket.queries), to(bucket.keys), to(bucket.mask), to(bucket.where)))
+        bucket, real = _bucket(group, prefix_length, device)
+        buckets.append(bucket)
         placed.append(real)
     order = torch.empty(int(bounds[-1]), dtype=torch.int64)
     order[torch.cat(placed)] = torch.arange(int(bounds[-1]))
@@ -206,13 +206,14 @@ def _bucket_attention(
     fastsoft_prefix=None,
     **kwargs,
 ):
-    """Packed causal attention as one sdpa call per length bucket (:func:`length_buckets`). ``query [1, H, L, D]``,
+    """Packed causal attention as one masked sdpa call per :class:`Bucket` of ``fastsoft_buckets``
+    (:func:`length_buckets`: all runs in one call, or one per length bucket). ``query [1, H, L, D]``,
     ``key/value [1, KV, L, D]``; returns ``[1, L, H, D]``. ``fastsoft_prefix`` (a :class:`fastsoft.prefix.SharedPrefix`):
     every run first sees all its ``Lp`` cached positions; then its lead, then its own tokens causally.
 
     Every gather reads whole ``[H, D]`` rows of the ``[L, H, D]`` layout the projections wrote (no transposed copies),
-    and the output is put back in row order by one ``index_select``: per layer, ``2 + 4 * buckets`` gathers, one sdpa
-    call per bucket, and their backward scatters."""
+    and the output is put back in row order by one ``index_select``: per layer, the prefix joined to the key rows
+    (two ``cat``), four gathers and one sdpa call a bucket, one final gather, and their backward scatters."""
     if fastsoft_buckets is None:
         raise RuntimeError("fastsoft_buckets attention needs the packed row's length buckets (a packed student step)")
     if kwargs.get("sliding_window") is not None:

@@ -58,7 +58,7 @@ def fused_layers(loaded):
             elif _family(module, "Attention"):
                 modeling = sys.modules[type(module).__module__]
                 previous = getattr(modeling, "apply_rotary_pos_emb", None)
-                if previous is not None and previous is not rope and not any(p[0] is modeling for p in patched):
+                if previous is not None and previous is not rope:  # once a modeling module, once a block
                     modeling.apply_rotary_pos_emb = rope
                     patched.append((modeling, "apply_rotary_pos_emb", previous))
         yield

@@ -1,9 +1,8 @@
 """The frozen decoder layer's small ops, fused: ``rms_norm``, ``swiglu`` and ``rope``, forward and backward.
 
 Each is one pass over its rows each way in the C++ CPU backend (``csrc/layers.cpp``, ``torch.ops.fastsoft.*``, with
-their backward in C++ too),
-where the transformers formulas they replace are 4 to 10 ATen elementwise ops each (at the student step's sizes, a
-packed row of ~160 tokens, most of their time is per-op overhead). Only the activations get gradients: the weights,
+their backward in C++ too), where the transformers formulas they replace are 4 to 10 ATen elementwise ops each (at the
+student step's sizes, a packed row of ~160 tokens, most of their time is per-op overhead). Only the activations get gradients: the weights,
 ``cos`` and ``sin`` are frozen (:func:`fused_applies` checks). The ``*_reference`` functions are the transformers
 formulas (Llama family), the tests' ground truth and the fallback.
 

@@ -11,7 +11,15 @@ from transformers.models.llama import modeling_llama
 
 from fastsoft.layers import fused_layers
 from fastsoft.ops import cpp
-from fastsoft.ops.layers import rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
+from fastsoft.ops.layers import (
+    fused_applies,
+    rms_norm,
+    rms_norm_reference,
+    rope,
+    rope_reference,
+    swiglu,
+    swiglu_reference,
+)
 from fastsoft.train.packing import Segment, pack_shared, scored_hidden
 
 
@@ -37,6 +45,7 @@ def test_rms_norm_equals_the_transformers_formula_and_its_gradient():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 576, generator=gen) * 4
     weight = torch.randn(576, generator=gen)
+    assert fused_applies(x, frozen=(weight,))  # the C++ op runs here, not the reference it is compared with
     torch.testing.assert_close(rms_norm(x, weight, 1e-5), rms_norm_reference(x, weight, 1e-5), rtol=1e-6, atol=1e-6)
     x64 = x[0, :3, :40].double().requires_grad_()
     assert torch.autograd.gradcheck(lambda t: rms_norm(t, weight[:40].double(), 1e-5), (x64,))
@@ -48,6 +57,7 @@ def test_swiglu_equals_silu_times_up_and_its_gradient():
     gen = torch.Generator().manual_seed(1)
     gate, up = torch.randn(4, 1536, generator=gen) * 6, torch.randn(4, 1536, generator=gen)
     gate[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -87.5])  # exp's clamps
+    assert fused_applies(gate, up)
     torch.testing.assert_close(swiglu(gate, up), swiglu_reference(gate, up), rtol=1e-6, atol=1e-6)
     g64, u64 = (t[:2, :30].double().requires_grad_() for t in (gate, up))
     assert torch.autograd.gradcheck(swiglu, (g64, u64))
@@ -55,6 +65,7 @@ def test_swiglu_equals_silu_times_up_and_its_gradient():
 
 def test_rope_equals_apply_rotary_pos_emb_keeps_its_layout_and_gradient():
     q, k, cos, sin = _rope_inputs(torch.float32)
+    assert fused_applies(q, k, frozen=(cos, sin))
     fused, reference = rope(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -71,6 +82,7 @@ def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
     reaches the weight)."""
     x = torch.randn(3, 8)
     weight = torch.randn(8, requires_grad=True)
+    assert not fused_applies(x, frozen=(weight,))
     rms_norm(x, weight, 1e-5).sum().backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
     xb, wb = x.bfloat16(), torch.randn(8).bfloat16()
