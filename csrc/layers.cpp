@@ -1,6 +1,7 @@
 // The frozen decoder layer's small ops on CPU, each fused into one pass forward and one backward:
 // rms_norm, swiglu and rope, registered as fastsoft::{rms_norm,swiglu,rope} with their backward. Implements
 // fastsoft/ops/layers.py's contract (the Llama-family formulas of transformers), for fp32 and fp64.
+// And fastsoft::frozen_linear: the projections through oneDNN's packed GEMM, with its backward (see there).
 //
 // Why: at the student step's sizes (a packed row of ~160 tokens, H = 576 on SmolLM2) each of these is
 // 4 to 10 ATen elementwise ops, every one a pass over the rows and a kernel launch on the thread pool;
@@ -15,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -311,10 +313,46 @@ std::tuple<at::Tensor, at::Tensor> rope_op(const at::Tensor& q, const at::Tensor
 
 }  // namespace
 
+// ---------------------------------------------------------------- frozen_linear
+// y = x Wᵀ + b, dx = dy W (no dW, db: frozen), both through torch's oneDNN op mkldnn::_linear_pointwise with the
+// weight packed once by mkldnn::_reorder_linear_weight: W for the forward, Wᵀ (contiguous, then packed) for the
+// backward. Why: torch's CPU mm calls MKL, whose fp32 GEMMs at ~180 rows ran 1.2-1.3x slower than oneDNN's packed
+// ones on this project's AMD CPU. fp32 only (the caller checks, and packs).
+
+at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), c10::IValue("none"),
+                          c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+struct FrozenLinearFunction : public torch::autograd::Function<FrozenLinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
+                            const at::Tensor& packed_t, const std::optional<at::Tensor>& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    check(!packed.requires_grad() && !packed_t.requires_grad() && !(bias.has_value() && bias->requires_grad()),
+          "frozen_linear's weight and bias are frozen (no gradient for them)");
+    ctx->saved_data["packed_t"] = packed_t;
+    return packed_matmul(x, packed, bias);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {packed_matmul(grads[0], ctx->saved_data["packed_t"].toTensor(), std::nullopt), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor frozen_linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& packed_t,
+                            const std::optional<at::Tensor>& bias) {
+  return FrozenLinearFunction::apply(x, packed, packed_t, bias);
+}
+
 TORCH_LIBRARY_FRAGMENT(fastsoft, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+  m.def("frozen_linear(Tensor x, Tensor packed, Tensor packed_t, Tensor? bias) -> Tensor");
 }
 
 // The Autograd key runs the C++ autograd functions above for CPU tensors (the only device implemented).
@@ -322,6 +360,7 @@ TORCH_LIBRARY_IMPL(fastsoft, Autograd, m) {
   m.impl("rms_norm", &rms_norm_op);
   m.impl("swiglu", &swiglu_op);
   m.impl("rope", &rope_op);
+  m.impl("frozen_linear", &frozen_linear_op);
 }
 
 }  // namespace fastsoft

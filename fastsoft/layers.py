@@ -1,10 +1,13 @@
-"""The frozen model's norms, gated MLP activations and rotary embeddings run as fused ops in a student step.
+"""The frozen model's norms, gated MLP activations, rotary embeddings and projections run as fused ops in a student
+step.
 
 :func:`fused_layers` swaps them, inside its block only, for :mod:`fastsoft.ops.layers`' (one pass forward and one
-backward each, in the C++ CPU backend) on the Llama-family models whose formulas those ops implement
-(``FUSED_FAMILIES``: their ``*RMSNorm``, ``*MLP`` with a SiLU gate and no biases, and ``apply_rotary_pos_emb``);
-other models, other devices and dtypes run unchanged (each fused op falls back to the transformers formula where it
-does not apply). The same maths up to rounding; ``FASTSOFT_FUSED_LAYERS=0`` turns it off.
+backward each, in the C++ CPU backend; the projections through oneDNN's packed GEMM) on the Llama-family models whose
+formulas those ops implement (``FUSED_FAMILIES``: their ``*RMSNorm``, ``*MLP`` with a SiLU gate and no biases,
+``apply_rotary_pos_emb``, and the ``nn.Linear`` projections of their attention and MLP); other models, other devices
+and dtypes run unchanged (each fused op falls back to the transformers formula where it does not apply). The same
+maths up to rounding; ``FASTSOFT_FUSED_LAYERS=0`` turns it all off, ``FASTSOFT_PACKED_LINEARS=0`` the projections
+only (they keep a packed copy of their weights, twice their size: :func:`fastsoft.ops.layers.frozen_linear`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 
 import torch
 
-from fastsoft.ops.layers import rms_norm, rope, swiglu
+from fastsoft.ops.layers import frozen_linear, rms_norm, rope, swiglu
 
 FUSED_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")  # RMSNorm, SwiGLU MLP and rotary exactly as Llama's
 
@@ -32,6 +35,10 @@ def _mlp_forward(mlp):
     return lambda x: mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
+def _linear_forward(linear):
+    return lambda x: frozen_linear(x, linear.weight, linear.bias)
+
+
 def _fusable_mlp(mlp) -> bool:
     linears = (getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
     silu = type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")  # torch's, transformers'
@@ -40,7 +47,8 @@ def _fusable_mlp(mlp) -> bool:
 
 @contextlib.contextmanager
 def fused_layers(loaded):
-    """Run ``loaded``'s model with fused norms, SwiGLU and rotary embeddings inside the block (see the module)."""
+    """Run ``loaded``'s model with fused norms, SwiGLU, rotary embeddings and projections inside the block (see the
+    module)."""
     if os.environ.get("FASTSOFT_FUSED_LAYERS") == "0":
         yield
         return
@@ -49,6 +57,11 @@ def fused_layers(loaded):
         for module in loaded.model.modules():
             if "forward" in module.__dict__:  # already swapped (a nested block) or the user's own
                 continue
+            if _family(module, "Attention") or _family(module, "MLP"):
+                for linear in module.children():
+                    if type(linear) is torch.nn.Linear and "forward" not in linear.__dict__:
+                        linear.forward = _linear_forward(linear)
+                        patched.append((linear, "forward", None))
             if _family(module, "RMSNorm") and hasattr(module, "variance_epsilon"):
                 module.forward = _norm_forward(module)
                 patched.append((module, "forward", None))

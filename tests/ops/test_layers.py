@@ -12,7 +12,10 @@ from transformers.models.llama import modeling_llama
 from fastsoft.layers import fused_layers
 from fastsoft.ops import cpp
 from fastsoft.ops.layers import (
+    frozen_linear,
+    frozen_linear_reference,
     fused_applies,
+    packed_linears_available,
     rms_norm,
     rms_norm_reference,
     rope,
@@ -77,6 +80,34 @@ def test_rope_equals_apply_rotary_pos_emb_keeps_its_layout_and_gradient():
     torch.testing.assert_close(dq, dq_ref)
 
 
+def test_frozen_linear_equals_linear_and_its_input_gradient(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(192, 576, generator=gen) / 24, torch.randn(192, generator=gen)
+    x = torch.randn(1, 37, 576, generator=gen).requires_grad_()  # a packed row: [1, L, H]
+    grad = torch.randn(1, 37, 192, generator=gen)
+    assert packed_linears_available()  # oneDNN's packed GEMM runs here, not the reference it is compared with
+    for b in (None, bias):
+        out = frozen_linear(x, weight, b)
+        (gx,) = torch.autograd.grad(out, x, grad)
+        want = frozen_linear_reference(x, weight, b)
+        (gx_want,) = torch.autograd.grad(want, x, grad)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx, gx_want, rtol=1e-5, atol=1e-5)
+    packed = weight._fastsoft_packed
+    frozen_linear(x, weight)
+    assert weight._fastsoft_packed is packed  # packed once a weight
+    with torch.no_grad():
+        weight.mul_(2)  # changed in place: packed again, not stale
+    torch.testing.assert_close(frozen_linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+    # a transposed input (not contiguous) and no autograd (the teacher pass)
+    with torch.no_grad():
+        xt = torch.randn(576, 5, generator=gen).T
+        torch.testing.assert_close(frozen_linear(xt, weight, bias), xt @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FASTSOFT_PACKED_LINEARS", "0")  # the switch: torch's own linear, bit for bit
+    assert not packed_linears_available()
+    assert torch.equal(frozen_linear(x, weight, bias), frozen_linear_reference(x, weight, bias))
+
+
 def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
     """A weight that needs a gradient, bf16, or cos/sin that need one: the transformers formulas run (and a gradient
     reaches the weight)."""
@@ -91,6 +122,12 @@ def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
     cos.requires_grad_()
     rope(q, k, cos, sin)[0].sum().backward()
     assert cos.grad is not None
+    w = torch.randn(4, 8, requires_grad=True)  # a trained projection, and fp64: torch's own linear
+    frozen_linear(x, w).sum().backward()
+    assert w.grad is not None and not hasattr(w, "_fastsoft_packed")
+    x64, w64 = x.double(), torch.randn(4, 8, dtype=torch.float64)
+    assert torch.equal(frozen_linear(x64, w64), frozen_linear_reference(x64, w64))
+    assert not hasattr(w64, "_fastsoft_packed")
 
 
 def _sigma_step(tiny, prompts):
@@ -110,8 +147,9 @@ def test_fused_layers_give_the_same_hidden_states_and_gradients_and_restore_the_
     with fused_layers(tiny):  # the swap itself: every norm and MLP, and the rotary function
         swapped = [m for m in tiny.model.modules() if "forward" in m.__dict__]
         kinds = {type(m).__name__ for m in swapped}
-        assert kinds == {"LlamaRMSNorm", "LlamaMLP"}
-        assert len(swapped) == 2 * 2 + 1 + 2  # 2 layers: 2 norms and an MLP each, the final norm
+        assert kinds == {"LlamaRMSNorm", "LlamaMLP", "Linear"}
+        # 2 layers: 2 norms, an MLP and its 3 projections, the attention's 4 projections each; the final norm
+        assert len(swapped) == 2 * (2 + 1 + 3 + 4) + 1
         assert modeling_llama.apply_rotary_pos_emb.__name__ == "counted"
         with fused_layers(tiny):  # nested: nothing swapped twice, and the outer block still restores
             pass
@@ -123,7 +161,8 @@ def test_fused_layers_give_the_same_hidden_states_and_gradients_and_restore_the_
     (g_fused,) = torch.autograd.grad(fused.square().sum(), prompts)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
-    assert calls == {"rms_norm": 5, "swiglu": 2, "rope": 2}  # the fused step ran them, once per module a forward
+    # the fused step ran them, once per module a forward
+    assert calls == {"rms_norm": 5, "swiglu": 2, "rope": 2, "frozen_linear": 14}
 
 
 @pytest.fixture
@@ -132,7 +171,7 @@ def calls(monkeypatch):
     import fastsoft.layers as layers
 
     counts = {}
-    for name in ("rms_norm", "swiglu", "rope"):
+    for name in ("rms_norm", "swiglu", "rope", "frozen_linear"):
         op = getattr(layers, name)
 
         def counted(*args, _op=op, _name=name, **kwargs):
