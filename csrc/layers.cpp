@@ -316,8 +316,8 @@ std::tuple<at::Tensor, at::Tensor> rope_op(const at::Tensor& q, const at::Tensor
 // ---------------------------------------------------------------- frozen_linear
 // y = x Wᵀ + b, dx = dy W (no dW, db: frozen), both through torch's oneDNN op mkldnn::_linear_pointwise with the
 // weight packed once by mkldnn::_reorder_linear_weight: W for the forward, Wᵀ (contiguous, then packed) for the
-// backward. Why: torch's CPU mm calls MKL, whose fp32 GEMMs at ~180 rows ran 1.2-1.3x slower than oneDNN's packed
-// ones on this project's AMD CPU. fp32 only (the caller checks, and packs).
+// backward. Why: torch's CPU mm calls MKL, whose fp32 GEMMs at ~180 rows ran slower than oneDNN's packed ones
+// on this project's AMD CPU (benchmarks/bench_student.py: 2.05x -> 2.16x PEFT's speed). fp32 only (the caller checks, and packs).
 
 at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
   static const c10::OperatorHandle op =

@@ -11,7 +11,8 @@ Memory: each saves for its backward what the unfused ops would, or less (``swigl
 
 ``frozen_linear`` is the projections' ``x Wᵀ + b`` through oneDNN with ``W`` and ``Wᵀ`` packed once into its blocked
 layout (as torch.compile's CPU freezing packs them), where torch's CPU ``mm`` calls MKL: on this project's AMD CPU,
-MKL's fp32 GEMMs at a student step's ~180 rows ran 1.2-1.3x slower than oneDNN's packed ones. The packed copies
+MKL's fp32 GEMMs at a student step's ~180 rows ran slower than oneDNN's packed ones
+(``benchmarks/bench_student.py``: 2.05x -> 2.16x PEFT's speed). The packed copies
 are kept, per weight, as long as the weight lives: twice the projections' weights in memory.
 """
 
