@@ -19,6 +19,7 @@ are kept, per weight, as long as the weight lives: twice the projections' weight
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -111,17 +112,23 @@ def packed_linears_available() -> bool:
     )
 
 
+# id(weight) -> (a weak reference to it, its _version and data_ptr when packed, W packed, Wᵀ packed). Kept beside the
+# weight, not on it: an attribute would travel with it into torch.save and deepcopy.
+_PACKED: dict[int, tuple] = {}
+
+
 def _packed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [out, in]`` and its transpose in oneDNN's blocked layout, packed at first use and again only if the
-    weight was changed in place. They live on the weight itself (an attribute), so they go when it goes."""
-    cached = getattr(weight, "_fastsoft_packed", None)  # (its _version, W packed, Wᵀ packed)
-    if cached is None or cached[0] != weight._version:
+    """``weight [out, in]`` and its transpose in oneDNN's blocked layout, packed at first use and again whenever the
+    weight changed since (in place, or its ``.data`` replaced); dropped when the weight is freed."""
+    key, stamp = id(weight), (weight._version, weight.data_ptr())
+    entry = _PACKED.get(key)
+    if entry is None or entry[0]() is not weight or entry[1] != stamp:
         with torch.no_grad():
             forward = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
             backward = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), None)
-        cached = (weight._version, forward, backward)
-        weight._fastsoft_packed = cached
-    return cached[1], cached[2]
+        entry = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), stamp, forward, backward)
+        _PACKED[key] = entry
+    return entry[2], entry[3]
 
 
 def frozen_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
+import fastsoft.ops.layers as layer_ops
 from fastsoft.layers import fused_layers
 from fastsoft.ops import cpp
 from fastsoft.ops.layers import (
+    _packed,
     frozen_linear,
     frozen_linear_reference,
     fused_applies,
@@ -93,19 +96,26 @@ def test_frozen_linear_equals_linear_and_its_input_gradient(monkeypatch):
         (gx_want,) = torch.autograd.grad(want, x, grad)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gx, gx_want, rtol=1e-5, atol=1e-5)
-    packed = weight._fastsoft_packed
+    packed = _packed(weight)
     frozen_linear(x, weight)
-    assert weight._fastsoft_packed is packed  # packed once a weight
+    assert _packed(weight)[0] is packed[0]  # packed once a weight
     with torch.no_grad():
         weight.mul_(2)  # changed in place: packed again, not stale
     torch.testing.assert_close(frozen_linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+    weight.data = torch.randn(192, 576, generator=gen) / 24  # replaced without a version bump (what Module.to does)
+    torch.testing.assert_close(frozen_linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+    assert id(weight) in layer_ops._PACKED and not hasattr(weight, "_fastsoft_packed")  # beside the weight, not on it
+    key = id(weight)
+    del weight, packed
+    gc.collect()
+    assert key not in layer_ops._PACKED  # freed with the weight
     # a transposed input (not contiguous) and no autograd (the teacher pass)
     with torch.no_grad():
-        xt = torch.randn(576, 5, generator=gen).T
-        torch.testing.assert_close(frozen_linear(xt, weight, bias), xt @ weight.T + bias, rtol=1e-5, atol=1e-5)
+        xt, w = torch.randn(576, 5, generator=gen).T, torch.randn(192, 576, generator=gen)
+        torch.testing.assert_close(frozen_linear(xt, w, bias), xt @ w.T + bias, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("FASTSOFT_PACKED_LINEARS", "0")  # the switch: torch's own linear, bit for bit
     assert not packed_linears_available()
-    assert torch.equal(frozen_linear(x, weight, bias), frozen_linear_reference(x, weight, bias))
+    assert torch.equal(frozen_linear(x, w, bias), frozen_linear_reference(x, w, bias))
 
 
 def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
@@ -124,10 +134,10 @@ def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
     assert cos.grad is not None
     w = torch.randn(4, 8, requires_grad=True)  # a trained projection, and fp64: torch's own linear
     frozen_linear(x, w).sum().backward()
-    assert w.grad is not None and not hasattr(w, "_fastsoft_packed")
+    assert w.grad is not None and id(w) not in layer_ops._PACKED
     x64, w64 = x.double(), torch.randn(4, 8, dtype=torch.float64)
     assert torch.equal(frozen_linear(x64, w64), frozen_linear_reference(x64, w64))
-    assert not hasattr(w64, "_fastsoft_packed")
+    assert id(w64) not in layer_ops._PACKED
 
 
 def _sigma_step(tiny, prompts):
