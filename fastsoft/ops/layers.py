@@ -18,6 +18,7 @@ are kept, per weight, as long as the weight lives: twice the projections' weight
 
 from __future__ import annotations
 
+import atexit
 import os
 import weakref
 
@@ -115,6 +116,7 @@ def packed_linears_available() -> bool:
 # id(weight) -> (a weak reference to it, its _version and data_ptr when packed, W packed, Wᵀ packed). Kept beside the
 # weight, not on it: an attribute would travel with it into torch.save and deepcopy.
 _PACKED: dict[int, tuple] = {}
+atexit.register(_PACKED.clear)  # free the oneDNN tensors while torch is whole, not in the interpreter's late teardown
 
 
 def _packed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
