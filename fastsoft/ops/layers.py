@@ -13,13 +13,15 @@ Memory: each saves for its backward what the unfused ops would, or less (``swigl
 layout (as torch.compile's CPU freezing packs them), where torch's CPU ``mm`` calls MKL: on this project's AMD CPU,
 MKL's fp32 GEMMs at a student step's ~180 rows ran slower than oneDNN's packed ones
 (``benchmarks/bench_student.py``: 2.05x -> 2.16x PEFT's speed). The packed copies
-are kept, per weight, as long as the weight lives: twice the projections' weights in memory.
+are kept, per weight, as long as the weight lives: twice the projections' weights in memory, within a budget of half
+the memory available when the first weight is packed (:func:`available_memory`); weights past it run unpacked.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import warnings
 import weakref
 
 import torch
@@ -113,22 +115,72 @@ def packed_linears_available() -> bool:
     )
 
 
-# id(weight) -> (a weak reference to it, its _version and data_ptr when packed, W packed, Wᵀ packed). Kept beside the
-# weight, not on it: an attribute would travel with it into torch.save and deepcopy.
+def available_memory() -> int | None:
+    """Bytes this process can still allocate without swapping: Linux's ``MemAvailable``, lowered to the cgroup's
+    headroom (``memory.max - memory.current``) inside a limited container; ``None`` where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
+            limit = f_max.read().strip()
+            if limit != "max":
+                found.append(max(0, int(limit) - int(f_cur.read().strip())))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+# id(weight) -> (a weak reference to it, its _version and data_ptr when packed, W packed, Wᵀ packed, their bytes).
+# Kept beside the weight, not on it: an attribute would travel with it into torch.save and deepcopy.
 _PACKED: dict[int, tuple] = {}
 atexit.register(_PACKED.clear)  # free the oneDNN tensors while torch is whole, not in the interpreter's late teardown
+_budget: list[int | None] = []  # [bytes the packed copies may take in all], fixed at the first packing
+_BUDGET_SHARE = 0.5  # of the memory available then: the rest is the training's (activations, the optimizer, the cache)
 
 
-def _packed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _within_budget(weight: torch.Tensor) -> bool:
+    """Whether packing ``weight`` (2 copies) keeps all packed copies within the budget; warns once when it does not."""
+    if not _budget:
+        available = available_memory()
+        _budget.append(None if available is None else int(available * _BUDGET_SHARE))
+    budget = _budget[0]
+    if budget is None or sum(entry[4] for entry in _PACKED.values()) + 2 * weight.nbytes <= budget:
+        return True
+    if len(_budget) == 1:
+        _budget.append(budget)  # warned
+        warnings.warn(
+            f"fastsoft: the packed copies of the frozen projections reached their budget ({budget / 2**30:.1f} GiB, "
+            "half the memory available at the first one); the other projections run through torch's linear "
+            "(FASTSOFT_PACKED_LINEARS=0 packs none)",
+            stacklevel=4,
+        )
+    return False
+
+
+def _packed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``weight [out, in]`` and its transpose in oneDNN's blocked layout, packed at first use and again whenever the
-    weight changed since (in place, or its ``.data`` replaced); dropped when the weight is freed."""
+    weight changed since (in place, or its ``.data`` replaced); dropped when the weight is freed. ``None`` when packing
+    it would exceed the memory budget."""
     key, stamp = id(weight), (weight._version, weight.data_ptr())
     entry = _PACKED.get(key)
     if entry is None or entry[0]() is not weight or entry[1] != stamp:
+        _PACKED.pop(key, None)
+        if not _within_budget(weight):
+            return None
         with torch.no_grad():
             forward = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
             backward = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), None)
-        entry = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), stamp, forward, backward)
+        entry = (
+            weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)),
+            stamp,
+            forward,
+            backward,
+            2 * weight.nbytes,
+        )
         _PACKED[key] = entry
     return entry[2], entry[3]
 
@@ -143,7 +195,8 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Through oneDNN's packed GEMM (``torch.ops.fastsoft.frozen_linear``, its backward in C++) for fp32 CPU tensors
     (gradient for ``x`` only), else :func:`frozen_linear_reference`. Memory: the first call with a weight packs ``W``
-    and ``Wᵀ`` (twice its size), kept until the weight is freed."""
+    and ``Wᵀ`` (twice its size), kept until the weight is freed, while all packed copies stay within half the memory
+    available at the first packing (past it, the reference)."""
     frozen = (weight,) if bias is None else (weight, bias)
     if (
         not packed_linears_available()
@@ -152,5 +205,7 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         or x.shape[-1] != weight.shape[1]
     ):
         return frozen_linear_reference(x, weight, bias)
-    packed, packed_t = _packed(weight)
-    return torch.ops.fastsoft.frozen_linear(x, packed, packed_t, bias)
+    packed = _packed(weight)
+    if packed is None:  # over the memory budget
+        return frozen_linear_reference(x, weight, bias)
+    return torch.ops.fastsoft.frozen_linear(x, packed[0], packed[1], bias)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -116,6 +117,37 @@ def test_frozen_linear_equals_linear_and_its_input_gradient(monkeypatch):
     monkeypatch.setenv("FASTSOFT_PACKED_LINEARS", "0")  # the switch: torch's own linear, bit for bit
     assert not packed_linears_available()
     assert torch.equal(frozen_linear(x, w, bias), frozen_linear_reference(x, w, bias))
+
+
+def test_frozen_linear_packs_within_its_memory_budget(monkeypatch):
+    """Past the budget (half the memory available at the first packing) a weight runs unpacked, bit for bit torch's
+    linear, with one warning; a weight within it is still packed; a freed weight's copies leave the budget."""
+    gen = torch.Generator().manual_seed(3)
+    small, large = torch.randn(8, 16, generator=gen), torch.randn(64, 64, generator=gen)
+    x = torch.randn(5, 16, generator=gen)
+    monkeypatch.setattr(layer_ops, "_PACKED", {})
+    monkeypatch.setattr(layer_ops, "_budget", [2 * small.nbytes + 2 * 64 * 16 * 4])  # room for small and a [64, 16]
+    frozen_linear(x, small)
+    assert id(small) in layer_ops._PACKED
+    with pytest.warns(UserWarning, match="budget"):
+        out = frozen_linear(torch.randn(5, 64, generator=gen), large)
+    assert id(large) not in layer_ops._PACKED
+    xl = torch.randn(5, 64, generator=gen)
+    assert torch.equal(frozen_linear(xl, large), frozen_linear_reference(xl, large)) and out.shape == (5, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        frozen_linear(xl, large)
+        fits = torch.randn(64, 16, generator=gen)
+        torch.testing.assert_close(frozen_linear(x, fits), x @ fits.T, rtol=1e-5, atol=1e-5)
+    assert id(fits) in layer_ops._PACKED
+    del small, fits
+    gc.collect()
+    assert layer_ops._PACKED == {}  # freed weights give their room back
+
+
+def test_available_memory_is_a_positive_byte_count_here():
+    available = layer_ops.available_memory()
+    assert available is not None and 0 < available < 2**50
 
 
 def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
