@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastsoft.data.templates import Template, end_token_ids, tokenize_query
+from fastsoft.layers import fused_layers
 from fastsoft.prefix import shared_prefix
 
 
@@ -33,8 +34,13 @@ def generate_batch_ids(
     The B rows are left-padded to the longest, ``L``, under a 2-D attention mask, with each row's own positions.
     ``share_prefix``: when every row has the same non-empty ``before``, rows start from one copy each of its cached
     keys and values (:mod:`fastsoft.prefix`) and only ``prompt + after`` runs (the padding then sits between the
-    prefix and the row, masked out). Memory: the KV cache of ``B × (Lp + L + max_new_tokens)`` positions and ``[B, V]``
-    fp32 logits per step."""
+    prefix and the row, masked out). The model runs with its fused layer ops (:func:`fastsoft.layers.fused_layers`).
+    Memory: the KV cache of ``B × (Lp + L + max_new_tokens)`` positions and ``[B, V]`` fp32 logits per step."""
+    with fused_layers(loaded):
+        return _greedy(loaded, prompt, rows, max_new_tokens, share_prefix)
+
+
+def _greedy(loaded, prompt, rows, max_new_tokens: int, share_prefix: bool) -> list[list[int]]:
     device = loaded.device
     if not rows or max_new_tokens < 1:
         return [[] for _ in rows]

@@ -13,8 +13,9 @@ Memory: each saves for its backward what the unfused ops would, or less (``swigl
 layout (as torch.compile's CPU freezing packs them), where torch's CPU ``mm`` calls MKL: on this project's AMD CPU,
 MKL's fp32 GEMMs at a student step's ~180 rows ran slower than oneDNN's packed ones
 (``benchmarks/bench_student.py``: 2.05x -> 2.16x PEFT's speed). The packed copies
-are kept, per weight, as long as the weight lives: twice the projections' weights in memory, within a budget of half
-the memory available when the first weight is packed (:func:`available_memory`); weights past it run unpacked.
+are kept, per weight, as long as the weight lives: twice the projections' weights in memory (once where no
+gradient is taken), within a budget of half the memory available when the first weight is packed
+(:func:`available_memory`); weights past it run unpacked.
 """
 
 from __future__ import annotations
@@ -134,54 +135,56 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-# id(weight) -> (a weak reference to it, its _version and data_ptr when packed, W packed, Wᵀ packed, their bytes).
-# Kept beside the weight, not on it: an attribute would travel with it into torch.save and deepcopy.
-_PACKED: dict[int, tuple] = {}
+# id(weight) -> [a weak reference to it, its (_version, data_ptr) when packed, W packed, Wᵀ packed or None until a
+# backward needs it]. Kept beside the weight, not on it: an attribute would travel with it into torch.save and deepcopy.
+_PACKED: dict[int, list] = {}
 atexit.register(_PACKED.clear)  # free the oneDNN tensors while torch is whole, not in the interpreter's late teardown
 _budget: list[int | None] = []  # [bytes the packed copies may take in all], fixed at the first packing
 _BUDGET_SHARE = 0.5  # of the memory available then: the rest is the training's (activations, the optimizer, the cache)
 
 
-def _within_budget(weight: torch.Tensor) -> bool:
-    """Whether packing ``weight`` (2 copies) keeps all packed copies within the budget; warns once when it does not."""
+def _packed_bytes() -> int:
+    return sum(pack.nbytes for entry in _PACKED.values() for pack in entry[2:] if pack is not None) if _PACKED else 0
+
+
+def _within_budget(nbytes: int) -> bool:
+    """Whether ``nbytes`` more of packed copies stay within the budget; warns once when they do not."""
     if not _budget:
         available = available_memory()
         _budget.append(None if available is None else int(available * _BUDGET_SHARE))
     budget = _budget[0]
-    if budget is None or sum(entry[4] for entry in _PACKED.values()) + 2 * weight.nbytes <= budget:
+    if budget is None or _packed_bytes() + nbytes <= budget:
         return True
     if len(_budget) == 1:
         _budget.append(budget)  # warned
         warnings.warn(
             f"fastsoft: the packed copies of the frozen projections reached their budget ({budget / 2**30:.1f} GiB, "
-            "half the memory available at the first one); the other projections run through torch's linear "
+            "half the memory available at the first one); the others run through torch's linear "
             "(FASTSOFT_PACKED_LINEARS=0 packs none)",
-            stacklevel=4,
+            stacklevel=5,
         )
     return False
 
 
-def _packed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``weight [out, in]`` and its transpose in oneDNN's blocked layout, packed at first use and again whenever the
-    weight changed since (in place, or its ``.data`` replaced); dropped when the weight is freed. ``None`` when packing
-    it would exceed the memory budget."""
+def _packed(weight: torch.Tensor, backward: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``weight [out, in]`` in oneDNN's blocked layout, and its transpose when ``backward`` (or packed before),
+    each packed at first need and again whenever the weight changed since (in place, or its ``.data`` replaced);
+    dropped when the weight is freed. ``None`` when packing would exceed the memory budget."""
     key, stamp = id(weight), (weight._version, weight.data_ptr())
     entry = _PACKED.get(key)
     if entry is None or entry[0]() is not weight or entry[1] != stamp:
         _PACKED.pop(key, None)
-        if not _within_budget(weight):
+        if not _within_budget(weight.nbytes * (2 if backward else 1)):
             return None
         with torch.no_grad():
             forward = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            backward = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), None)
-        entry = (
-            weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)),
-            stamp,
-            forward,
-            backward,
-            2 * weight.nbytes,
-        )
+        entry = [weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), stamp, forward, None]
         _PACKED[key] = entry
+    if backward and entry[3] is None:
+        if not _within_budget(weight.nbytes):
+            return None
+        with torch.no_grad():
+            entry[3] = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), None)
     return entry[2], entry[3]
 
 
@@ -193,10 +196,10 @@ def frozen_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in]`` times frozen ``weight [out, in]``ᵀ (+ frozen ``bias [out]``) -> ``[..., out]``.
 
-    Through oneDNN's packed GEMM (``torch.ops.fastsoft.frozen_linear``, its backward in C++) for fp32 CPU tensors
-    (gradient for ``x`` only), else :func:`frozen_linear_reference`. Memory: the first call with a weight packs ``W``
-    and ``Wᵀ`` (twice its size), kept until the weight is freed, while all packed copies stay within half the memory
-    available at the first packing (past it, the reference)."""
+    Through oneDNN's packed GEMM for fp32 CPU tensors (``torch.ops.fastsoft.frozen_linear``, its backward in C++, when
+    ``x`` needs a gradient; else oneDNN's op directly), otherwise :func:`frozen_linear_reference`. Memory: a weight's
+    first call packs ``W`` (its size again), its first call with a gradient ``Wᵀ`` too, kept until the weight is freed,
+    while all packed copies stay within half the memory available at the first packing (past it, the reference)."""
     frozen = (weight,) if bias is None else (weight, bias)
     if (
         not packed_linears_available()
@@ -205,7 +208,10 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         or x.shape[-1] != weight.shape[1]
     ):
         return frozen_linear_reference(x, weight, bias)
-    packed = _packed(weight)
+    backward = torch.is_grad_enabled() and x.requires_grad
+    packed = _packed(weight, backward)
     if packed is None:  # over the memory budget
         return frozen_linear_reference(x, weight, bias)
+    if not backward:
+        return torch.ops.mkldnn._linear_pointwise(x, packed[0], bias, "none", [], None)
     return torch.ops.fastsoft.frozen_linear(x, packed[0], packed[1], bias)

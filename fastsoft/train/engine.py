@@ -103,7 +103,7 @@ class Engine:
             raise
         self.bank = PromptBank(config.slots, config.prompt_length, loaded.hidden_size, device=loaded.device)
         self.scheduler = Scheduler(config.slots, config.token_budget)
-        self.tokens_trained = 0
+        self.scored_tokens, self.train_seconds = 0, 0.0  # this process's steps: the progress bar's rate
         self.loop_steps = 0  # loop iterations, the checkpoint clock
         self.oom_retries = 0
         self.unprepared: dict[str, FastsoftError] = {}  # jobs whose queries could not be prepared, and why
@@ -332,7 +332,6 @@ class Engine:
         counts = tokens_per_job(segments, job_of_segment, len(chosen)).to(self.loaded.device)
         counts = self.dist.all_reduce_(counts) if self.dist.split else counts
         sums = torch.zeros(len(chosen), device=self.loaded.device)  # per-job summed token losses on this rank
-        trained = sum(s.length(P) for s in segments)
         if segments:
             teacher = type(parts[0]).concat(parts) if self.needs_teacher else None
             sums = job_loss_sums(
@@ -359,7 +358,8 @@ class Engine:
         with held_signals():  # the commit: a checkpoint sees the step whole or not at all
             self.bank.step({run.slot: lr_at(run.step, cfg.steps, cfg.lr, cfg.warmup) for run in chosen})
             self.scheduler.commit(chosen)
-            self.tokens_trained += trained
+            self.scored_tokens += int(counts.sum())
+            self.train_seconds += elapsed
             for run, loss in zip(chosen, losses):
                 run.step += 1
                 run.losses.append(loss)
@@ -421,7 +421,6 @@ class Engine:
                     r.job.id: r.outcome_dict(self._writes_reports and r.state is State.DONE) for r in s.finished
                 },
                 "token_budget": s.token_budget,
-                "tokens_trained": self.tokens_trained,
                 "loop_steps": self.loop_steps,
                 "torch_rng": torch.get_rng_state(),
             },
@@ -438,7 +437,7 @@ class Engine:
             runs[job_id].load_outcome(saved, lambda job_id=job_id: self.out.read_report(job_id))
             s.finished.append(runs[job_id])
         s.token_budget = state["token_budget"]
-        self.tokens_trained, self.loop_steps = state["tokens_trained"], state["loop_steps"]
+        self.loop_steps = state["loop_steps"]
         torch.set_rng_state(state["torch_rng"])
         for job_id, saved in state["running"].items():
             run = runs[job_id]
@@ -501,7 +500,6 @@ class Engine:
                 self.scheduler.submit(run)
         done = sum(cfg.steps if r.state in (State.DONE, State.FAILED) else r.step for r in runs.values())
         progress = RunProgress(len(jobs) * cfg.steps, done, enabled=self.progress)
-        trained_before = self.tokens_trained
         try:
             while self.scheduler.busy:
                 admitted = self.scheduler.admit()
@@ -523,7 +521,7 @@ class Engine:
                     self._checkpoint()
                 progress.after_step(
                     self.scheduler.counts(),
-                    self.tokens_trained - trained_before,
+                    self.scored_tokens / max(self.train_seconds, 1e-9),
                     {r.job.id: r.losses[-1] for r in self.scheduler.running if r.losses},
                 )
             self._checkpoint()

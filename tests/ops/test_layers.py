@@ -121,14 +121,15 @@ def test_frozen_linear_equals_linear_and_its_input_gradient(monkeypatch):
 
 def test_frozen_linear_packs_within_its_memory_budget(monkeypatch):
     """Past the budget (half the memory available at the first packing) a weight runs unpacked, bit for bit torch's
-    linear, with one warning; a weight within it is still packed; a freed weight's copies leave the budget."""
+    linear, with one warning; a weight within it is still packed (W only while no gradient is wanted); a freed
+    weight's copies leave the budget."""
     gen = torch.Generator().manual_seed(3)
     small, large = torch.randn(8, 16, generator=gen), torch.randn(64, 64, generator=gen)
     x = torch.randn(5, 16, generator=gen)
     monkeypatch.setattr(layer_ops, "_PACKED", {})
-    monkeypatch.setattr(layer_ops, "_budget", [2 * small.nbytes + 2 * 64 * 16 * 4])  # room for small and a [64, 16]
-    frozen_linear(x, small)
-    assert id(small) in layer_ops._PACKED
+    monkeypatch.setattr(layer_ops, "_budget", [small.nbytes + 64 * 16 * 4 + 1000])  # room for small and a [64, 16]
+    frozen_linear(x, small)  # no gradient wanted: W packed, not Wᵀ
+    assert id(small) in layer_ops._PACKED and layer_ops._PACKED[id(small)][3] is None
     with pytest.warns(UserWarning, match="budget"):
         out = frozen_linear(torch.randn(5, 64, generator=gen), large)
     assert id(large) not in layer_ops._PACKED
@@ -140,6 +141,10 @@ def test_frozen_linear_packs_within_its_memory_budget(monkeypatch):
         fits = torch.randn(64, 16, generator=gen)
         torch.testing.assert_close(frozen_linear(x, fits), x @ fits.T, rtol=1e-5, atol=1e-5)
     assert id(fits) in layer_ops._PACKED
+    xg = x.clone().requires_grad_()  # a gradient wanted: Wᵀ would pass the budget, so torch's linear runs
+    (gx,) = torch.autograd.grad(frozen_linear(xg, fits).sum(), xg)
+    torch.testing.assert_close(gx, torch.ones(5, 64) @ fits, rtol=1e-5, atol=1e-5)
+    assert layer_ops._PACKED[id(fits)][3] is None
     del small, fits
     gc.collect()
     assert layer_ops._PACKED == {}  # freed weights give their room back

@@ -1,0 +1,145 @@
+"""frozen_linear (oneDNN's GEMM, the weight packed once) against torch's linear (``mm``: MKL) on CPU, fp32.
+
+The shapes are SmolLM2-135M's: its 7 decoder projections at a student step's packed row (``--rows``, 172 on the
+shipped example: σ once, 4 queries and their answers), forward + backward for the input only (the student step), and
+its tied lm_head (V = 49152) forward only at a few rows (what greedy decoding and evaluation take: the teacher decodes
+its 40 queries at once, ``generate`` 8). Random weights and inputs; each pair of results checked equal to 1e-4.
+
+    python benchmarks/bench_frozen_linear.py            # ~1 minute on the 2-core CI machine
+    python benchmarks/bench_frozen_linear.py --rows 344 --reps 30
+
+Writes ``benchmarks/results/frozen_linear-<device>.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the checkout on sys.path)
+
+from fastsoft.ops.layers import frozen_linear, frozen_linear_reference, packed_linears_available  # noqa: E402
+
+HIDDEN, INTERMEDIATE, KV, VOCAB = 576, 1536, 192, 49152  # SmolLM2-135M
+PROJECTIONS = {  # name: (out, in), one decoder layer's
+    "q": (HIDDEN, HIDDEN),
+    "k": (KV, HIDDEN),
+    "v": (KV, HIDDEN),
+    "o": (HIDDEN, HIDDEN),
+    "gate": (INTERMEDIATE, HIDDEN),
+    "up": (INTERMEDIATE, HIDDEN),
+    "down": (HIDDEN, INTERMEDIATE),
+}
+HEAD_ROWS = (8, 40, 172)
+
+
+def caller(linear, x, weight, backward: bool):
+    """``linear(x, weight)``, and the backward of a fixed output gradient when ``backward``: what one call runs."""
+    grad = torch.randn(x.shape[0], weight.shape[0], generator=torch.Generator().manual_seed(1))
+
+    def call():
+        if not backward:
+            with torch.no_grad():
+                return linear(x, weight)
+        xg = x.detach().requires_grad_()
+        out = linear(xg, weight)
+        out.backward(grad)
+        return torch.cat([out.detach().flatten(), xg.grad.flatten()])
+
+    return call
+
+
+def compare(name: str, out_in: tuple[int, int], rows: int, backward: bool, reps: int, gen) -> dict:
+    """torch's linear and frozen_linear on one shape, their calls alternated (drift in the machine's speed falls on
+    both alike); medians."""
+    out_features, in_features = out_in
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    x = torch.randn(rows, in_features, generator=gen)
+    theirs, ours = (caller(f, x, weight, backward) for f in (frozen_linear_reference, frozen_linear))
+    torch.testing.assert_close(ours(), theirs(), rtol=1e-4, atol=1e-4)  # also the warm-up (and the packing)
+    torch_times, ours_times = [], []
+    for _ in range(reps):
+        torch_times += common.repeat(theirs, "cpu", 1)[0]
+        ours_times += common.repeat(ours, "cpu", 1)[0]
+    torch_s, ours_s = statistics.median(torch_times), statistics.median(ours_times)
+    flops = 2 * rows * in_features * out_features * (2 if backward else 1)
+    return {
+        "name": name,
+        "out_in": list(out_in),
+        "rows": rows,
+        "backward": backward,
+        "torch_ms": torch_s * 1e3,
+        "frozen_linear_ms": ours_s * 1e3,
+        "speedup": torch_s / ours_s,
+        "torch_gflops": flops / torch_s / 1e9,
+        "frozen_linear_gflops": flops / ours_s / 1e9,
+    }
+
+
+def print_table(result: dict) -> None:
+    print(f"{'shape':<28} {'torch ms':>9} {'frozen_linear ms':>17} {'speedup':>8} {'GFLOP/s':>14}")
+    for r in result["shapes"]:
+        what = f"{r['name']} {r['out_in'][0]}x{r['out_in'][1]}, {r['rows']} rows{' +bwd' if r['backward'] else ''}"
+        print(
+            f"{what:<28} {r['torch_ms']:>9.2f} {r['frozen_linear_ms']:>17.2f} {r['speedup']:>7.2f}x "
+            f"{r['torch_gflops']:>6.0f} / {r['frozen_linear_gflops']:<5.0f}"
+        )
+    if "layer" in result:
+        layer = result["layer"]
+        print(
+            f"one decoder layer's 7 projections, {result['rows']} rows, fwd+bwd: torch {layer['torch_ms']:.1f} ms, "
+            f"frozen_linear {layer['frozen_linear_ms']:.1f} ms ({layer['speedup']:.2f}x)"
+        )
+
+
+def plot(result: dict, plt, path: Path) -> None:
+    shapes = result["shapes"]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    labels = [f"{r['name']}\n{r['rows']} rows" for r in shapes]
+    ax.bar(range(len(shapes)), [r["speedup"] for r in shapes], color="tab:blue")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(shapes)), labels, fontsize=8)
+    ax.set_ylabel("torch's time / frozen_linear's")
+    ax.set_title(f"frozen_linear vs torch's linear, fp32, {result['threads']} threads\n{result['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = common.parser(__doc__)
+    parser.add_argument("--rows", type=int, default=172, help="the projections' rows (a student step's packed row)")
+    parser.add_argument("--reps", type=int, default=40, help="timed calls a shape and side (median)")
+    parser.add_argument("--label", default="", help="appended to the results' file name")
+    args = parser.parse_args(argv)
+    if args.rows < 1 or args.reps < 1:
+        parser.error("--rows and --reps must be positive")
+    if not packed_linears_available():
+        print("oneDNN's packed linear is not available here (or FASTSOFT_PACKED_LINEARS=0): nothing to compare")
+        return 1
+    name = common.device_name("cpu")
+    result = {**common.run_info(name, "bench_frozen_linear.py", argv), "threads": torch.get_num_threads()}
+    result.update(rows=args.rows, reps=args.reps, shapes=[])
+    print(f"frozen_linear against torch's linear on {name}, {result['threads']} threads", flush=True)
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        for proj, out_in in PROJECTIONS.items():
+            result["shapes"].append(compare(proj, out_in, args.rows, True, args.reps, gen))
+        for rows in HEAD_ROWS:
+            result["shapes"].append(compare("lm_head", (VOCAB, HIDDEN), rows, False, max(5, args.reps // 4), gen))
+        layer = [r for r in result["shapes"] if r["backward"]]
+        torch_ms, ours_ms = sum(r["torch_ms"] for r in layer), sum(r["frozen_linear_ms"] for r in layer)
+        result["layer"] = {"torch_ms": torch_ms, "frozen_linear_ms": ours_ms, "speedup": torch_ms / ours_ms}
+
+    status = common.run_keeping_partial(result, run)
+    print_table(result)
+    print(common.save(result, f"frozen_linear-{common.file_tag(name, args.label)}", common.out_dirs(args.out), plot))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
