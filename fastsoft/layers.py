@@ -1,5 +1,5 @@
 """The frozen model's norms, gated MLP activations, rotary embeddings and projections run as fused ops in a student
-step.
+step, the teacher pass and greedy generation.
 
 :func:`fused_layers` swaps them, inside its block only, for :mod:`fastsoft.ops.layers`' (one pass forward and one
 backward each, in the C++ CPU backend; the projections through oneDNN's packed GEMM) on the Llama-family models whose
@@ -7,7 +7,7 @@ formulas those ops implement (``FUSED_FAMILIES``: their ``*RMSNorm``, ``*MLP`` w
 ``apply_rotary_pos_emb``, and the ``nn.Linear`` projections of their attention and MLP); other models, other devices
 and dtypes run unchanged (each fused op falls back to the transformers formula where it does not apply). The same
 maths up to rounding; ``FASTSOFT_FUSED_LAYERS=0`` turns it all off, ``FASTSOFT_PACKED_LINEARS=0`` the projections
-only (they keep a packed copy of their weights, twice their size: :func:`fastsoft.ops.layers.frozen_linear`).
+only (they keep packed copies of their weights, twice their size with gradients: :func:`fastsoft.ops.layers.frozen_linear`).
 """
 
 from __future__ import annotations
