@@ -123,9 +123,11 @@ class LoadedModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of a few hidden states ``[..., H] -> [..., V]`` in fp32 (for the teacher and for evaluation). An fp32
         head on CPU runs through :func:`fastsoft.ops.layers.frozen_linear`, packed once (the head's size again in
-        memory): torch's ``mm`` (MKL) ran this skinny product 2-3x slower here (``benchmarks/bench_frozen_linear.py``)."""
+        memory; not with ``FASTSOFT_FUSED_LAYERS=0``): torch's ``mm`` (MKL) ran this skinny product 2-3x slower
+        here (``benchmarks/bench_frozen_linear.py``)."""
         hidden = hidden.float()
-        if self.lm_weight.dtype == torch.float32 and self.lm_weight.device.type == "cpu":
+        fused = os.environ.get("FASTSOFT_FUSED_LAYERS") != "0"  # off: the model's own maths throughout
+        if fused and self.lm_weight.dtype == torch.float32 and self.lm_weight.device.type == "cpu":
             return frozen_linear(hidden, self.lm_weight)
         return hidden @ self.lm_weight.float().T
 

@@ -35,7 +35,8 @@ def generate_batch_ids(
     ``share_prefix``: when every row has the same non-empty ``before``, rows start from one copy each of its cached
     keys and values (:mod:`fastsoft.prefix`) and only ``prompt + after`` runs (the padding then sits between the
     prefix and the row, masked out). The model runs with its fused layer ops (:func:`fastsoft.layers.fused_layers`).
-    Memory: the KV cache of ``B × (Lp + L + max_new_tokens)`` positions and ``[B, V]`` fp32 logits per step."""
+    Memory: the KV cache of ``B × (Lp + L + max_new_tokens)`` positions and ``[B, V]`` fp32 logits per step; on CPU
+    the first call packs the frozen weights once (their size again: :func:`fastsoft.ops.layers.frozen_linear`)."""
     with fused_layers(loaded):
         return _greedy(loaded, prompt, rows, max_new_tokens, share_prefix)
 

@@ -9,13 +9,14 @@ formulas (Llama family), the tests' ground truth and the fallback.
 Memory: each saves for its backward what the unfused ops would, or less (``swiglu`` keeps ``gate`` and ``up``, not
 ``silu(gate)`` too; ``rms_norm`` keeps ``x`` and one number a row).
 
-``frozen_linear`` is the projections' ``x Wᵀ + b`` through oneDNN with ``W`` and ``Wᵀ`` packed once into its blocked
-layout (as torch.compile's CPU freezing packs them), where torch's CPU ``mm`` calls MKL: on this project's AMD CPU,
-MKL's fp32 GEMMs at a student step's ~180 rows ran slower than oneDNN's packed ones
-(``benchmarks/bench_student.py``: 2.05x -> 2.16x PEFT's speed). The packed copies
-are kept, per weight, as long as the weight lives: twice the projections' weights in memory (once where no
-gradient is taken), within a budget of half the memory available when the first weight is packed
-(:func:`available_memory`); weights past it run unpacked.
+``frozen_linear`` is the projections' ``x Wᵀ + b`` through oneDNN with ``W`` (and, once a gradient is wanted,
+``Wᵀ``) packed once into its blocked layout (as torch.compile's CPU freezing packs them), where torch's CPU ``mm``
+calls MKL: on this project's AMD CPU, MKL's fp32 GEMMs at a student step's ~180 rows ran slower than oneDNN's packed
+ones (``benchmarks/bench_student.py``: 2.05x -> 2.16x PEFT's speed), and the lm_head's at decoding's few rows 2-3x
+slower (``benchmarks/bench_frozen_linear.py``). The packed copies are kept, per weight, as long as the weight lives:
+twice the projections' weights in memory (once where no gradient is taken), within a budget of half the memory
+available when the first weight is packed (:func:`available_memory`), shared among the ranks on the machine; weights
+past it run unpacked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import atexit
 import os
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -116,76 +118,130 @@ def packed_linears_available() -> bool:
     )
 
 
+_MEMINFO, _PROC_CGROUP, _CGROUP_ROOT = Path("/proc/meminfo"), Path("/proc/self/cgroup"), Path("/sys/fs/cgroup")
+_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2^63
+
+
+def _cgroup_headroom(folder: Path, root: Path, files: tuple[str, str, str]) -> list[int]:
+    """``limit - usage + inactive file cache`` (reclaimable) of ``folder`` and of each of its parents up to ``root``,
+    where a limit is set; ``files``: the (limit, usage, stat key) names of this cgroup version."""
+    found = []
+    while True:
+        try:
+            limit = (folder / files[0]).read_text().strip()
+            if limit != "max" and int(limit) < _NO_LIMIT:
+                stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+                usage = int((folder / files[1]).read_text()) - int(stat.get(files[2], 0))
+                found.append(max(0, int(limit) - usage))
+        except (OSError, ValueError):
+            pass
+        if folder == root or root not in folder.parents:
+            return found
+        folder = folder.parent
+
+
 def available_memory() -> int | None:
-    """Bytes this process can still allocate without swapping: Linux's ``MemAvailable``, lowered to the cgroup's
-    headroom (``memory.max - memory.current``) inside a limited container; ``None`` where neither can be read."""
+    """Bytes this process can still allocate without swapping: Linux's ``MemAvailable``, lowered to the headroom of
+    its memory cgroup (v2 or v1, and their parents: a container's or a job's limit); ``None`` where none is
+    readable."""
     found = []
     try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        found += [
+            int(line.split()[1]) * 1024
+            for line in _MEMINFO.read_text().splitlines()
+            if line.startswith("MemAvailable:")
+        ]
     except (OSError, ValueError, IndexError):
         pass
     try:
-        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
-            limit = f_max.read().strip()
-            if limit != "max":
-                found.append(max(0, int(limit) - int(f_cur.read().strip())))
-    except (OSError, ValueError):
-        pass
+        cgroups = [line.split(":", 2) for line in _PROC_CGROUP.read_text().splitlines() if line.count(":") >= 2]
+    except OSError:
+        cgroups = []
+    for hierarchy, controllers, path in cgroups:
+        if hierarchy == "0" and not controllers:  # v2, the unified hierarchy
+            root, files = _CGROUP_ROOT, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1
+            root, files = (
+                _CGROUP_ROOT / "memory",
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+            )
+        else:
+            continue
+        found += _cgroup_headroom(root / path.strip("/"), root, files)
     return min(found) if found else None
 
 
-# id(weight) -> [a weak reference to it, its (_version, data_ptr) when packed, W packed, Wᵀ packed or None until a
-# backward needs it]. Kept beside the weight, not on it: an attribute would travel with it into torch.save and deepcopy.
-_PACKED: dict[int, list] = {}
-atexit.register(_PACKED.clear)  # free the oneDNN tensors while torch is whole, not in the interpreter's late teardown
-_budget: list[int | None] = []  # [bytes the packed copies may take in all], fixed at the first packing
-_BUDGET_SHARE = 0.5  # of the memory available then: the rest is the training's (activations, the optimizer, the cache)
+class _PackedWeights:
+    """The packed copies of frozen weights, beside them (not on them: an attribute would travel with a weight into
+    ``torch.save`` and ``deepcopy``), within a memory budget: by default half the memory available at the first
+    packing, shared among the ranks on the machine (``LOCAL_WORLD_SIZE``); the rest is the training's (activations,
+    the optimizer, the cache)."""
+
+    SHARE = 0.5
+
+    def __init__(self, budget: int | None | type = ...):
+        # id(weight) -> [a weak reference to it, its (_version, data_ptr) when packed, W packed, Wᵀ packed or None
+        # until a backward needs it]
+        self.table: dict[int, list] = {}
+        self.bytes = 0
+        self.budget = budget  # ``...``: not measured yet
+        self.warned = False
+
+    def clear(self) -> None:
+        self.table.clear()
+        self.bytes = 0
+
+    def _drop(self, key: int, ref=None) -> None:
+        entry = self.table.get(key)
+        if entry is not None and (ref is None or entry[0] is ref):  # not a newer entry under a reused id
+            del self.table[key]
+            self.bytes -= sum(pack.nbytes for pack in entry[2:] if pack is not None)
+
+    def _fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of packed copies stay within the budget; warns once when they do not."""
+        if self.budget is ...:
+            available = available_memory()
+            ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+            self.budget = None if available is None else int(available * self.SHARE / ranks)
+        if self.budget is None or self.bytes + nbytes <= self.budget:
+            return True
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"fastsoft: the packed copies of the frozen weights reached their budget "
+                f"({self.budget / 2**30:.2f} GiB: half the memory available at the first one, over the ranks on this "
+                "machine); the others run through torch's linear (FASTSOFT_PACKED_LINEARS=0 packs none)",
+                stacklevel=4,  # frozen_linear's caller
+            )
+        return False
+
+    def get(self, weight: torch.Tensor, backward: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``weight [out, in]`` in oneDNN's blocked layout, and its transpose when ``backward`` (or packed before),
+        each packed at first need and again after the weight changed (in place, or its ``.data`` replaced; a change
+        made through ``.data`` in place is not seen); dropped when the weight is freed. ``None`` over the budget."""
+        key, stamp = id(weight), (weight._version, weight.data_ptr())
+        entry = self.table.get(key)
+        if entry is None or entry[0]() is not weight or entry[1] != stamp:
+            self._drop(key)
+            if not self._fits(weight.nbytes * (2 if backward else 1)):
+                return None
+            with torch.no_grad():
+                forward = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            entry = [None, stamp, forward, None]
+            entry[0] = weakref.ref(weight, lambda ref, key=key: self._drop(key, ref))
+            self.table[key] = entry
+            self.bytes += forward.nbytes
+        if backward and entry[3] is None:
+            if not self._fits(weight.nbytes):
+                return None
+            with torch.no_grad():
+                entry[3] = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), None)
+            self.bytes += entry[3].nbytes
+        return entry[2], entry[3]
 
 
-def _packed_bytes() -> int:
-    return sum(pack.nbytes for entry in _PACKED.values() for pack in entry[2:] if pack is not None) if _PACKED else 0
-
-
-def _within_budget(nbytes: int) -> bool:
-    """Whether ``nbytes`` more of packed copies stay within the budget; warns once when they do not."""
-    if not _budget:
-        available = available_memory()
-        _budget.append(None if available is None else int(available * _BUDGET_SHARE))
-    budget = _budget[0]
-    if budget is None or _packed_bytes() + nbytes <= budget:
-        return True
-    if len(_budget) == 1:
-        _budget.append(budget)  # warned
-        warnings.warn(
-            f"fastsoft: the packed copies of the frozen projections reached their budget ({budget / 2**30:.1f} GiB, "
-            "half the memory available at the first one); the others run through torch's linear "
-            "(FASTSOFT_PACKED_LINEARS=0 packs none)",
-            stacklevel=5,
-        )
-    return False
-
-
-def _packed(weight: torch.Tensor, backward: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``weight [out, in]`` in oneDNN's blocked layout, and its transpose when ``backward`` (or packed before),
-    each packed at first need and again whenever the weight changed since (in place, or its ``.data`` replaced);
-    dropped when the weight is freed. ``None`` when packing would exceed the memory budget."""
-    key, stamp = id(weight), (weight._version, weight.data_ptr())
-    entry = _PACKED.get(key)
-    if entry is None or entry[0]() is not weight or entry[1] != stamp:
-        _PACKED.pop(key, None)
-        if not _within_budget(weight.nbytes * (2 if backward else 1)):
-            return None
-        with torch.no_grad():
-            forward = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        entry = [weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), stamp, forward, None]
-        _PACKED[key] = entry
-    if backward and entry[3] is None:
-        if not _within_budget(weight.nbytes):
-            return None
-        with torch.no_grad():
-            entry[3] = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), None)
-    return entry[2], entry[3]
+_PACKS = _PackedWeights()
+atexit.register(_PACKS.clear)  # free the oneDNN tensors while torch is whole, not in the interpreter's late teardown
 
 
 def frozen_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,7 +265,7 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ):
         return frozen_linear_reference(x, weight, bias)
     backward = torch.is_grad_enabled() and x.requires_grad
-    packed = _packed(weight, backward)
+    packed = _PACKS.get(weight, backward)
     if packed is None:  # over the memory budget
         return frozen_linear_reference(x, weight, bias)
     if not backward:

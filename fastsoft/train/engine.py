@@ -103,7 +103,8 @@ class Engine:
             raise
         self.bank = PromptBank(config.slots, config.prompt_length, loaded.hidden_size, device=loaded.device)
         self.scheduler = Scheduler(config.slots, config.token_budget)
-        self.scored_tokens, self.train_seconds = 0, 0.0  # this process's steps: the progress bar's rate
+        # the progress bar's rate over this process's steps: scored tokens of its jobs (split: of all ranks, all-reduced)
+        self.scored_tokens, self.train_seconds = 0, 0.0
         self.loop_steps = 0  # loop iterations, the checkpoint clock
         self.oom_retries = 0
         self.unprepared: dict[str, FastsoftError] = {}  # jobs whose queries could not be prepared, and why

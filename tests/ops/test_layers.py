@@ -15,7 +15,6 @@ import fastsoft.ops.layers as layer_ops
 from fastsoft.layers import fused_layers
 from fastsoft.ops import cpp
 from fastsoft.ops.layers import (
-    _packed,
     frozen_linear,
     frozen_linear_reference,
     fused_applies,
@@ -97,19 +96,19 @@ def test_frozen_linear_equals_linear_and_its_input_gradient(monkeypatch):
         (gx_want,) = torch.autograd.grad(want, x, grad)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gx, gx_want, rtol=1e-5, atol=1e-5)
-    packed = _packed(weight)
+    packed = layer_ops._PACKS.get(weight, True)
     frozen_linear(x, weight)
-    assert _packed(weight)[0] is packed[0]  # packed once a weight
+    assert layer_ops._PACKS.get(weight, True)[0] is packed[0]  # packed once a weight
     with torch.no_grad():
         weight.mul_(2)  # changed in place: packed again, not stale
     torch.testing.assert_close(frozen_linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
     weight.data = torch.randn(192, 576, generator=gen) / 24  # replaced without a version bump (what Module.to does)
     torch.testing.assert_close(frozen_linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
-    assert id(weight) in layer_ops._PACKED and not hasattr(weight, "_fastsoft_packed")  # beside the weight, not on it
+    assert id(weight) in layer_ops._PACKS.table and not hasattr(weight, "_fastsoft_packed")  # beside it, not on it
     key = id(weight)
     del weight, packed
     gc.collect()
-    assert key not in layer_ops._PACKED  # freed with the weight
+    assert key not in layer_ops._PACKS.table  # freed with the weight
     # a transposed input (not contiguous) and no autograd (the teacher pass)
     with torch.no_grad():
         xt, w = torch.randn(576, 5, generator=gen).T, torch.randn(192, 576, generator=gen)
@@ -120,19 +119,19 @@ def test_frozen_linear_equals_linear_and_its_input_gradient(monkeypatch):
 
 
 def test_frozen_linear_packs_within_its_memory_budget(monkeypatch):
-    """Past the budget (half the memory available at the first packing) a weight runs unpacked, bit for bit torch's
-    linear, with one warning; a weight within it is still packed (W only while no gradient is wanted); a freed
+    """Past the budget a weight runs unpacked, bit for bit torch's linear, with one warning; a weight within it is
+    still packed (W only while no gradient is wanted, Wᵀ too once one is, else unpacked); a replaced or freed
     weight's copies leave the budget."""
     gen = torch.Generator().manual_seed(3)
     small, large = torch.randn(8, 16, generator=gen), torch.randn(64, 64, generator=gen)
     x = torch.randn(5, 16, generator=gen)
-    monkeypatch.setattr(layer_ops, "_PACKED", {})
-    monkeypatch.setattr(layer_ops, "_budget", [small.nbytes + 64 * 16 * 4 + 1000])  # room for small and a [64, 16]
+    packs = layer_ops._PackedWeights(budget=small.nbytes + 64 * 16 * 4 + 1000)  # room for small and one [64, 16]
+    monkeypatch.setattr(layer_ops, "_PACKS", packs)
     frozen_linear(x, small)  # no gradient wanted: W packed, not Wᵀ
-    assert id(small) in layer_ops._PACKED and layer_ops._PACKED[id(small)][3] is None
+    assert packs.table[id(small)][3] is None and packs.bytes == small.nbytes
     with pytest.warns(UserWarning, match="budget"):
         out = frozen_linear(torch.randn(5, 64, generator=gen), large)
-    assert id(large) not in layer_ops._PACKED
+    assert id(large) not in packs.table
     xl = torch.randn(5, 64, generator=gen)
     assert torch.equal(frozen_linear(xl, large), frozen_linear_reference(xl, large)) and out.shape == (5, 64)
     with warnings.catch_warnings():
@@ -140,19 +139,76 @@ def test_frozen_linear_packs_within_its_memory_budget(monkeypatch):
         frozen_linear(xl, large)
         fits = torch.randn(64, 16, generator=gen)
         torch.testing.assert_close(frozen_linear(x, fits), x @ fits.T, rtol=1e-5, atol=1e-5)
-    assert id(fits) in layer_ops._PACKED
-    xg = x.clone().requires_grad_()  # a gradient wanted: Wᵀ would pass the budget, so torch's linear runs
-    (gx,) = torch.autograd.grad(frozen_linear(xg, fits).sum(), xg)
-    torch.testing.assert_close(gx, torch.ones(5, 64) @ fits, rtol=1e-5, atol=1e-5)
-    assert layer_ops._PACKED[id(fits)][3] is None
+        assert id(fits) in packs.table
+        xg = x.clone().requires_grad_()  # a gradient wanted: Wᵀ would pass the budget, so torch's linear runs
+        (gx,) = torch.autograd.grad(frozen_linear(xg, fits).sum(), xg)
+        torch.testing.assert_close(gx, torch.ones(5, 64) @ fits, rtol=1e-5, atol=1e-5)
+        assert packs.table[id(fits)][3] is None
+        fresh = torch.randn(64, 16, generator=gen)  # W alone would fit, W and Wᵀ would not: nothing packed
+        (gx,) = torch.autograd.grad(frozen_linear(xg, fresh).sum(), xg)
+        torch.testing.assert_close(gx, torch.ones(5, 64) @ fresh, rtol=1e-5, atol=1e-5)
+        assert id(fresh) not in packs.table
+        small.data = torch.randn(8, 16, generator=gen)  # replaced: repacked, the old copy's bytes given back
+        torch.testing.assert_close(frozen_linear(x, small), x @ small.T, rtol=1e-5, atol=1e-5)
+    assert packs.bytes == small.nbytes + fits.nbytes
     del small, fits
     gc.collect()
-    assert layer_ops._PACKED == {}  # freed weights give their room back
+    assert packs.table == {} and packs.bytes == 0  # freed weights give their room back
+    unlimited = layer_ops._PackedWeights(budget=None)  # no memory figure readable: no budget
+    monkeypatch.setattr(layer_ops, "_PACKS", unlimited)
+    frozen_linear(xl, large)
+    assert id(large) in unlimited.table
 
 
-def test_available_memory_is_a_positive_byte_count_here():
-    available = layer_ops.available_memory()
-    assert available is not None and 0 < available < 2**50
+def test_the_budget_is_half_the_available_memory_over_the_local_ranks(monkeypatch):
+    monkeypatch.setattr(layer_ops, "available_memory", lambda: 4000)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two ranks on this machine share it
+    packs = layer_ops._PackedWeights()
+    assert packs._fits(1000) and packs.budget == 1000
+    with pytest.warns(UserWarning, match="budget"):
+        assert not packs._fits(1001)
+
+
+def test_available_memory_reads_meminfo_and_the_cgroup_limits(tmp_path, monkeypatch):
+    """The least of MemAvailable and the headroom (limit - usage + inactive file cache) of the process's memory cgroup
+    and its parents, v2 and v1; unlimited cgroups ("max", v1's ~2^63) and unreadable files are left out."""
+    (tmp_path / "meminfo").write_text("MemTotal: 16000000 kB\nMemAvailable: 8000000 kB\n")
+    job = tmp_path / "cg" / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    for folder, limit, usage, inactive in (
+        (tmp_path / "cg", "max", "0", 0),
+        (job.parent, "6000000000", "1000000000", 0),
+        (job, "3000000000", "2500000000", 1000000000),
+    ):
+        (folder / "memory.max").write_text(limit + "\n")
+        (folder / "memory.current").write_text(usage + "\n")
+        (folder / "memory.stat").write_text(f"anon 5\ninactive_file {inactive}\n")
+    (tmp_path / "cgroup").write_text("0::/slurm/job_7\n")
+    monkeypatch.setattr(layer_ops, "_MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(layer_ops, "_PROC_CGROUP", tmp_path / "cgroup")
+    monkeypatch.setattr(layer_ops, "_CGROUP_ROOT", tmp_path / "cg")
+    assert layer_ops.available_memory() == 3000000000 - 2500000000 + 1000000000  # the job's, under its parent's
+    v1 = tmp_path / "cg" / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (v1 / "memory.usage_in_bytes").write_text("5\n")
+    (v1 / "memory.stat").write_text("total_inactive_file 0\n")
+    (tmp_path / "cgroup").write_text("9:memory:/\n")
+    assert layer_ops.available_memory() == 8000000 * 1024  # MemAvailable: the v1 cgroup sets no limit
+    (v1 / "memory.limit_in_bytes").write_text("1000\n")
+    assert layer_ops.available_memory() == 995
+    monkeypatch.setattr(layer_ops, "_MEMINFO", tmp_path / "missing")
+    monkeypatch.setattr(layer_ops, "_PROC_CGROUP", tmp_path / "missing")
+    assert layer_ops.available_memory() is None
+
+
+def test_logits_run_through_frozen_linear_unless_the_fused_layers_are_off(tiny, monkeypatch):
+    hidden = torch.randn(3, tiny.hidden_size, generator=torch.Generator().manual_seed(4))
+    want = hidden @ tiny.lm_weight.float().T
+    torch.testing.assert_close(tiny.logits(hidden), want, rtol=1e-5, atol=1e-5)
+    assert id(tiny.lm_weight) in layer_ops._PACKS.table
+    monkeypatch.setenv("FASTSOFT_FUSED_LAYERS", "0")
+    assert torch.equal(tiny.logits(hidden), want)
 
 
 def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
@@ -171,10 +227,10 @@ def test_where_the_fused_ops_do_not_apply_they_are_the_reference():
     assert cos.grad is not None
     w = torch.randn(4, 8, requires_grad=True)  # a trained projection, and fp64: torch's own linear
     frozen_linear(x, w).sum().backward()
-    assert w.grad is not None and id(w) not in layer_ops._PACKED
+    assert w.grad is not None and id(w) not in layer_ops._PACKS.table
     x64, w64 = x.double(), torch.randn(4, 8, dtype=torch.float64)
     assert torch.equal(frozen_linear(x64, w64), frozen_linear_reference(x64, w64))
-    assert id(w64) not in layer_ops._PACKED
+    assert id(w64) not in layer_ops._PACKS.table
 
 
 def _sigma_step(tiny, prompts):
