@@ -366,10 +366,17 @@ def _advance(
             _finish(row)
 
 
+_NUCLEUS_FIRST = 256  # the most probable tokens looked at first: they hold the nucleus unless the step is very flat
+
+
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """One token from ``softmax(logits / T)`` restricted to its top-p nucleus, drawn on the host with ``generator``."""
+    """One token from ``softmax(logits / T)`` restricted to its top-p nucleus, drawn on the host with ``generator``.
+    The nucleus comes from the top 256 (a 20th of sorting all V here) when they reach ``top_p``, else a full sort: the
+    same prefix either way."""
     probs = torch.softmax(logits.double().cpu() / sampling.temperature, -1)
-    sorted_probs, order = probs.sort(descending=True)
+    sorted_probs, order = torch.topk(probs, min(_NUCLEUS_FIRST, probs.numel()))  # descending
+    if not float(sorted_probs.cumsum(0)[-1]) >= sampling.top_p:
+        sorted_probs, order = probs.sort(descending=True)
     keep = int((sorted_probs.cumsum(0) < sampling.top_p).sum()) + 1  # the smallest prefix reaching top_p
     nucleus = sorted_probs[:keep]
     return int(order[torch.multinomial(nucleus / nucleus.sum(), 1, generator=generator)])
@@ -485,32 +492,44 @@ def _causal_pieces(step, q, key, value, pieces, groups, scale, out_b, lse_b) -> 
     lse_b[:, real] = s.transpose(0, 1).reshape(heads, -1)[:, where]
 
 
+def _decode_plan(step: _Step, decodes, device):
+    """What every layer's :func:`_decode_rows` needs of the step's decoding rows, made at the first layer: the widest
+    row, each job's slot indices, and the rows' offsets in the step and valid-position mask, in job order."""
+    plan = step.device_cache.get(("decode_plan",))
+    if plan is None:
+        width = max(row.length for _, row, _ in decodes)
+        by_job: dict[_Job, list] = {}
+        for part, row, offset in decodes:
+            by_job.setdefault(part.job, []).append((row, offset))
+        slots = [
+            (job, torch.tensor([r.slot for r, _ in rows], dtype=torch.int64).to(device)) for job, rows in by_job.items()
+        ]
+        order = [entry for rows in by_job.values() for entry in rows]
+        at = torch.tensor([offset for _, offset in order], dtype=torch.int64).to(device)
+        lengths = torch.tensor([row.length for row, _ in order], dtype=torch.int64).to(device)
+        seen = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [R, L]
+        plan = step.device_cache[("decode_plan",)] = (width, slots, at, seen)
+    return plan
+
+
 def _decode_rows(step, q, layer, decodes, kv_heads, groups, scale, out_b, lse_b) -> None:
     """One new token per row against that row's tokens in its job's arena (small: done in fp32 by hand)."""
     heads, dim = q.shape[0], q.shape[-1]
-    width = max(row.length for _, row, _ in decodes)
+    width, slots, at, seen = _decode_plan(step, decodes, q.device)
     keys, values = [], []
-    by_job: dict[_Job, list] = {}
-    for part, row, offset in decodes:
-        by_job.setdefault(part.job, []).append((row, offset))
-    for job, rows in by_job.items():
+    for job, job_slots in slots:
         P = len(job.prefix)
-        slots = _on(step, ("slots", id(job)), torch.tensor([r.slot for r, _ in rows], dtype=torch.int64), q.device)
         for arena, out in ((job.arena_k[layer], keys), (job.arena_v[layer], values)):
-            region = arena[0, :, P:].reshape(kv_heads, job.slots, job.width, dim)[:, slots, :width]  # [KV, R, L, D]
+            region = arena[0, :, P:].reshape(kv_heads, job.slots, job.width, dim)[:, job_slots, :width]  # [KV, R, L, D]
             if region.shape[2] < width:
                 region = F.pad(region, (0, 0, 0, width - region.shape[2]))
             out.append(region)
     k = torch.cat(keys, 1).float()  # [KV, R, L, D], rows in job order
     v = torch.cat(values, 1).float()
-    order = [entry for rows in by_job.values() for entry in rows]
-    at = _on(step, ("decode_at",), torch.tensor([offset for _, offset in order], dtype=torch.int64), q.device)
-    lengths = _on(step, ("decode_len",), torch.tensor([row.length for row, _ in order], dtype=torch.int64), q.device)
-    qd = q[:, at].float().reshape(kv_heads, groups, len(order), dim)  # [KV, G, R, D]
+    qd = q[:, at].float().reshape(kv_heads, groups, len(at), dim)  # [KV, G, R, D]
     scores = torch.einsum("kgrd,krld->kgrl", qd, k) * scale
-    seen = torch.arange(width, device=q.device)[None, :] < lengths[:, None]  # [R, L]
     scores = scores.masked_fill(~seen, -math.inf)
     s = torch.logsumexp(scores, -1)  # [KV, G, R]
     o = torch.einsum("kgrl,krld->kgrd", torch.softmax(scores, -1), v)
-    out_b[:, at] = o.reshape(heads, len(order), dim)
-    lse_b[:, at] = s.reshape(heads, len(order))
+    out_b[:, at] = o.reshape(heads, len(at), dim)
+    lse_b[:, at] = s.reshape(heads, len(at))

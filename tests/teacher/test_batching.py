@@ -179,3 +179,25 @@ def test_gpu_teacher_matches_each_query_alone(tiny_model_dir, dtype):
             else:  # bf16: greedy paths may part after a near-tie; the first position and forced rows must agree
                 n = len(ids) if answer is not None else 1
                 torch.testing.assert_close(got.hidden[:n], hidden[:n], **tol)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: the nucleus within the top 256; flat: the full sort
+def test_sampling_draws_from_the_nucleus_of_a_full_sort(scale):
+    """``_sample`` takes the nucleus from the top 256 tokens when they reach top_p: the same token, for the same
+    generator, as sorting the whole vocabulary."""
+    from fastsoft.teacher.batching import Sampling, _sample
+
+    def full_sort(logits, sampling, generator):
+        probs = torch.softmax(logits.double() / sampling.temperature, -1)
+        sorted_probs, order = probs.sort(descending=True)
+        keep = int((sorted_probs.cumsum(0) < sampling.top_p).sum()) + 1
+        nucleus = sorted_probs[:keep]
+        return int(order[torch.multinomial(nucleus / nucleus.sum(), 1, generator=generator)])
+
+    gen = torch.Generator().manual_seed(0)
+    for top_p in (0.5, 0.95, 1.0):
+        sampling = Sampling(temperature=0.6, top_p=top_p, seeds={})
+        for seed in range(20):
+            logits = torch.randn(4096, generator=gen) * scale
+            got = _sample(logits, sampling, torch.Generator().manual_seed(seed))
+            assert got == full_sort(logits, sampling, torch.Generator().manual_seed(seed))
