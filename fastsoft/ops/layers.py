@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -179,7 +180,7 @@ class _PackedWeights:
 
     SHARE = 0.5
 
-    def __init__(self, budget: int | None | type = ...):
+    def __init__(self, budget: int | None | types.EllipsisType = ...):
         # id(weight) -> [a weak reference to it, its (_version, data_ptr) when packed, W packed, Wᵀ packed or None
         # until a backward needs it]
         self.table: dict[int, list] = {}

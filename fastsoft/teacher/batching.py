@@ -375,9 +375,11 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
     same prefix either way."""
     probs = torch.softmax(logits.double().cpu() / sampling.temperature, -1)
     sorted_probs, order = torch.topk(probs, min(_NUCLEUS_FIRST, probs.numel()))  # descending
-    if not float(sorted_probs.cumsum(0)[-1]) >= sampling.top_p:
+    mass = sorted_probs.cumsum(0)
+    if not float(mass[-1]) >= sampling.top_p:
         sorted_probs, order = probs.sort(descending=True)
-    keep = int((sorted_probs.cumsum(0) < sampling.top_p).sum()) + 1  # the smallest prefix reaching top_p
+        mass = sorted_probs.cumsum(0)
+    keep = int((mass < sampling.top_p).sum()) + 1  # the smallest prefix reaching top_p
     nucleus = sorted_probs[:keep]
     return int(order[torch.multinomial(nucleus / nucleus.sum(), 1, generator=generator)])
 

@@ -199,5 +199,8 @@ def test_sampling_draws_from_the_nucleus_of_a_full_sort(scale):
         sampling = Sampling(temperature=0.6, top_p=top_p, seeds={})
         for seed in range(20):
             logits = torch.randn(4096, generator=gen) * scale
+            top = torch.softmax(logits.double() / 0.6, -1).topk(256).values.sum()
+            if top_p < 1:  # the path this case means to take
+                assert bool(top >= top_p) == (scale > 1)
             got = _sample(logits, sampling, torch.Generator().manual_seed(seed))
             assert got == full_sort(logits, sampling, torch.Generator().manual_seed(seed))
