@@ -123,7 +123,7 @@ class LoadedModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of a few hidden states ``[..., H] -> [..., V]`` in fp32 (for the teacher and for evaluation). An fp32
         head on CPU runs through :func:`fastsoft.ops.layers.frozen_linear`, packed once (the head's size again in
-        memory; not with ``FASTSOFT_FUSED_LAYERS=0``): torch's ``mm`` (MKL) ran this skinny product 2-3x slower
+        memory; not with ``FASTSOFT_FUSED_LAYERS=0``): torch's ``mm`` (MKL) ran this skinny product 2-3.5x slower
         here (``benchmarks/bench_frozen_linear.py``)."""
         hidden = hidden.float()
         fused = os.environ.get("FASTSOFT_FUSED_LAYERS") != "0"  # off: the model's own maths throughout

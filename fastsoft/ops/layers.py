@@ -12,7 +12,7 @@ Memory: each saves for its backward what the unfused ops would, or less (``swigl
 ``frozen_linear`` is the projections' ``x Wᵀ + b`` through oneDNN with ``W`` (and, once a gradient is wanted,
 ``Wᵀ``) packed once into its blocked layout (as torch.compile's CPU freezing packs them), where torch's CPU ``mm``
 calls MKL: on this project's AMD CPU, MKL's fp32 GEMMs at a student step's ~180 rows ran slower than oneDNN's packed
-ones (``benchmarks/bench_student.py``: 2.05x -> 2.16x PEFT's speed), and the lm_head's at decoding's few rows 2-3x
+ones (``benchmarks/bench_student.py``: 2.05x -> 2.16x PEFT's speed), and the lm_head's at decoding's few rows 2-3.5x
 slower (``benchmarks/bench_frozen_linear.py``). The packed copies are kept, per weight, as long as the weight lives:
 twice the projections' weights in memory (once where no gradient is taken), within a budget of half the memory
 available when the first weight is packed (:func:`available_memory`), shared among the ranks on the machine; weights
