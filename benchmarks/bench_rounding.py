@@ -40,24 +40,43 @@ import common  # noqa: E402
 ULP = 2.0**-24  # fp32's relative rounding unit
 
 
-def students_for(loaded, data, config, twins: int) -> dict:
-    """``{name: FastsoftStudent}``: compact, dense, and ``twins`` rounding twins of compact."""
+def _rounded(values: torch.Tensor, seed: int) -> torch.Tensor:
+    """``values * (1 + 2^-24 ε)``, ``ε ~ N(0, 1)`` from ``seed``: another rounding of the same numbers."""
+    noise = torch.randn(values.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (values.double() * (1 + ULP * noise)).to(values.dtype)
+
+
+def students_for(loaded, data, config, twins: int, dense_twins: int = 0) -> dict:
+    """``{name: FastsoftStudent}``: compact, dense, ``twins`` rounding twins of compact (``twin k``: its ``w̄``
+    perturbed) and ``dense_twins`` of dense (``dense twin k``: its log-probs perturbed)."""
     from fastsoft.ops import DenseTarget
 
     base = data["targets"]
     variants = {"compact": base, "dense": DenseTarget(data["dense"])}
     for k in range(1, twins + 1):
-        gen = torch.Generator().manual_seed(k)
-        noise = torch.randn(base.wbar.shape, generator=gen, dtype=torch.float64)
-        wbar = (base.wbar.double() * (1 + ULP * noise)).to(base.wbar.dtype)
-        variants[f"twin {k}"] = dataclasses.replace(base, wbar=wbar)
+        variants[f"twin {k}"] = dataclasses.replace(base, wbar=_rounded(base.wbar, k))
+    for k in range(1, dense_twins + 1):
+        variants[f"dense twin {k}"] = DenseTarget(_rounded(data["dense"], 1000 + k))
     return {name: bench_student.FastsoftStudent(loaded, dict(data, targets=t), config) for name, t in variants.items()}
+
+
+def group_stats(compact: list[float], dense: list[float]) -> dict:
+    """Each teacher's runs (the plain run and its twins): mean and standard deviation of the held-out gap_closed,
+    and the difference of the means with its standard error (Welch) — what many runs say where one cannot."""
+    out = {"compact_runs": compact, "dense_runs": dense}
+    for name, values in (("compact", compact), ("dense", dense)):
+        out[f"{name}_mean"] = statistics.fmean(values)
+        out[f"{name}_stdev"] = statistics.stdev(values) if len(values) > 1 else None
+    if len(compact) > 1 and len(dense) > 1:
+        out["dense_minus_compact_mean"] = out["dense_mean"] - out["compact_mean"]
+        out["standard_error"] = (out["compact_stdev"] ** 2 / len(compact) + out["dense_stdev"] ** 2 / len(dense)) ** 0.5
+    return out
 
 
 def run(loaded, data, config, args, result: dict) -> None:
     from fastsoft.train.lr_schedule import lr_at
 
-    students = students_for(loaded, data, config, args.twins)
+    students = students_for(loaded, data, config, args.twins, args.dense_twins)
     schedule = bench_student.batches(len(data["train"]), config.batch_queries, args.steps, seed=config.seed + 3)
     T = config.temperature
     kl_none = bench_student.heldout_kl(loaded, None, data["held_out"], T)
@@ -83,7 +102,9 @@ def run(loaded, data, config, args, result: dict) -> None:
         kl = bench_student.heldout_kl(loaded, student.prompt(), data["held_out"], T)
         final[name] = {"kl_soft": kl, "gap_closed": 1 - kl / kl_none, "final_loss": losses[name][-1]}
     twins = [final[n]["gap_closed"] for n in names if n.startswith("twin")] + [final["compact"]["gap_closed"]]
+    dense_runs = [final["dense"]["gap_closed"]] + [final[n]["gap_closed"] for n in names if n.startswith("dense twin")]
     result["final"] = final
+    result["groups"] = group_stats(twins, dense_runs)
     result["spread"] = {
         "compact_and_twins": twins,
         "stdev": statistics.stdev(twins) if len(twins) > 1 else None,
@@ -113,6 +134,13 @@ def print_table(result: dict) -> None:
         + (f", stdev {stdev:.3f}" if stdev is not None else "")
         + f"; dense - compact: {spread['dense_minus_compact']:+.3f}"
     )
+    groups = result.get("groups", {})
+    if "standard_error" in groups:
+        print(
+            f"means over runs: compact {groups['compact_mean']:.4f} ({len(groups['compact_runs'])} runs), dense "
+            f"{groups['dense_mean']:.4f} ({len(groups['dense_runs'])} runs); dense - compact "
+            f"{groups['dense_minus_compact_mean']:+.4f} ± {groups['standard_error']:.4f} (one standard error)"
+        )
 
 
 def plot(result: dict, plt, path: Path) -> None:
@@ -137,13 +165,16 @@ def main(argv=None) -> int:
     parser = common.parser(__doc__)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200; --smoke: 6)")
     parser.add_argument("--twins", type=int, default=3, help="rounding twins of the compact student (3)")
+    parser.add_argument(
+        "--dense-twins", type=int, default=0, help="rounding twins of the dense student too (0), for means over runs"
+    )
     parser.add_argument("--label", default="", help="appended to the results' file name")
     parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--smoke", action="store_true", help="a few steps, 8 training queries, only into --out")
     args = parser.parse_args(argv)
     args.steps = args.steps or (6 if args.smoke else 200)
-    if args.steps < 1 or args.twins < 1:
-        parser.error("--steps and --twins must be positive")
+    if args.steps < 1 or args.twins < 1 or args.dense_twins < 0:
+        parser.error("--steps and --twins must be positive, --dense-twins at least 0")
 
     from fastsoft.config import CompressConfig
     from fastsoft.models import load_model
@@ -161,7 +192,8 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "twins": args.twins,
-        "perturbation": "wbar * (1 + 2^-24 * N(0, 1)), seeded per twin",
+        "dense_twins": args.dense_twins,
+        "perturbation": "wbar (dense twins: the log-probs) * (1 + 2^-24 * N(0, 1)), seeded per twin",
         "checkout": bench_student.checkout_state(),
     }
     stem = "-".join(["rounding", common.file_tag(name, "smoke" if args.smoke else "", args.label)])

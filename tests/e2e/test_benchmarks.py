@@ -134,24 +134,32 @@ def test_bench_student_smoke_runs(tiny_model_dir, tmp_path):
 
 
 def test_bench_rounding_smoke_runs(tiny_model_dir, tmp_path):
-    """The compact and dense students and the compact one's rounding twins, trained alike on the tiny model: their σ
-    stay within rounding of each other over a few steps (they separate only over many), and every number is saved."""
+    """The compact and dense students and rounding twins of each, trained alike on the tiny model: their σ stay within
+    rounding of each other over a few steps (they separate only over many), every number is saved, and the means
+    over each teacher's runs are those runs' means."""
     import math
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_rounding", ROOT / "benchmarks" / "bench_rounding.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--smoke", "--twins", "2", "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 0
+    args = ["--smoke", "--twins", "2", "--dense-twins", "1", "--model", str(tiny_model_dir), "--out", str(tmp_path)]
+    assert bench.main(args) == 0
     (path,) = tmp_path.glob("rounding-*-smoke.json")
     result = json.loads(path.read_text())
     assert result["complete"] and result["steps"] == 6
-    assert result["students"] == ["compact", "dense", "twin 1", "twin 2"]
+    assert result["students"] == ["compact", "dense", "twin 1", "twin 2", "dense twin 1"]
     assert all(len(result["losses"][n]) == 6 for n in result["students"])
     for name, distances in result["sigma_distance"].items():
         assert len(distances) == 6 and 0 < distances[-1] < 1e-4, name  # apart by rounding, not by more
     assert all(math.isfinite(row["gap_closed"]) for row in result["final"].values())
     assert abs(result["spread"]["dense_minus_compact"]) < 1e-3
+    groups, final = result["groups"], result["final"]
+    assert groups["dense_runs"] == [final["dense"]["gap_closed"], final["dense twin 1"]["gap_closed"]]
+    assert len(groups["compact_runs"]) == 3
+    assert math.isclose(groups["dense_mean"], sum(groups["dense_runs"]) / 2)
+    assert math.isclose(groups["dense_minus_compact_mean"], groups["dense_mean"] - groups["compact_mean"])
+    assert 0 <= groups["standard_error"] < 1e-3  # rounding apart over 6 steps
     assert path.with_suffix(".png").exists()
 
 
