@@ -10,13 +10,18 @@ held-out ones, as ``bench_student.py``), the same seeded minibatches of 4, init 
 - ``compact``: the default teacher;
 - ``dense``: the dense teacher (its log-probs, the distribution the compact target encodes);
 - ``twin k``: the compact teacher with every ``w̄`` number multiplied by ``1 + 2^-24 ε`` (``ε ~ N(0, 1)``, seed k):
-  a perturbation the size of one fp32 rounding, i.e. another run of the same maths.
+  a perturbation the size of one fp32 rounding, i.e. another run of the same maths;
+- ``dense twin k`` (``--dense-twins K``, none by default): the dense teacher's log-probs perturbed alike.
+
+With twins of both, each teacher's runs give a mean held-out ``gap_closed`` and the difference of the two means
+comes with its standard error: the comparison that single runs, which scatter by about 0.01, cannot make.
 
 Measured, in one run (students interleaved step by step): each student's per-step loss and the relative distance of
 its σ from the ``compact`` student's, and the held-out ``gap_closed`` of each at the end. The twins' spread is what
 rounding alone does to a run; ``dense`` against ``compact`` is then compared with it.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_rounding.py               # 200 steps, 3 twins: ~15 min on 2 cores
+    python benchmarks/bench_rounding.py --twins 8 --dense-twins 8 --label means   # 18 runs: about an hour
     python benchmarks/bench_rounding.py --smoke --model DIR --out DIR   # the tiny model, seconds (tests)
 
 Writes ``benchmarks/results/rounding-<device>[-<label>].json`` and ``.png`` (left: σ distance from ``compact``
