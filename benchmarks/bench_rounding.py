@@ -21,7 +21,7 @@ its σ from the ``compact`` student's, and the held-out ``gap_closed`` of each a
 rounding alone does to a run; ``dense`` against ``compact`` is then compared with it.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_rounding.py               # 200 steps, 3 twins: ~15 min on 2 cores
-    python benchmarks/bench_rounding.py --twins 8 --dense-twins 8 --label means   # 18 runs: about an hour
+    python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --label means   # 12 runs: about an hour
     python benchmarks/bench_rounding.py --smoke --model DIR --out DIR   # the tiny model, seconds (tests)
 
 Writes ``benchmarks/results/rounding-<device>[-<label>].json`` and ``.png`` (left: σ distance from ``compact``
@@ -158,8 +158,17 @@ def plot(result: dict, plt, path: Path) -> None:
     left.legend()
     final = result.get("final", {})
     names = list(final)
-    right.scatter(range(len(names)), [final[n]["gap_closed"] for n in names])
+    dense = [n.startswith("dense") for n in names]
+    right.scatter(range(len(names)), [final[n]["gap_closed"] for n in names], c=["C1" if d else "C0" for d in dense])
     right.set_xticks(range(len(names)), names, rotation=30)
+    groups = result.get("groups", {})
+    if "standard_error" in groups:  # each teacher's mean over its runs, over the x range of its runs
+        for name, color, flag in (("compact", "C0", False), ("dense", "C1", True)):
+            xs = [i for i, d in enumerate(dense) if d == flag]
+            mean = groups[f"{name}_mean"]
+            right.hlines(mean, min(xs) - 0.3, max(xs) + 0.3, colors=color, linestyles="--")
+            right.annotate(f"{name} mean {mean:.4f}", (min(xs), mean), textcoords="offset points", xytext=(0, 6),
+                           color=color, fontsize=8)  # fmt: skip
     right.set_ylabel("held-out gap_closed")
     right.set_title(f"after {result['steps']} steps ({result['device']})")
     fig.tight_layout()
