@@ -208,7 +208,6 @@ def main(argv=None) -> int:
         "twins": args.twins,
         "dense_twins": args.dense_twins,
         "perturbation": "wbar (dense twins: the log-probs) * (1 + 2^-24 * N(0, 1)), seeded per twin",
-        "checkout": bench_student.checkout_state(),
     }
     stem = "-".join(["rounding", common.file_tag(name, "smoke" if args.smoke else "", args.label)])
     dirs = common.out_dirs(args.out, only_out=args.smoke)

@@ -137,20 +137,6 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in load] if load else None
 
 
-def checkout_state() -> dict:
-    """The commit measured, and the library files changed in the working tree since (uncommitted work in progress)."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "fastsoft", "csrc", "kernels").splitlines()]
-    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted_library_files": changed}
-
-
 def takes_share_prefix() -> bool:
     from fastsoft.train.objectives import job_loss_sums
 
@@ -599,7 +585,6 @@ def main(argv=None) -> int:
             k: v for k, v in config.to_dict().items() if k not in ("synthesis_temperature", "synthesis_top_p")
         },
         "load_average_before": load_average(),
-        "checkout": checkout_state(),
     }
     stem = "-".join(["student", common.file_tag(name, "smoke" if args.smoke else "", args.label)])
     dirs = common.out_dirs(args.out, only_out=args.smoke)

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -62,7 +63,8 @@ def file_tag(name: str, *suffixes: str) -> str:
 
 
 def run_info(device: str, script: str, argv: list[str] | None) -> dict:
-    """The fields every result JSON starts with: device, versions, the command that produced it, when."""
+    """The fields every result JSON starts with: device, versions, the command that produced it, when, and the
+    checkout it measured."""
     triton, _ = optional_import("triton")
     args = sys.argv[1:] if argv is None else argv
     return {
@@ -72,7 +74,22 @@ def run_info(device: str, script: str, argv: list[str] | None) -> dict:
         "python": platform.python_version(),
         "command": " ".join(["python", f"benchmarks/{script}", *args]),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "checkout": checkout_state(),
     }
+
+
+def checkout_state() -> dict:
+    """The commit measured, and the library files changed in the working tree since (uncommitted work in progress);
+    ``commit`` is None outside a git checkout (a copied tree on a lent GPU machine)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "fastsoft", "csrc", "kernels").splitlines()]
+    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted_library_files": changed}
 
 
 def load_average():

@@ -163,6 +163,19 @@ def test_bench_rounding_smoke_runs(tiny_model_dir, tmp_path):
     assert path.with_suffix(".png").exists()
 
 
+def test_every_result_names_the_commit_it_measured():
+    """run_info, which every benchmark's JSON starts with, records the checkout's commit (None outside git) and the
+    library files changed since it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    info = common.run_info("cpu", "bench_x.py", ["--flag"])
+    assert info["command"] == "python benchmarks/bench_x.py --flag"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert info["checkout"]["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert isinstance(info["checkout"]["uncommitted_library_files"], list)
+
+
 def test_bench_curves_reanalyses_its_saved_curves(tmp_path):
     """bench_curves recomputes where the plateau rule stops from a saved run's training losses (no model, no training):
     the committed results give the stops the README quotes."""
