@@ -78,18 +78,18 @@ def run_info(device: str, script: str, argv: list[str] | None) -> dict:
     }
 
 
-def checkout_state() -> dict:
+def checkout_state(root: Path = ROOT) -> dict:
     """The commit measured, and the library files changed in the working tree since (uncommitted work in progress);
     ``commit`` is None outside a git checkout (a copied tree on a lent GPU machine)."""
 
-    def git(*args: str) -> str:
+    def git(*args: str) -> str:  # not stripped: a porcelain line's status columns start with a space
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
     changed = [line[3:] for line in git("status", "--porcelain", "--", "fastsoft", "csrc", "kernels").splitlines()]
-    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted_library_files": changed}
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_library_files": changed}
 
 
 def load_average():

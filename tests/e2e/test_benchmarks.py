@@ -176,6 +176,30 @@ def test_every_result_names_the_commit_it_measured():
     assert isinstance(info["checkout"]["uncommitted_library_files"], list)
 
 
+def test_checkout_state_names_changed_library_files_whole(tmp_path):
+    """A modified tracked file (porcelain " M path", whose first column is a space) and a new one are named by their
+    whole paths; files outside the library are not named."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "fastsoft").mkdir()
+    (tmp_path / "fastsoft" / "engine.py").write_text("a = 1\n")
+    (tmp_path / "notes.md").write_text("x\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    (tmp_path / "fastsoft" / "engine.py").write_text("a = 2\n")
+    (tmp_path / "fastsoft" / "new.py").write_text("b = 1\n")
+    (tmp_path / "notes.md").write_text("y\n")
+    state = common.checkout_state(tmp_path)
+    assert len(state["commit"]) == 40
+    assert state["uncommitted_library_files"] == ["fastsoft/engine.py", "fastsoft/new.py"]
+
+
 def test_bench_curves_reanalyses_its_saved_curves(tmp_path):
     """bench_curves recomputes where the plateau rule stops from a saved run's training losses (no model, no training):
     the committed results give the stops the README quotes."""
