@@ -78,6 +78,7 @@ def curve_of(loaded, context: str, overrides: dict, work: Path) -> dict:
     return {
         "context": context,
         "settings": overrides,
+        "config": config.to_dict(),  # what the overrides resolved to: the defaults change between commits
         "pass_steps": every,
         "plateau_window": window,
         "train_queries": len(job.queries),
@@ -117,7 +118,9 @@ def plot(result: dict, plt, path: Path) -> None:
         for row, x in enumerate(("seconds", "step")):
             ax = axes[row][column]
             for r in (r for r in result["runs"] if r["context"] == context):
-                label = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+                label = ", ".join(f"{k} {v}" for k, v in r["settings"].items()) or "defaults"
+                if "config" in r and "prompt_length" not in r["settings"]:
+                    label += f" (prompt_length {r['config']['prompt_length']})"
                 (line,) = ax.plot([p[x] for p in r["curve"]], [p["gap_closed"] for p in r["curve"]], label=label)
                 stop = r["plateau_stops"].get(mark)
                 if stop:
