@@ -230,7 +230,8 @@ class Engine:
                 context_length = len(run.teacher.context_ids)
                 if cfg.prompt_length > context_length:
                     raise FastsoftError(
-                        f"prompt length {cfg.prompt_length} is larger than the context of job {job.id!r} ({context_length} tokens)"
+                        f"prompt length {cfg.prompt_length} is larger than the context of job {job.id!r} ({context_length} "
+                        "tokens); pass a shorter --prompt-length (prompt_length=)"
                     )
                 prompt = init_prompt(
                     self.loaded, run.teacher.context_ids, cfg.prompt_length, cfg.init, run.generator, cfg.init_text
