@@ -219,3 +219,27 @@ def test_bench_curves_reanalyses_its_saved_curves(tmp_path):
     assert island["plateau_window"] == 8 and quill["plateau_window"] == 8
     assert (island["plateau_stops"]["0.01"]["step"], island["plateau_stops"]["0.01"]["gap_closed"]) == (176, 0.699)
     assert (quill["plateau_stops"]["0.01"]["step"], quill["plateau_stops"]["0.01"]["gap_closed"]) == (144, 0.426)
+
+
+def test_bench_command1_runs_a_pair(tiny_model_dir, tmp_path):
+    """A baseline-then-this-checkout pair of command 1 (here both the same tree, on the tiny model): two runs with
+    their seconds and held-out quality, one ratio, the plot; only into --out."""
+    out = tmp_path / "out"
+    extra = f"--model {tiny_model_dir} --steps 2 --prompt-length 4 --max-new-tokens 4"
+    argv = ["--baseline", str(ROOT), "--pairs", "1", f"--extra={extra}", "--smoke", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_command1.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = out.glob("command1-side-by-side-*.json")
+    result = json.loads(path.read_text())
+    assert [r["code"] for r in result["runs"]] == ["baseline", "this checkout"]
+    for run in result["runs"]:
+        assert run["exit_code"] == 0 and run["fastsoft_compress_seconds"] is not None
+        assert 0 < run["training_and_eval_seconds"] and run["prompt_length"] == 4
+        assert isinstance(run["gap_closed"], float)
+    assert len(result["ratio_this_over_baseline"]) == 1 and result["complete"]
+    assert path.with_suffix(".png").exists()
