@@ -21,7 +21,9 @@ its σ from the ``compact`` student's, and the held-out ``gap_closed`` of each a
 rounding alone does to a run; ``dense`` against ``compact`` is then compared with it.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_rounding.py               # 200 steps, 3 twins: ~15 min on 2 cores
-    python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --label means   # 12 runs: about an hour
+    python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --label means   # 12 runs: about 40 min
+    python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --first-twin 6 --label means2   # 10 new runs
+    python benchmarks/bench_rounding.py --combine benchmarks/results/rounding-*-means{,2}.json --label means-all
     python benchmarks/bench_rounding.py --smoke --model DIR --out DIR   # the tiny model, seconds (tests)
 
 Writes ``benchmarks/results/rounding-<device>[-<label>].json`` and ``.png`` (left: σ distance from ``compact``
@@ -31,6 +33,7 @@ against step, log scale; right: each student's final held-out gap_closed).
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -51,16 +54,17 @@ def _rounded(values: torch.Tensor, seed: int) -> torch.Tensor:
     return (values.double() * (1 + ULP * noise)).to(values.dtype)
 
 
-def students_for(loaded, data, config, twins: int, dense_twins: int = 0) -> dict:
+def students_for(loaded, data, config, twins: int, dense_twins: int = 0, first: int = 1) -> dict:
     """``{name: FastsoftStudent}``: compact, dense, ``twins`` rounding twins of compact (``twin k``: its ``w̄``
-    perturbed) and ``dense_twins`` of dense (``dense twin k``: its log-probs perturbed)."""
+    perturbed, seed k) and ``dense_twins`` of dense (``dense twin k``: its log-probs perturbed, seed 1000 + k), k from
+    ``first`` (a later run's twins are new runs, not repeats)."""
     from fastsoft.ops import DenseTarget
 
     base = data["targets"]
     variants = {"compact": base, "dense": DenseTarget(data["dense"])}
-    for k in range(1, twins + 1):
+    for k in range(first, first + twins):
         variants[f"twin {k}"] = dataclasses.replace(base, wbar=_rounded(base.wbar, k))
-    for k in range(1, dense_twins + 1):
+    for k in range(first, first + dense_twins):
         variants[f"dense twin {k}"] = DenseTarget(_rounded(data["dense"], 1000 + k))
     return {name: bench_student.FastsoftStudent(loaded, dict(data, targets=t), config) for name, t in variants.items()}
 
@@ -81,7 +85,7 @@ def group_stats(compact: list[float], dense: list[float]) -> dict:
 def run(loaded, data, config, args, result: dict) -> None:
     from fastsoft.train.lr_schedule import lr_at
 
-    students = students_for(loaded, data, config, args.twins, args.dense_twins)
+    students = students_for(loaded, data, config, args.twins, args.dense_twins, args.first_twin)
     schedule = bench_student.batches(len(data["train"]), config.batch_queries, args.steps, seed=config.seed + 3)
     T = config.temperature
     kl_none = bench_student.heldout_kl(loaded, None, data["held_out"], T)
@@ -119,6 +123,47 @@ def run(loaded, data, config, args, result: dict) -> None:
             n: next((i + 1 for i, d in enumerate(distance[n]) if d > 1e-3), None) for n in distance
         },
     }
+
+
+def combine(paths: list[Path]) -> dict:
+    """One result from several runs of the same experiment (``--first-twin`` kept their twins apart): every twin once,
+    the plain compact and dense runs once — they must agree to the bit across the files, or the runs are not
+    the same experiment and the means would mix two."""
+    results = [json.loads(p.read_text()) for p in paths]
+    first = results[0]
+    same = ("steps", "model_name", "teacher_kind", "perturbation")
+    for path, r in zip(paths[1:], results[1:]):
+        for key in same:
+            if r.get(key) != first.get(key):
+                raise ValueError(f"--combine: {path} has {key} {r.get(key)!r}, {paths[0]} {first.get(key)!r}")
+        for plain in ("compact", "dense"):
+            if r["final"][plain]["gap_closed"] != first["final"][plain]["gap_closed"]:
+                raise ValueError(
+                    f"--combine: {path}'s {plain} run ended elsewhere than {paths[0]}'s: not the same runs"
+                )
+    merged = {key: first.get(key) for key in ("device", "torch", "triton", "python", *same)}
+    merged.update(final={}, sigma_distance={}, losses={}, combined_from=[])
+    for path, r in zip(paths, results):
+        keys = ("command", "time", "checkout", "twins", "dense_twins", "first_twin")
+        merged["combined_from"].append({"file": path.name, **{k: r.get(k) for k in keys}})
+        for name, row in r["final"].items():
+            if name in merged["final"] and name not in ("compact", "dense"):
+                raise ValueError(f"--combine: {name} is in more than one file (give later runs --first-twin)")
+            merged["final"].setdefault(name, row)
+            merged["losses"].setdefault(name, r["losses"][name])
+            if name in r["sigma_distance"]:
+                merged["sigma_distance"].setdefault(name, r["sigma_distance"][name])
+    final = merged["final"]
+    twins = [final[n]["gap_closed"] for n in final if n.startswith("twin")] + [final["compact"]["gap_closed"]]
+    dense_runs = [final["dense"]["gap_closed"]] + [final[n]["gap_closed"] for n in final if n.startswith("dense twin")]
+    merged["groups"] = group_stats(twins, dense_runs)
+    merged["spread"] = {
+        "compact_and_twins": twins,
+        "stdev": statistics.stdev(twins) if len(twins) > 1 else None,
+        "range": max(twins) - min(twins),
+        "dense_minus_compact": final["dense"]["gap_closed"] - final["compact"]["gap_closed"],
+    }
+    return merged
 
 
 def print_table(result: dict) -> None:
@@ -182,19 +227,39 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--dense-twins", type=int, default=0, help="rounding twins of the dense student too (0), for means over runs"
     )
+    parser.add_argument(
+        "--first-twin", type=int, default=1, help="seed of the first twin (1); later runs: past the last"
+    )
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", help="merge saved runs of the same experiment into one result (no training)"
+    )
     parser.add_argument("--label", default="", help="appended to the results' file name")
     parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--smoke", action="store_true", help="a few steps, 8 training queries, only into --out")
     args = parser.parse_args(argv)
     args.steps = args.steps or (6 if args.smoke else 200)
-    if args.steps < 1 or args.twins < 1 or args.dense_twins < 0:
-        parser.error("--steps and --twins must be positive, --dense-twins at least 0")
+    if args.steps < 1 or args.twins < 1 or args.dense_twins < 0 or args.first_twin < 1:
+        parser.error("--steps, --twins and --first-twin must be positive, --dense-twins at least 0")
+    if args.combine:
+        missing = [str(p) for p in args.combine if not p.is_file()]
+        if missing or len(args.combine) < 2:
+            parser.error(f"--combine needs two or more saved results; not found: {', '.join(missing) or 'none'}")
+        try:
+            merged = combine(args.combine)
+        except ValueError as error:
+            print(f"bench_rounding: {error}", file=sys.stderr)
+            return 2
+        result = {**common.run_info(common.device_name("cpu"), "bench_rounding.py", argv), **merged}
+        print_table(result)
+        stem = "-".join(["rounding", common.file_tag(result["device"], args.label or "combined")])
+        print(common.save(result, stem, common.out_dirs(args.out, only_out=args.smoke), plot))
+        return 0
 
     from fastsoft.config import CompressConfig
     from fastsoft.models import load_model
 
     config = CompressConfig(
-        prompt_length=4 if args.smoke else 16,
+        prompt_length=4 if args.smoke else 16,  # the means run's P, kept so later runs combine with it
         steps=args.steps,
         batch_queries=4,
         **({"max_new_tokens": 6} if args.smoke else {}),
@@ -207,6 +272,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "twins": args.twins,
         "dense_twins": args.dense_twins,
+        "first_twin": args.first_twin,
         "perturbation": "wbar (dense twins: the log-probs) * (1 + 2^-24 * N(0, 1)), seeded per twin",
     }
     stem = "-".join(["rounding", common.file_tag(name, "smoke" if args.smoke else "", args.label)])

@@ -162,6 +162,18 @@ def test_bench_rounding_smoke_runs(tiny_model_dir, tmp_path):
     assert 0 <= groups["standard_error"] < 1e-3  # rounding apart over 6 steps
     assert path.with_suffix(".png").exists()
 
+    # a later run's twins start past the first run's, and --combine counts every run once
+    later = tmp_path / "later"
+    assert bench.main([*args[:-1], str(later), "--first-twin", "3"]) == 0
+    (later_path,) = later.glob("rounding-*-smoke.json")
+    assert json.loads(later_path.read_text())["students"] == ["compact", "dense", "twin 3", "twin 4", "dense twin 3"]
+    assert bench.main(["--combine", str(path), str(later_path), "--smoke", "--out", str(tmp_path / "both")]) == 0
+    (both,) = (tmp_path / "both").glob("rounding-*-combined.json")
+    combined = json.loads(both.read_text())
+    assert len(combined["groups"]["compact_runs"]) == 5 and len(combined["groups"]["dense_runs"]) == 3
+    assert [c["first_twin"] for c in combined["combined_from"]] == [1, 3]
+    assert bench.main(["--combine", str(path), str(path), "--smoke", "--out", str(tmp_path / "twice")]) != 0
+
 
 def test_every_result_names_the_commit_it_measured():
     """run_info, which every benchmark's JSON starts with, records the checkout's commit (None outside git) and the
@@ -239,7 +251,7 @@ def test_bench_command1_runs_a_pair(tiny_model_dir, tmp_path):
     assert [r["code"] for r in result["runs"]] == ["baseline", "this checkout"]
     for run in result["runs"]:
         assert run["exit_code"] == 0 and run["fastsoft_compress_seconds"] is not None
-        assert 0 < run["training_and_eval_seconds"] and run["prompt_length"] == 4
+        assert 0 < run["training_seconds"] and run["prompt_length"] == 4
         assert isinstance(run["gap_closed"], float)
     assert len(result["ratio_this_over_baseline"]) == 1 and result["complete"]
     assert path.with_suffix(".png").exists()
