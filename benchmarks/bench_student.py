@@ -545,7 +545,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200; --smoke: 6)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (10)")
     parser.add_argument("--batch-queries", type=int, default=4, help="training queries per step (4)")
-    parser.add_argument("--prompt-length", type=int, default=None, help="P, virtual tokens (16; --smoke: 4)")
+    parser.add_argument(
+        "--prompt-length", type=int, default=None, help="P (16, the issue's; the CLI's default is 32; --smoke: 4)"
+    )
     parser.add_argument("--label", default="", help="appended to the results' file name")
     parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--smoke", action="store_true", help="a few steps, 8 training queries, only into --out")
