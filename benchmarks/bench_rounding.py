@@ -126,9 +126,10 @@ def run(loaded, data, config, args, result: dict) -> None:
 
 
 def combine(paths: list[Path]) -> dict:
-    """One result from several runs of the same experiment (``--first-twin`` kept their twins apart): every twin once,
-    the plain compact and dense runs once — they must agree to the bit across the files, or the runs are not
-    the same experiment and the means would mix two."""
+    """One result from several runs of the same experiment (``--first-twin`` kept their twins apart), every run once.
+    The plain compact and dense runs repeat in each file: where they agree to the bit (the same machine) they count
+    once; where they do not (another machine rounds differently: another draw of the same maths) each file's count,
+    named ``compact [file]``. σ distances stay relative to each file's own compact run."""
     results = [json.loads(p.read_text()) for p in paths]
     first = results[0]
     same = ("steps", "model_name", "teacher_kind", "perturbation")
@@ -136,31 +137,31 @@ def combine(paths: list[Path]) -> dict:
         for key in same:
             if r.get(key) != first.get(key):
                 raise ValueError(f"--combine: {path} has {key} {r.get(key)!r}, {paths[0]} {first.get(key)!r}")
-        for plain in ("compact", "dense"):
-            if r["final"][plain]["gap_closed"] != first["final"][plain]["gap_closed"]:
-                raise ValueError(
-                    f"--combine: {path}'s {plain} run ended elsewhere than {paths[0]}'s: not the same runs"
-                )
     merged = {key: first.get(key) for key in ("device", "torch", "triton", "python", *same)}
     merged.update(final={}, sigma_distance={}, losses={}, combined_from=[])
-    for path, r in zip(paths, results):
-        keys = ("command", "time", "checkout", "twins", "dense_twins", "first_twin")
+    for index, (path, r) in enumerate(zip(paths, results)):
+        keys = ("command", "time", "checkout", "device", "twins", "dense_twins", "first_twin")
         merged["combined_from"].append({"file": path.name, **{k: r.get(k) for k in keys}})
         for name, row in r["final"].items():
-            if name in merged["final"] and name not in ("compact", "dense"):
+            key = name
+            if name in ("compact", "dense") and index > 0:
+                if row["gap_closed"] == merged["final"][name]["gap_closed"]:
+                    continue  # the same run again
+                key = f"{name} [{path.stem}]"
+            if key in merged["final"]:
                 raise ValueError(f"--combine: {name} is in more than one file (give later runs --first-twin)")
-            merged["final"].setdefault(name, row)
-            merged["losses"].setdefault(name, r["losses"][name])
+            merged["final"][key] = row
+            merged["losses"][key] = r["losses"][name]
             if name in r["sigma_distance"]:
-                merged["sigma_distance"].setdefault(name, r["sigma_distance"][name])
+                merged["sigma_distance"][key] = r["sigma_distance"][name]
     final = merged["final"]
-    twins = [final[n]["gap_closed"] for n in final if n.startswith("twin")] + [final["compact"]["gap_closed"]]
-    dense_runs = [final["dense"]["gap_closed"]] + [final[n]["gap_closed"] for n in final if n.startswith("dense twin")]
-    merged["groups"] = group_stats(twins, dense_runs)
+    compact = [row["gap_closed"] for n, row in final.items() if not n.startswith("dense")]
+    dense = [row["gap_closed"] for n, row in final.items() if n.startswith("dense")]
+    merged["groups"] = group_stats(compact, dense)
     merged["spread"] = {
-        "compact_and_twins": twins,
-        "stdev": statistics.stdev(twins) if len(twins) > 1 else None,
-        "range": max(twins) - min(twins),
+        "compact_and_twins": compact,
+        "stdev": statistics.stdev(compact) if len(compact) > 1 else None,
+        "range": max(compact) - min(compact),
         "dense_minus_compact": final["dense"]["gap_closed"] - final["compact"]["gap_closed"],
     }
     return merged
