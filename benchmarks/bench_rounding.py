@@ -195,26 +195,34 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, plt, path: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    """Left: each run's σ distance from the compact run by step, coloured by teacher. Right: each run's final held-out
+    gap_closed, the compact teacher's runs then the dense one's, with each teacher's mean over its runs."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for name, dist in result.get("sigma_distance", {}).items():
-        left.semilogy(range(1, len(dist) + 1), [max(d, 1e-9) for d in dist], label=name)
+        color = "C1" if name.startswith("dense") else "C0"
+        left.semilogy(range(1, len(dist) + 1), [max(d, 1e-9) for d in dist], color=color, alpha=0.6, lw=1)
+    left.plot([], [], color="C0", label="compact's rounding twins")
+    left.plot([], [], color="C1", label="dense and its twins")
     left.set_xlabel("step")
     left.set_ylabel("‖σ − σ_compact‖ / ‖σ_compact‖")
     left.set_title("runs that differ by rounding separate")
-    left.legend()
+    left.legend(fontsize=8)
     final = result.get("final", {})
-    names = list(final)
+    names = sorted(final, key=lambda n: n.startswith("dense"))  # stable: compact's runs first, then dense's
     dense = [n.startswith("dense") for n in names]
     right.scatter(range(len(names)), [final[n]["gap_closed"] for n in names], c=["C1" if d else "C0" for d in dense])
-    right.set_xticks(range(len(names)), names, rotation=30)
+    short = [n.split(" [")[0] + (" *" if " [" in n else "") for n in names]  # *: another file's plain run
+    right.set_xticks(range(len(names)), short, rotation=60, fontsize=7, ha="right")
     groups = result.get("groups", {})
     if "standard_error" in groups:  # each teacher's mean over its runs, over the x range of its runs
         for name, color, flag in (("compact", "C0", False), ("dense", "C1", True)):
             xs = [i for i, d in enumerate(dense) if d == flag]
             mean = groups[f"{name}_mean"]
             right.hlines(mean, min(xs) - 0.3, max(xs) + 0.3, colors=color, linestyles="--")
-            right.annotate(f"{name} mean {mean:.4f}", (min(xs), mean), textcoords="offset points", xytext=(0, 6),
-                           color=color, fontsize=8)  # fmt: skip
+            right.annotate(f"{name} mean {mean:.4f} ({len(xs)} runs)", (min(xs), mean), textcoords="offset points",
+                           xytext=(0, 6), color=color, fontsize=8)  # fmt: skip
+        right.set_xlabel(f"dense − compact: {groups['dense_minus_compact_mean']:+.4f} ± {groups['standard_error']:.4f}"
+                         " (one s.e.)", fontsize=9)  # fmt: skip
     right.set_ylabel("held-out gap_closed")
     right.set_title(f"after {result['steps']} steps ({result['device']})")
     fig.tight_layout()
