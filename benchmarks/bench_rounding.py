@@ -22,7 +22,7 @@ rounding alone does to a run; ``dense`` against ``compact`` is then compared wit
 
     OMP_NUM_THREADS=2 python benchmarks/bench_rounding.py               # 200 steps, 3 twins: ~15 min on 2 cores
     python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --label means   # 12 runs: about 40 min
-    python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --first-twin 6 --label means2   # 10 new runs
+    python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --first-twin 6 --label means2   # 10 new twins
     python benchmarks/bench_rounding.py --combine benchmarks/results/rounding-*-means{,2}.json --label means-all
     python benchmarks/bench_rounding.py --smoke --model DIR --out DIR   # the tiny model, seconds (tests)
 
@@ -82,6 +82,20 @@ def group_stats(compact: list[float], dense: list[float]) -> dict:
     return out
 
 
+def summarise(final: dict) -> dict:
+    """``groups`` and ``spread`` of the final rows by name: the dense teacher's runs are named ``dense...``, every
+    other run is the compact teacher's (the plain run and its rounding twins)."""
+    compact = [row["gap_closed"] for name, row in final.items() if not name.startswith("dense")]
+    dense = [row["gap_closed"] for name, row in final.items() if name.startswith("dense")]
+    spread = {
+        "compact_and_twins": compact,
+        "stdev": statistics.stdev(compact) if len(compact) > 1 else None,
+        "range": max(compact) - min(compact),
+        "dense_minus_compact": final["dense"]["gap_closed"] - final["compact"]["gap_closed"],
+    }
+    return {"groups": group_stats(compact, dense), "spread": spread}
+
+
 def run(loaded, data, config, args, result: dict) -> None:
     from fastsoft.train.lr_schedule import lr_at
 
@@ -110,18 +124,9 @@ def run(loaded, data, config, args, result: dict) -> None:
     for name, student in students.items():
         kl = bench_student.heldout_kl(loaded, student.prompt(), data["held_out"], T)
         final[name] = {"kl_soft": kl, "gap_closed": 1 - kl / kl_none, "final_loss": losses[name][-1]}
-    twins = [final[n]["gap_closed"] for n in names if n.startswith("twin")] + [final["compact"]["gap_closed"]]
-    dense_runs = [final["dense"]["gap_closed"]] + [final[n]["gap_closed"] for n in names if n.startswith("dense twin")]
-    result["final"] = final
-    result["groups"] = group_stats(twins, dense_runs)
-    result["spread"] = {
-        "compact_and_twins": twins,
-        "stdev": statistics.stdev(twins) if len(twins) > 1 else None,
-        "range": max(twins) - min(twins),
-        "dense_minus_compact": final["dense"]["gap_closed"] - final["compact"]["gap_closed"],
-        "first_step_sigma_distance_above_1e-3": {
-            n: next((i + 1 for i, d in enumerate(distance[n]) if d > 1e-3), None) for n in distance
-        },
+    result.update(final=final, **summarise(final))
+    result["spread"]["first_step_sigma_distance_above_1e-3"] = {
+        n: next((i + 1 for i, d in enumerate(distance[n]) if d > 1e-3), None) for n in distance
     }
 
 
@@ -154,17 +159,7 @@ def combine(paths: list[Path]) -> dict:
             merged["losses"][key] = r["losses"][name]
             if name in r["sigma_distance"]:
                 merged["sigma_distance"][key] = r["sigma_distance"][name]
-    final = merged["final"]
-    compact = [row["gap_closed"] for n, row in final.items() if not n.startswith("dense")]
-    dense = [row["gap_closed"] for n, row in final.items() if n.startswith("dense")]
-    merged["groups"] = group_stats(compact, dense)
-    merged["spread"] = {
-        "compact_and_twins": compact,
-        "stdev": statistics.stdev(compact) if len(compact) > 1 else None,
-        "range": max(compact) - min(compact),
-        "dense_minus_compact": final["dense"]["gap_closed"] - final["compact"]["gap_closed"],
-    }
-    return merged
+    return {**merged, **summarise(merged["final"])}
 
 
 def print_table(result: dict) -> None:
