@@ -42,8 +42,8 @@ COMMAND = [
 
 
 def tree_commit(tree: Path) -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True)
-    return proc.stdout.strip() or None
+    """The tree's short commit (None outside git)."""
+    return (common.checkout_state(tree)["commit"] or "")[:7] or None
 
 
 def run_once(tree: Path, code: str, extra: list[str], work: Path) -> dict:
