@@ -379,7 +379,7 @@ def test_a_job_that_fails_under_overwrite_leaves_only_its_error(tiny, tiny_job, 
     assert (tmp_path / "job0" / "report.json").exists()
     short = fastsoft.Job("job0", "teal", job.queries)  # the same id, a new context, shorter than the prompt: it fails
     (report,) = fastsoft.compress([short], tiny, tmp_path, overwrite=True, **FAST)
-    assert "prompt length 4 is larger than the context" in report["error"]
+    assert "prompt length 4 is larger than the context" in report["error"] and "--prompt-length" in report["error"]
     assert (tmp_path / "job0" / "error.json").exists() and not (tmp_path / "job0" / "report.json").exists()
 
 
