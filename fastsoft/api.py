@@ -3,7 +3,7 @@
 import fastsoft
 model = fastsoft.load_model()                      # SmolLM2-135M-Instruct, offline
 job = fastsoft.Job("doc", context, queries=[...])
-reports = fastsoft.compress([job], model, out="runs/doc", prompt_length=16, steps=150)
+reports = fastsoft.compress([job], model, out="runs/doc", steps=150)    # any setting: prompt_length=64, ...
 prompt, template, meta = fastsoft.load_prompt("runs/doc/doc")
 print(fastsoft.generate(model, template, prompt, "Who founded it?"))
 """

@@ -224,7 +224,7 @@ class CompressConfig:
     """The settings of a compression run; :meth:`to_dict` is what exports and checkpoints store (plain JSON)."""
 
     # 32 over 16: +0.09 held-out gap closed on both bench_curves contexts for 7-8 % more training time (σ runs once a
-    # step); 64 adds 0.04-0.05 more for 13-17 % more but compresses a few hundred tokens only 6x (README "Prompt length")
+    # step); 64 adds 0.04-0.05 more for 13-17 % more but compresses a few hundred tokens only 6x (RESULTS.md "Prompt length")
     prompt_length: int = setting(32, "soft prompt length P (virtual tokens)", at_least=1)
     steps: int = setting(200, "step budget per job", at_least=1)
     lr: float = setting(0.1, "Adam learning rate", above=0)

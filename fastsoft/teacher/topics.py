@@ -1,7 +1,7 @@
 """Topic queries: template questions about the names, numbers and identifiers a context mentions, no model needed.
 
 The frozen model writes usable questions about half the time on prose and a third of the time on technical text
-(README, self-study). Much of what a reader asks about is visible on the surface of the text: capitalised names
+(benchmarks/RESULTS.md, self-study). Much of what a reader asks about is visible on the surface of the text: capitalised names
 (Pell Harbour, Halden Systems), numbers with their unit (214 metres, 8 milliseconds, the 9th of August) and
 identifiers (allow_shared_disk, QS-207, --stale). :func:`topics` finds them, :func:`topic_queries` asks two template
 questions about each; the teacher answers them with the whole context, so its answers carry what the context says

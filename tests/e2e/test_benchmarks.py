@@ -214,7 +214,7 @@ def test_checkout_state_names_changed_library_files_whole(tmp_path):
 
 def test_bench_curves_reanalyses_its_saved_curves(tmp_path):
     """bench_curves recomputes where the plateau rule stops from a saved run's training losses (no model, no training):
-    the committed results give the stops the README quotes."""
+    the committed results give the stops benchmarks/RESULTS.md quotes."""
     import shutil
 
     saved = shutil.copy(ROOT / "benchmarks" / "results" / "curves-amd-epyc-x2-1thread.json", tmp_path / "curves.json")

@@ -319,7 +319,7 @@ def test_compress_refuses_before_any_work(tiny, tiny_job, tmp_path, monkeypatch,
 # -- what did not change --------------------------------------------------------------------------------------------
 
 DEFAULTS = {
-    "prompt_length": 32,  # was 16 before bench_curves' prompt-length run (README: "Prompt length")
+    "prompt_length": 32,  # was 16 before bench_curves' prompt-length run (benchmarks/RESULTS.md, "Prompt length")
     "steps": 200,
     "lr": 0.1,
     "warmup": 10,
