@@ -263,23 +263,41 @@ def run_config(config: dict, args, runs: Path, job_id: str) -> dict:
     return entry
 
 
+REUSE_KEYS = ("steps", "prompt_length", "lr", "seed", "teacher")  # settings a reused run must share with the others
+
+
+def run_settings(extra: list[str]) -> dict:
+    """The ``REUSE_KEYS`` settings this invocation's runs train with: the defaults, ``--extra``'s flags over them."""
+    from fastsoft.config import CompressConfig
+
+    defaults = CompressConfig()
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for key in REUSE_KEYS:
+        value = getattr(defaults, key)
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    return vars(parser.parse_known_args(extra)[0])
+
+
+def reused_settings(path: Path, keys: tuple[str, ...] = REUSE_KEYS) -> dict:
+    """The ``keys`` settings a finished run's report ran with (its job folder's ``fastsoft.json``); a key its
+    (older) export does not record is left out."""
+    meta = read_json(Path(path).parent / "fastsoft.json")
+    settings = (meta.get("config") or {}) if isinstance(meta, dict) else {}
+    return {k: settings[k] for k in keys if settings.get(k) is not None}
+
+
 def reuse_config(config: dict, path: Path, job_id: str) -> dict:
     """A finished run's report for ``config``: its numbers, where it came from, the settings it ran with."""
     path = Path(path)
     report = read_json(path)
     if not isinstance(report, dict):
         raise SystemExit(f"--reuse {config['name']}={path}: not a readable report.json")
-    meta = read_json(path.parent / "fastsoft.json") or {}
     summary = read_json(path.parent.parent / "summary.json")
-    settings = (meta.get("config") or {}) if isinstance(meta, dict) else {}
     entry = {
         "command": None,
         "extra": None,
         "reused_from": shown(path),
-        "reused_settings": {
-            k: settings.get(k)
-            for k in ("synthesize", "topic_queries", "steps", "prompt_length", "lr", "seed", "teacher")
-        },
+        "reused_settings": reused_settings(path, ("synthesize", "topic_queries", *REUSE_KEYS)),
         "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)),
         "wall_seconds": None,  # not timed here; compress_seconds (without start-up and model load) when known
         "compress_seconds": summary.get("seconds") if isinstance(summary, dict) else None,
@@ -484,6 +502,13 @@ def main(argv=None) -> int:
             parser.error(f"unknown configuration {name!r}; the configurations are: {', '.join(map(repr, by_name))}")
     chosen += [name for name in reuse if name not in chosen]
     extra = shlex.split(args.extra)
+    runs_with = run_settings(extra)
+    for name, path in reuse.items():  # a reused run of another prompt length (say) would not be comparable
+        differs = [
+            f"{k} {v} (these runs: {runs_with[k]})" for k, v in reused_settings(path).items() if v != runs_with[k]
+        ]
+        if differs:
+            parser.error(f"--reuse {name}={path} ran with {', '.join(differs)}: pass the same settings in --extra")
     device_type = extra[extra.index("--device") + 1] if "--device" in extra[:-1] else None
     import torch
 
@@ -515,13 +540,7 @@ def main(argv=None) -> int:
             return 2
     else:
         previous = {}
-    invocation = common.run_info(device, "bench_selfstudy.py", argv)
-    try:
-        invocation["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        invocation["commit"] = None
+    invocation = common.run_info(device, "bench_selfstudy.py", argv)  # its checkout names the commit
     result = {
         **invocation,
         **setting,

@@ -39,10 +39,10 @@ def test_bench_e2e_cpu_small_runs(tmp_path):
     assert path.with_suffix(".png").exists()
 
 
-def test_bench_selfstudy_smoke_runs(chatty_model_dir, tmp_path):
+def test_bench_selfstudy_smoke_runs(chatty_model_dir, tmp_path, capsys):
     """Every configuration (topic queries among them) in its own ``fastsoft compress`` subprocess on the chatty tiny
     model, then one merged rerun that takes a finished run's report instead of running it, beside an entry stored
-    before topic queries existed."""
+    before topic queries existed; a report of other settings is refused."""
     spec = importlib.util.spec_from_file_location("bench_selfstudy", ROOT / "benchmarks" / "bench_selfstudy.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_selfstudy"] = bench
@@ -101,6 +101,12 @@ def test_bench_selfstudy_smoke_runs(chatty_model_dir, tmp_path):
     assert reused["topic_queries"] == only_topics["topic_queries"]
     assert merged["configs"]["synthetic 4"] == {"topics": 0, **old}
     assert merged["configs"]["user 16"] == result["configs"]["user 16"]
+    # a reused run of another prompt length than these runs' is refused before anything runs
+    other = [arg.replace("--prompt-length 4", "--prompt-length 5") for arg in base]
+    with pytest.raises(SystemExit) as refused:
+        bench.main([*other, "--configs", "topics 4", "--reuse", f"topics 4={report}"])
+    assert refused.value.code == 2 and "prompt_length 4 (these runs: 5)" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == merged
 
 
 def test_bench_student_smoke_runs(tiny_model_dir, tmp_path):
