@@ -166,6 +166,7 @@ def test_bench_rounding_smoke_runs(tiny_model_dir, tmp_path):
     assert math.isclose(groups["dense_mean"], sum(groups["dense_runs"]) / 2)
     assert math.isclose(groups["dense_minus_compact_mean"], groups["dense_mean"] - groups["compact_mean"])
     assert 0 <= groups["standard_error"] < 1e-3  # rounding apart over 6 steps
+    assert groups["ci90"][0] <= groups["dense_minus_compact_mean"] <= groups["ci90"][1]
     assert path.with_suffix(".png").exists()
 
     # a later run's twins start past the first run's, and --combine counts every run once
@@ -179,6 +180,29 @@ def test_bench_rounding_smoke_runs(tiny_model_dir, tmp_path):
     assert len(combined["groups"]["compact_runs"]) == 5 and len(combined["groups"]["dense_runs"]) == 3
     assert [c["first_twin"] for c in combined["combined_from"]] == [1, 3]
     assert bench.main(["--combine", str(path), str(path), "--smoke", "--out", str(tmp_path / "twice")]) != 0
+
+
+def test_bench_rounding_equivalence_interval():
+    """The dense-vs-compact verdict: Welch's interval with t quantiles (known values), inside ±0.005 only when the
+    90 % interval is (two one-sided tests at 5 %)."""
+    import math
+    import random
+
+    spec = importlib.util.spec_from_file_location("bench_rounding", ROOT / "benchmarks" / "bench_rounding.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert abs(bench.t_quantile(0.95, 20) - 1.7247) < 2e-3 and abs(bench.t_quantile(0.975, 10) - 2.2281) < 3e-3
+    rng = random.Random(0)
+    compact = [0.69 + rng.gauss(0, 0.002) for _ in range(30)]
+    same = bench.group_stats(compact, [0.69 + rng.gauss(0, 0.002) for _ in range(30)])
+    lo, hi = same["ci90"]
+    assert lo < same["dense_minus_compact_mean"] < hi and same["equivalent_within_margin"]
+    half = bench.t_quantile(0.95, same["welch_df"]) * same["standard_error"]
+    assert math.isclose(hi - lo, 2 * half) and same["ci95"][1] - same["ci95"][0] > hi - lo
+    apart = bench.group_stats(compact, [0.70 + rng.gauss(0, 0.002) for _ in range(30)])
+    assert not apart["equivalent_within_margin"]  # 0.01 apart
+    noisy = bench.group_stats(compact[:3], [0.69 + rng.gauss(0, 0.01) for _ in range(3)])
+    assert not noisy["equivalent_within_margin"]  # too few runs to say
 
 
 def test_every_result_names_the_commit_it_measured():
