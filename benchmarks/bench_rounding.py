@@ -217,9 +217,13 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, plt, path: Path) -> None:
-    """Left: each run's σ distance from the compact run by step, coloured by teacher. Right: each run's final held-out
-    gap_closed, the compact teacher's runs then the dense one's, with each teacher's mean over its runs."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    """Left: each run's σ distance from the compact run by step, coloured by teacher. Middle: each run's final held-out
+    gap_closed by teacher, with each teacher's mean. Right (with runs of both teachers): dense − compact with its 90 %
+    and 95 % intervals against issue #11's ±0.005."""
+    groups = result.get("groups", {})
+    with_interval = "ci90" in groups
+    fig, axes = plt.subplots(1, 3 if with_interval else 2, figsize=(15 if with_interval else 11, 4.8))
+    left, middle = axes[0], axes[1]
     for name, dist in result.get("sigma_distance", {}).items():
         color = "C1" if name.startswith("dense") else "C0"
         left.semilogy(range(1, len(dist) + 1), [max(d, 1e-9) for d in dist], color=color, alpha=0.6, lw=1)
@@ -230,23 +234,36 @@ def plot(result: dict, plt, path: Path) -> None:
     left.set_title("runs that differ by rounding separate")
     left.legend(fontsize=8)
     final = result.get("final", {})
-    names = sorted(final, key=lambda n: n.startswith("dense"))  # stable: compact's runs first, then dense's
-    dense = [n.startswith("dense") for n in names]
-    right.scatter(range(len(names)), [final[n]["gap_closed"] for n in names], c=["C1" if d else "C0" for d in dense])
-    short = [n.split(" [")[0] + (" *" if " [" in n else "") for n in names]  # *: another file's plain run
-    right.set_xticks(range(len(names)), short, rotation=60, fontsize=7, ha="right")
-    groups = result.get("groups", {})
-    if "standard_error" in groups:  # each teacher's mean over its runs, over the x range of its runs
-        for name, color, flag in (("compact", "C0", False), ("dense", "C1", True)):
-            xs = [i for i, d in enumerate(dense) if d == flag]
-            mean = groups[f"{name}_mean"]
-            right.hlines(mean, min(xs) - 0.3, max(xs) + 0.3, colors=color, linestyles="--")
-            right.annotate(f"{name} mean {mean:.4f} ({len(xs)} runs)", (min(xs), mean), textcoords="offset points",
-                           xytext=(0, 6), color=color, fontsize=8)  # fmt: skip
-        right.set_xlabel(f"dense − compact: {groups['dense_minus_compact_mean']:+.4f} ± {groups['standard_error']:.4f}"
-                         " (one s.e.)", fontsize=9)  # fmt: skip
-    right.set_ylabel("held-out gap_closed")
-    right.set_title(f"after {result['steps']} steps ({result['device']})")
+    for x, (teacher, color) in enumerate((("compact", "C0"), ("dense", "C1"))):
+        values = [row["gap_closed"] for n, row in final.items() if n.startswith("dense") == (teacher == "dense")]
+        jitter = [x + 0.25 * ((i * 0.618) % 1 - 0.5) for i in range(len(values))]  # spread, deterministic
+        middle.scatter(jitter, values, color=color, alpha=0.7, s=18)
+        if values:
+            mean = sum(values) / len(values)
+            middle.hlines(mean, x - 0.3, x + 0.3, colors=color, linestyles="--")
+            middle.annotate(f"mean {mean:.4f}", (x + 0.32, mean), color=color, fontsize=8, va="center")
+        middle.plot([], [], "o", color=color, label=f"{teacher}: {len(values)} runs")
+    middle.set_xticks([0, 1], ["compact", "dense"])
+    middle.set_xlim(-0.5, 1.9)
+    middle.set_ylabel("held-out gap_closed")
+    middle.set_title(f"each run after {result['steps']} steps ({result['device']})")
+    middle.legend(fontsize=8, loc="lower right")
+    if with_interval:
+        right = axes[2]
+        margin, diff = groups["margin"], groups["dense_minus_compact_mean"]
+        right.axhspan(-margin, margin, color="0.9", label=f"±{margin} (issue #11)")
+        for level, width in ((95, 1.5), (90, 4)):
+            lo, hi = groups[f"ci{level}"]
+            right.vlines(0, lo, hi, lw=width, color="C3", alpha=0.5 if level == 95 else 1, label=f"{level} % interval")
+        right.plot([0], [diff], "o", color="C3")
+        right.axhline(0, color="0.5", lw=0.8)
+        right.set_xlim(-1, 1)
+        right.set_xticks([])
+        span = max(margin * 2.2, *(abs(v) * 1.2 for v in groups["ci95"]))
+        right.set_ylim(-span, span)
+        verdict = "inside" if groups["equivalent_within_margin"] else "not inside"
+        right.set_title(f"dense − compact {diff:+.4f}: 90 % interval {verdict} ±{margin}", fontsize=9)
+        right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
