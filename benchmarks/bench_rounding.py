@@ -151,9 +151,9 @@ def run(loaded, data, config, args, result: dict) -> None:
 
 def combine(paths: list[Path]) -> dict:
     """One result from several runs of the same experiment (``--first-twin`` kept their twins apart), every run once.
-    The plain compact and dense runs repeat in each file: where they agree to the bit (the same machine) they count
-    once; where they do not (another machine rounds differently: another draw of the same maths) each file's count,
-    named ``compact [file]``. σ distances stay relative to each file's own compact run."""
+    The plain compact and dense runs repeat in each file: where one agrees to the bit with any earlier file's (the same
+    machine) it counts once; where it does not (another machine rounds differently: another draw of the same maths)
+    it counts, named ``compact [file]``. σ distances stay relative to each file's own compact run."""
     results = [json.loads(p.read_text()) for p in paths]
     first = results[0]
     same = ("steps", "model_name", "teacher_kind", "perturbation")
@@ -163,15 +163,17 @@ def combine(paths: list[Path]) -> dict:
                 raise ValueError(f"--combine: {path} has {key} {r.get(key)!r}, {paths[0]} {first.get(key)!r}")
     merged = {key: first.get(key) for key in ("device", "torch", "triton", "python", *same)}
     merged.update(final={}, sigma_distance={}, losses={}, combined_from=[])
+    plain_seen = {"compact": set(), "dense": set()}  # every file's plain runs so far, by their final gap_closed
     for index, (path, r) in enumerate(zip(paths, results)):
         keys = ("command", "time", "checkout", "device", "twins", "dense_twins", "first_twin")
         merged["combined_from"].append({"file": path.name, **{k: r.get(k) for k in keys}})
         for name, row in r["final"].items():
             key = name
-            if name in ("compact", "dense") and index > 0:
-                if row["gap_closed"] == merged["final"][name]["gap_closed"]:
-                    continue  # the same run again
-                key = f"{name} [{path.stem}]"
+            if name in plain_seen:
+                if row["gap_closed"] in plain_seen[name]:
+                    continue  # the same run again (any earlier file's, not only the first's)
+                plain_seen[name].add(row["gap_closed"])
+                key = name if index == 0 else f"{name} [{path.stem}]"
             if key in merged["final"]:
                 raise ValueError(f"--combine: {name} is in more than one file (give later runs --first-twin)")
             merged["final"][key] = row

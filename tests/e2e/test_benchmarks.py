@@ -205,6 +205,31 @@ def test_bench_rounding_equivalence_interval():
     assert not noisy["equivalent_within_margin"]  # too few runs to say
 
 
+def test_bench_rounding_combine_counts_each_plain_run_once(tmp_path):
+    """Files 2 and 3 ran on one machine (their plain runs equal to the bit), file 1 on another: the plain runs count
+    twice in all (once a machine), not once a file; twins always count."""
+    spec = importlib.util.spec_from_file_location("bench_rounding", ROOT / "benchmarks" / "bench_rounding.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def saved(name: str, plain: tuple[float, float], first: int) -> Path:
+        final = {"compact": plain[0], "dense": plain[1], f"twin {first}": 0.70, f"dense twin {first}": 0.71}
+        result = {
+            "steps": 200, "model_name": "m", "teacher_kind": "compact", "perturbation": "p", "first_twin": first,
+            "final": {n: {"gap_closed": g, "kl_soft": 1 - g, "final_loss": 0.3} for n, g in final.items()},
+            "losses": {n: [0.5] for n in final},
+            "sigma_distance": {n: [1e-7] for n in final if n != "compact"},
+        }  # fmt: skip
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(result))
+        return path
+
+    files = [saved("a", (0.690, 0.692), 1), saved("b", (0.702, 0.704), 2), saved("c", (0.702, 0.704), 3)]
+    groups = bench.combine(files)["groups"]
+    assert sorted(groups["compact_runs"]) == [0.69, 0.70, 0.70, 0.70, 0.702]
+    assert sorted(groups["dense_runs"]) == [0.692, 0.704, 0.71, 0.71, 0.71]
+
+
 def test_every_result_names_the_commit_it_measured():
     """run_info, which every benchmark's JSON starts with, records the checkout's commit (None outside git) and the
     library files changed since it."""
