@@ -119,6 +119,7 @@ def _compress(args) -> int:
                 "FILE, or in the jobs file), or let fastsoft make them (--synthesize N, --topic-queries N)"
             )
     dist = init_from_env()
+    clean = False
     try:
         if dist.active:
             split = args.split_jobs or len(jobs) < dist.world
@@ -141,8 +142,9 @@ def _compress(args) -> int:
             **config.to_dict(),
         )
         gathered = dist.gather(reports)
+        clean = True
     finally:
-        shutdown(dist)
+        shutdown(dist, clean)
     if gathered is None:  # not rank 0: rank 0 reports for everyone
         return 0
     parts = gathered[:1] if dist.split else gathered  # split: rank 0 holds the evaluated reports
