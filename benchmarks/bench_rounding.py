@@ -18,6 +18,11 @@ comes with its standard error and Welch intervals: the comparison that single ru
 cannot make. The two are the same within 0.005 when the 90 % interval lies inside ±0.005 (the two one-sided tests
 at 5 %, the usual test of equivalence).
 
+``--wide-eval FILE`` scores every run a second time on a wider held-out set, the 8 held-out queries and FILE's (one
+a line; ``benchmarks/data/marrowick_island.more_eval.txt``: 56 more, none a training query): ``gap_closed_wide``,
+with its own groups and interval (``groups_wide``). Eight queries measure a σ's held-out quality coarsely; part of
+the runs' scatter is which eight, and a wider set shrinks that part.
+
 Measured, in one run (students interleaved step by step): each student's per-step loss and the relative distance of
 its σ from the ``compact`` student's, and the held-out ``gap_closed`` of each at the end. The twins' spread is what
 rounding alone does to a run; ``dense`` against ``compact`` is then compared with it.
@@ -26,6 +31,8 @@ rounding alone does to a run; ``dense`` against ``compact`` is then compared wit
     python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --label means   # 12 runs: about 40 min
     python benchmarks/bench_rounding.py --twins 5 --dense-twins 5 --first-twin 6 --label means2   # 10 new twins
     python benchmarks/bench_rounding.py --combine benchmarks/results/rounding-*-means{,2}.json --label means-all
+    python benchmarks/bench_rounding.py --twins 12 --dense-twins 12 --first-twin 32 \
+        --wide-eval benchmarks/data/marrowick_island.more_eval.txt --label means6   # 26 runs, also on 64 queries
     python benchmarks/bench_rounding.py --smoke --model DIR --out DIR   # the tiny model, seconds (tests)
 
 Writes ``benchmarks/results/rounding-<device>[-<label>].json`` and ``.png`` (left: σ distance from ``compact``
@@ -106,13 +113,19 @@ def summarise(final: dict) -> dict:
     other run is the compact teacher's (the plain run and its rounding twins)."""
     compact = [row["gap_closed"] for name, row in final.items() if not name.startswith("dense")]
     dense = [row["gap_closed"] for name, row in final.items() if name.startswith("dense")]
+    out = {}
+    wide = {n: row["gap_closed_wide"] for n, row in final.items() if "gap_closed_wide" in row}  # --wide-eval runs
+    wide_compact = [g for n, g in wide.items() if not n.startswith("dense")]
+    wide_dense = [g for n, g in wide.items() if n.startswith("dense")]
+    if len(wide_compact) > 1 and len(wide_dense) > 1:
+        out["groups_wide"] = group_stats(wide_compact, wide_dense)
     spread = {
         "compact_and_twins": compact,
         "stdev": statistics.stdev(compact) if len(compact) > 1 else None,
         "range": max(compact) - min(compact),
         "dense_minus_compact": final["dense"]["gap_closed"] - final["compact"]["gap_closed"],
     }
-    return {"groups": group_stats(compact, dense), "spread": spread}
+    return {"groups": group_stats(compact, dense), "spread": spread, **out}
 
 
 def run(loaded, data, config, args, result: dict) -> None:
@@ -140,9 +153,16 @@ def run(loaded, data, config, args, result: dict) -> None:
             line = "  ".join(f"{n} {distance[n][-1]:.1e}" for n in distance)
             print(f"  step {step + 1:4d}  σ distance from compact: {line}", flush=True)
     final = {}
+    wide = data.get("held_out_wide")
+    kl_none_wide = bench_student.heldout_kl(loaded, None, wide, T) if wide else None
+    if wide:
+        result.update(kl_none_wide=kl_none_wide, held_out_wide_queries=len(wide))
     for name, student in students.items():
         kl = bench_student.heldout_kl(loaded, student.prompt(), data["held_out"], T)
         final[name] = {"kl_soft": kl, "gap_closed": 1 - kl / kl_none, "final_loss": losses[name][-1]}
+        if wide:
+            kl_wide = bench_student.heldout_kl(loaded, student.prompt(), wide, T)
+            final[name].update(kl_soft_wide=kl_wide, gap_closed_wide=1 - kl_wide / kl_none_wide)
     result.update(final=final, **summarise(final))
     result["spread"]["first_step_sigma_distance_above_1e-3"] = {
         n: next((i + 1 for i, d in enumerate(distance[n]) if d > 1e-3), None) for n in distance
@@ -183,6 +203,35 @@ def combine(paths: list[Path]) -> dict:
     return {**merged, **summarise(merged["final"])}
 
 
+def read_wide_eval(path: Path) -> tuple[list[str], str | None]:
+    """``path``'s queries (one a line) and what is wrong with them for a wider held-out set, if anything: none, or
+    some that are the example job's own training or held-out queries."""
+    queries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    example = bench_student.EXAMPLE
+    own = {
+        q.strip()
+        for suffix in (".queries.txt", ".eval.txt")
+        for q in Path(f"{example}{suffix}").read_text().splitlines()
+    }
+    overlap = sorted(set(queries) & own)
+    if not queries:
+        return queries, f"{path} holds no queries"
+    if overlap:
+        return queries, f"{len(overlap)} of {path}'s queries are the job's own (e.g. {overlap[0]!r}): not held out"
+    return queries, None
+
+
+def taught_held_out(loaded, data, config, queries: list[str]) -> list:
+    """``queries`` answered by the teacher with the context, as the job's held-out ones are."""
+    from fastsoft.teacher.batching import teach_jobs
+
+    job = dataclasses.replace(data["job"], queries=data["job"].queries[:1], eval_queries=queries)
+    taught = teach_jobs(loaded, data["template"], [job], config.max_new_tokens, use_answers=True)[job.id]
+    if isinstance(taught, Exception):
+        raise taught
+    return taught[1]
+
+
 def print_table(result: dict) -> None:
     final = result.get("final")
     if not final:
@@ -201,12 +250,18 @@ def print_table(result: dict) -> None:
         + (f", stdev {stdev:.3f}" if stdev is not None else "")
         + f"; dense - compact: {spread['dense_minus_compact']:+.3f}"
     )
-    groups = result.get("groups", {})
+    print_groups(result.get("groups", {}), "the 8 held-out queries")
+    if "groups_wide" in result:
+        print_groups(result["groups_wide"], f"the {result.get('held_out_wide_queries', 'wide')} held-out queries")
+
+
+def print_groups(groups: dict, measure: str) -> None:
     if "standard_error" in groups:
         print(
-            f"means over runs: compact {groups['compact_mean']:.4f} ({len(groups['compact_runs'])} runs), dense "
-            f"{groups['dense_mean']:.4f} ({len(groups['dense_runs'])} runs); dense - compact "
-            f"{groups['dense_minus_compact_mean']:+.4f} ± {groups['standard_error']:.4f} (one standard error)"
+            f"means over runs, {measure}: compact {groups['compact_mean']:.4f} ({len(groups['compact_runs'])} runs, "
+            f"sd {groups['compact_stdev']:.4f}), dense {groups['dense_mean']:.4f} ({len(groups['dense_runs'])} runs, "
+            f"sd {groups['dense_stdev']:.4f}); dense - compact {groups['dense_minus_compact_mean']:+.4f} ± "
+            f"{groups['standard_error']:.4f} (one standard error)"
         )
     if "ci90" in groups:
         lo90, hi90 = groups["ci90"]
@@ -221,7 +276,7 @@ def print_table(result: dict) -> None:
 def plot(result: dict, plt, path: Path) -> None:
     """Left: each run's σ distance from the compact run by step, coloured by teacher. Middle: each run's final held-out
     gap_closed by teacher, with each teacher's mean. Right (with runs of both teachers): dense − compact with its 90 %
-    and 95 % intervals against issue #11's ±0.005."""
+    and 95 % intervals against issue #11's ±0.005, on the 8 held-out queries and (``--wide-eval``) the wide set."""
     groups = result.get("groups", {})
     with_interval = "ci90" in groups
     fig, axes = plt.subplots(1, 3 if with_interval else 2, figsize=(15 if with_interval else 11, 4.8))
@@ -251,20 +306,31 @@ def plot(result: dict, plt, path: Path) -> None:
     middle.set_title(f"each run after {result['steps']} steps ({result['device']})")
     middle.legend(fontsize=8, loc="lower right")
     if with_interval:
-        right = axes[2]
-        margin, diff = groups["margin"], groups["dense_minus_compact_mean"]
+        right, margin = axes[2], groups["margin"]
+        measures = [("8 held-out", groups)]
+        if "ci90" in result.get("groups_wide", {}):
+            measures.append((f"{result.get('held_out_wide_queries', 'wide')} held-out", result["groups_wide"]))
         right.axhspan(-margin, margin, color="0.9", label=f"±{margin} (issue #11)")
-        for level, width in ((95, 1.5), (90, 4)):
-            lo, hi = groups[f"ci{level}"]
-            right.vlines(0, lo, hi, lw=width, color="C3", alpha=0.5 if level == 95 else 1, label=f"{level} % interval")
-        right.plot([0], [diff], "o", color="C3")
+        for x, (_, g) in enumerate(measures):
+            for level, width in ((95, 1.5), (90, 4)):
+                lo, hi = g[f"ci{level}"]
+                right.vlines(x, lo, hi, lw=width, color="C3", alpha=0.5 if level == 95 else 1)
+            right.plot([x], [g["dense_minus_compact_mean"]], "o", color="C3")
+            n = f"{len(g['compact_runs'])} + {len(g['dense_runs'])} runs"
+            right.annotate(
+                f"{'inside' if g['equivalent_within_margin'] else 'not inside'}\n{n}",
+                (x + 0.08, g["ci90"][1]),
+                fontsize=8,
+                va="bottom",
+            )
+        right.plot([], [], color="C3", lw=4, label="90 % interval")
+        right.plot([], [], color="C3", lw=1.5, alpha=0.5, label="95 % interval")
         right.axhline(0, color="0.5", lw=0.8)
-        right.set_xlim(-1, 1)
-        right.set_xticks([])
-        span = max(margin * 2.2, *(abs(v) * 1.2 for v in groups["ci95"]))
+        right.set_xlim(-0.7, len(measures) - 0.3)
+        right.set_xticks(range(len(measures)), [label for label, _ in measures])
+        span = max(margin * 2.2, *(abs(v) * 1.2 for _, g in measures for v in g["ci95"]))
         right.set_ylim(-span, span)
-        verdict = "inside" if groups["equivalent_within_margin"] else "not inside"
-        right.set_title(f"dense − compact {diff:+.4f}: 90 % interval {verdict} ±{margin}", fontsize=9)
+        right.set_title("dense − compact, mean over runs: the 90 % interval inside ±0.005?", fontsize=9)
         right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -285,11 +351,21 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--label", default="", help="appended to the results' file name")
     parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--wide-eval", type=Path, default=None, help="more held-out queries (one a line): every run scored on them too"
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps, 8 training queries, only into --out")
     args = parser.parse_args(argv)
     args.steps = args.steps or (6 if args.smoke else 200)
     if args.steps < 1 or args.twins < 1 or args.dense_twins < 0 or args.first_twin < 1:
         parser.error("--steps, --twins and --first-twin must be positive, --dense-twins at least 0")
+    wide_queries = None
+    if args.wide_eval:
+        if not args.wide_eval.is_file():
+            parser.error(f"--wide-eval: no file {args.wide_eval}")
+        wide_queries, problem = read_wide_eval(args.wide_eval)
+        if problem:
+            parser.error(f"--wide-eval: {problem}")
     if args.combine:
         missing = [str(p) for p in args.combine if not p.is_file()]
         if missing or len(args.combine) < 2:
@@ -333,6 +409,9 @@ def main(argv=None) -> int:
         result["model_name"] = Path(loaded.path).name
         data = bench_student.prepare(loaded, config, max_train=8 if args.smoke else None)
         result["teacher_kind"] = data["teacher_kind"]
+        if args.wide_eval:
+            data["held_out_wide"] = data["held_out"] + taught_held_out(loaded, data, config, wide_queries)
+            result["wide_eval"] = str(args.wide_eval)
         run(loaded, data, config, args, result)
 
     status = common.run_keeping_partial(result, body)

@@ -230,6 +230,32 @@ def test_bench_rounding_combine_counts_each_plain_run_once(tmp_path):
     assert sorted(groups["dense_runs"]) == [0.692, 0.704, 0.71, 0.71, 0.71]
 
 
+def test_bench_rounding_wide_eval_scores_every_run_on_more_held_out_queries(tiny_model_dir, tmp_path):
+    """--wide-eval: each run scored on the 8 held-out queries and the file's too, with its own groups; a file that
+    repeats one of the job's queries (not held out) or holds none is refused before any model loads."""
+    spec = importlib.util.spec_from_file_location("bench_rounding", ROOT / "benchmarks" / "bench_rounding.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    more = tmp_path / "more.txt"
+    more.write_text("Which birds nest on the island?\nWhat are the walls made of?\n\nWho flies kites?\n")
+    args = ["--smoke", "--twins", "1", "--dense-twins", "1", "--model", str(tiny_model_dir), "--out", str(tmp_path)]
+    assert bench.main([*args, "--wide-eval", str(more)]) == 0
+    (path,) = tmp_path.glob("rounding-*-smoke.json")
+    result = json.loads(path.read_text())
+    assert result["held_out_wide_queries"] == 8 + 3
+    final, wide = result["final"], result["groups_wide"]
+    assert all(0 < row["kl_soft_wide"] and row["gap_closed_wide"] != row["gap_closed"] for row in final.values())
+    assert wide["dense_runs"] == [final["dense"]["gap_closed_wide"], final["dense twin 1"]["gap_closed_wide"]]
+    assert len(wide["compact_runs"]) == 2 and "ci90" in wide
+    assert result["groups"]["compact_runs"] == [final["compact"]["gap_closed"], final["twin 1"]["gap_closed"]]
+    train = (ROOT / "examples" / "marrowick_island.queries.txt").read_text().splitlines()[3]
+    for text in (f"A new question?\n{train}\n", "\n\n"):
+        more.write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main([*args, "--wide-eval", str(more), "--model", str(tmp_path / "no-model-here")])
+        assert exit_info.value.code == 2
+
+
 def test_every_result_names_the_commit_it_measured():
     """run_info, which every benchmark's JSON starts with, records the checkout's commit (None outside git) and the
     library files changed since it."""
