@@ -181,19 +181,26 @@ def combine(paths: list[Path]) -> dict:
         for key in same:
             if r.get(key) != first.get(key):
                 raise ValueError(f"--combine: {path} has {key} {r.get(key)!r}, {paths[0]} {first.get(key)!r}")
+    wide = {(r["wide_eval"], r["held_out_wide_queries"]) for r in results if "wide_eval" in r}
+    if len(wide) > 1:
+        raise ValueError(f"--combine: the files were scored on different --wide-eval sets {sorted(wide)}")
     merged = {key: first.get(key) for key in ("device", "torch", "triton", "python", *same)}
+    if wide:
+        merged["wide_eval"], merged["held_out_wide_queries"] = wide.pop()
     merged.update(final={}, sigma_distance={}, losses={}, combined_from=[])
-    plain_seen = {"compact": set(), "dense": set()}  # every file's plain runs so far, by their final gap_closed
+    plain_seen = {"compact": {}, "dense": {}}  # every file's plain runs so far: final gap_closed -> merged key
     for index, (path, r) in enumerate(zip(paths, results)):
         keys = ("command", "time", "checkout", "device", "twins", "dense_twins", "first_twin")
         merged["combined_from"].append({"file": path.name, **{k: r.get(k) for k in keys}})
         for name, row in r["final"].items():
             key = name
             if name in plain_seen:
-                if row["gap_closed"] in plain_seen[name]:
-                    continue  # the same run again (any earlier file's, not only the first's)
-                plain_seen[name].add(row["gap_closed"])
+                seen = plain_seen[name].get(row["gap_closed"])
+                if seen is not None:  # the same run again (any earlier file's): count it once, keep every score
+                    merged["final"][seen] = {**row, **merged["final"][seen]}  # e.g. a later file's gap_closed_wide
+                    continue
                 key = name if index == 0 else f"{name} [{path.stem}]"
+                plain_seen[name][row["gap_closed"]] = key
             if key in merged["final"]:
                 raise ValueError(f"--combine: {name} is in more than one file (give later runs --first-twin)")
             merged["final"][key] = row

@@ -229,6 +229,20 @@ def test_bench_rounding_combine_counts_each_plain_run_once(tmp_path):
     assert sorted(groups["compact_runs"]) == [0.69, 0.70, 0.70, 0.70, 0.702]
     assert sorted(groups["dense_runs"]) == [0.692, 0.704, 0.71, 0.71, 0.71]
 
+    # file c alone was also scored on a wider set: its plain runs, counted as b's, keep c's wide scores
+    c = json.loads(files[2].read_text())
+    c.update(wide_eval="more.txt", held_out_wide_queries=64)
+    for n, row in c["final"].items():
+        row["gap_closed_wide"] = 0.72 if n.startswith("dense") else 0.73
+    files[2].write_text(json.dumps(c))
+    combined = bench.combine(files)
+    assert combined["held_out_wide_queries"] == 64 and combined["final"]["compact [b]"]["gap_closed_wide"] == 0.73
+    assert combined["groups_wide"]["compact_runs"] == [0.73, 0.73] and len(combined["groups"]["compact_runs"]) == 5
+    b = json.loads(files[1].read_text())
+    files[1].write_text(json.dumps({**b, "wide_eval": "other.txt", "held_out_wide_queries": 20}))
+    with pytest.raises(ValueError, match="different --wide-eval"):
+        bench.combine(files)
+
 
 def test_bench_rounding_wide_eval_scores_every_run_on_more_held_out_queries(tiny_model_dir, tmp_path):
     """--wide-eval: each run scored on the 8 held-out queries and the file's too, with its own groups; a file that
