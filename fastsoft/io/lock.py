@@ -35,10 +35,17 @@ class FolderLock:
                 handle.close()
                 raise
             handle.seek(0)
-            holder = _describe(handle.read())
+            text = handle.read()
             handle.close()
+            role = _held_here(text)
+            if role is not None:  # flock excludes a second open of the file even within one process
+                raise FastsoftError(
+                    f"{self.what} {self.path.parent} is already held by this same process (pid {os.getpid()}) as its "
+                    f"{role}; one folder cannot serve as two of a run's folders, or hold two runs of one process, so "
+                    "choose another folder"
+                ) from None
             raise FastsoftError(
-                f"{self.what} {self.path.parent} is in use by another fastsoft run ({holder}); "
+                f"{self.what} {self.path.parent} is in use by another fastsoft run ({_describe(text)}); "
                 "wait for it to end or choose another folder"
             ) from None
         handle.seek(0)
@@ -48,6 +55,7 @@ class FolderLock:
                 {
                     "pid": os.getpid(),
                     "host": socket.gethostname(),
+                    "what": self.what,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "command": " ".join(sys.argv)[:300],
                 }
@@ -68,6 +76,17 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _held_here(text: str) -> str | None:
+    """The role (``what``) the lock file's holder took the folder for, when the holder is this very process; else None."""
+    try:
+        holder = json.loads(text)
+        if holder["pid"] == os.getpid() and holder["host"] == socket.gethostname():
+            return str(holder.get("what", "folder"))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _describe(text: str) -> str:

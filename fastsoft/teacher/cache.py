@@ -7,11 +7,16 @@ teacher's eval-query hidden states, so a job can be trained and evaluated from i
 
 Writes are atomic (temp file + rename) and each shard's sha256 is in the index; a cache built for a
 different model, tokenizer, template or kind is refused with a sentence naming what differs.
+
+A cache folder carries the marker file ``.fastsoft-cache``, written when fastsoft makes the cache; a folder that is
+neither empty nor a cache (a model folder, another run's output) is refused, and ``--rebuild-cache`` deletes only the
+shards the index lists, never other files.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from fastsoft.errors import FastsoftError
 from fastsoft.io.atomic import atomic_write, sha256_file, write_json
+from fastsoft.io.lock import LOCK
 from fastsoft.ops import Target
 from fastsoft.teacher.batching import Taught
 
 INDEX = "index.json"
+MARKER = ".fastsoft-cache"  # "fastsoft made this folder a teacher cache": the proof that its indexed shards are its own
 
 
 def _read_index(path: Path) -> dict:
@@ -48,6 +55,44 @@ def _read_index(path: Path) -> dict:
             f"teacher cache index {path} is corrupted ({error}); pass --rebuild-cache to rebuild it"
         ) from error
     return index
+
+
+def _is_shard(job_id: str, entry: dict) -> bool:
+    """Whether an index entry names the shard :meth:`TeacherCache.put` writes for ``job_id``: ``<id>.safetensors``
+    directly inside the folder (a tampered name that would reach outside it, or another file, is not one)."""
+    name = entry["file"]
+    return name == f"{job_id}.safetensors" and "/" not in name and "\0" not in name and not name.startswith(".")
+
+
+def _holds_nothing(root: Path) -> bool:
+    """Whether ``root`` holds nothing but what a run leaves in any folder it opens (its lock and dead writers'
+    temporary files), and the per-rank caches of a torchrun run (``rank<N>/``, each marked), which a later run with
+    another number of processes may sit beside."""
+    return all(
+        p.name == LOCK
+        or (p.name.startswith(".") and ".tmp" in p.name)
+        or (p.is_dir() and re.fullmatch(r"rank\d+", p.name) and (p / MARKER).is_file())
+        for p in root.iterdir()
+    )
+
+
+def check_cache_folder(root: str | Path) -> bool:
+    """Refuse ``root`` (``FastsoftError``) unless fastsoft may keep a teacher cache there: it does not exist yet, holds
+    nothing, carries the marker, or is a cache of a fastsoft older than the marker (a readable index that lists only
+    fastsoft shards). Returns whether the folder is already marked. Called before the model loads and on opening."""
+    root = Path(root)
+    if not root.is_dir() or (root / MARKER).is_file() or _holds_nothing(root):
+        return (root / MARKER).is_file()
+    try:
+        index = _read_index(root / INDEX)
+        if all(_is_shard(job_id, entry) for job_id, entry in index["jobs"].items()):
+            return False
+    except (FastsoftError, OSError):
+        pass
+    raise FastsoftError(
+        f"--cache {root} is not a fastsoft teacher cache (it holds other files, and neither a {MARKER} marker nor a "
+        "readable index.json), so fastsoft will not write or delete anything there; choose an empty or new --cache folder"
+    )
 
 
 def _flat(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,16 +120,27 @@ class TeacherCache:
     """A folder of per-job shards and an index, bound to one fingerprint."""
 
     def __init__(self, root: str | Path, fingerprint: dict, target_type: type, rebuild: bool = False):
-        """Open (or create) the cache at ``root`` for targets of ``target_type``. With ``rebuild``, a mismatched
-        or corrupted cache is emptied, and shards that fail their checksum are dropped so their jobs are taught again."""
+        """Open (or create) the cache at ``root`` for targets of ``target_type``; a folder that is not a cache is
+        refused (:func:`check_cache_folder`). With ``rebuild``, a mismatched cache loses the shards its index lists
+        (nothing else), a corrupted index is replaced by an empty one (with no index to prove which files are
+        fastsoft's, none is deleted: a stale shard is overwritten when its job is taught again), and shards that fail
+        their checksum are dropped so their jobs are taught again."""
         self.root = Path(root)
         self.fingerprint, self.target_type = fingerprint, target_type
+        marked = check_cache_folder(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
+        if not marked:  # a new folder, or a cache of an older fastsoft: from now on a marked cache
+            write_json(self.root / MARKER, {"what": "fastsoft teacher cache", "index": INDEX}, indent=1)
         path = self.root / INDEX
         self.index = None
         if path.exists():
             try:
                 self.index = _read_index(path)
+            except FastsoftError:
+                if not rebuild:
+                    raise  # with rebuild: an unreadable index proves no file ours, so a fresh one starts below
+        if self.index is not None:
+            try:
                 self._check_fingerprint(self.index["fingerprint"])
             except FastsoftError:
                 if not rebuild:
@@ -102,8 +158,10 @@ class TeacherCache:
             self._save_index()
 
     def _clear(self) -> None:
-        for file in self.root.glob("*.safetensors"):
-            file.unlink()
+        """Delete the shards the index lists (only those: a file fastsoft did not index is not its to delete)."""
+        for job_id, entry in self.index["jobs"].items():
+            if _is_shard(job_id, entry):
+                (self.root / entry["file"]).unlink(missing_ok=True)
         self.index = None
 
     def _check_fingerprint(self, found: dict) -> None:

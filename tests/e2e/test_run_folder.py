@@ -215,6 +215,7 @@ def test_rebuild_cache_after_a_bad_cache_reteaches_and_resumes(tiny, tiny_job, t
 )
 def test_a_malformed_cache_index_is_refused_as_corrupted(tiny, tiny_job, tmp_path, index):
     (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / ".fastsoft-cache").write_text("{}")  # a fastsoft cache (its marker) whose index is damaged
     (tmp_path / "cache" / "index.json").write_text(index)
     with pytest.raises(fastsoft.FastsoftError, match="index .* is corrupted.*--rebuild-cache"):
         fastsoft.compress(make_jobs(tiny_job.context, 1), tiny, tmp_path, **FAST)
