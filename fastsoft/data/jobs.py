@@ -19,6 +19,12 @@ JOB_KEYS = {"id", "context", "queries", "answers", "eval_queries"}
 RUN_OWN_NAMES = ("cache", "summary.json")
 RUN_OWN_PREFIXES = ("checkpoint",)
 MAX_ID_BYTES = 255  # a file name's limit on common filesystems
+BOM = b"\xef\xbb\xbf"
+
+
+def query_key(query: str) -> str:
+    """What makes two queries the same question: equal up to case and whitespace."""
+    return " ".join(query.split()).casefold()
 
 
 def check_job_id(job_id, at: str = "") -> None:
@@ -49,7 +55,7 @@ class Job:
     def validate(self, where: str = "") -> None:
         at = f"{where}: " if where else ""
         check_job_id(self.id, at)
-        if not isinstance(self.context, str) or not self.context.strip():
+        if not isinstance(self.context, str) or not self.context or self.context.isspace():  # no copy of a long text
             raise FastsoftError(f"{at}job {self.id!r} has an empty context")
         for name in ("queries", "eval_queries"):
             values = getattr(self, name)
@@ -65,7 +71,59 @@ class Job:
 
     def digest(self) -> str:
         """A hash of everything the teacher sees of this job (context, queries, answers, eval queries)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+        # Hashing a 50 MB context takes up to a second and the engine asks several times per job, so the last result is
+        # kept beside what it was made from (not a dataclass field: asdict, eq and repr never see it). A field changed
+        # or reassigned since gives another key and a new hash; the context compares by identity first (a str never
+        # changes), so a hit costs no pass over the text.
+        key = (
+            self.id,
+            self.context,
+            tuple(self.queries),
+            None if self.answers is None else tuple(self.answers),
+            tuple(self.eval_queries),
+        )
+        memo = self.__dict__.get("_digest")
+        if memo is None or memo[0] != key:
+            memo = (key, hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32])
+            self.__dict__["_digest"] = memo
+        return memo[1]
+
+    def deduplicated(self) -> tuple[Job, dict[str, int]]:
+        """The job without repeated queries and with no training query that is also held out, and what was dropped.
+
+        Queries match up to case and whitespace (:func:`query_key`). Dropped from the training queries (their answers
+        with them): those that are also eval queries (``held_out_overlap``: a held-out score is only one when the
+        queries were never trained on) and repeats of an earlier one (``duplicate_queries``; the first is kept, with its
+        answer, even when the repeat's answer differs). Repeated eval queries (``duplicate_eval_queries``) keep their
+        first. The job itself when nothing is dropped. A job whose queries all overlap ends with none: the caller
+        tells it by ``not job.queries`` and ``counts["held_out_overlap"]``.
+        """
+        held = set()
+        eval_queries = []
+        for query in self.eval_queries:
+            key = query_key(query)
+            if key not in held:
+                held.add(key)
+                eval_queries.append(query)
+        seen, keep, overlap, repeats = set(), [], 0, 0
+        for index, query in enumerate(self.queries):
+            key = query_key(query)
+            if key in held:
+                overlap += 1
+            elif key in seen:
+                repeats += 1
+            else:
+                seen.add(key)
+                keep.append(index)
+        counts = {
+            "duplicate_queries": repeats,
+            "held_out_overlap": overlap,
+            "duplicate_eval_queries": len(self.eval_queries) - len(eval_queries),
+        }
+        if not any(counts.values()):
+            return self, counts
+        answers = None if self.answers is None else [self.answers[i] for i in keep]
+        return Job(self.id, self.context, [self.queries[i] for i in keep], answers, eval_queries), counts
 
     def with_eval_split(self, fraction: float = 0.2, seed: int = 0) -> Job:
         """Hold out a share of the queries for evaluation when no eval queries were given."""
@@ -84,21 +142,44 @@ class Job:
         )
 
 
+def deduplication_note(job_id: str, counts: dict[str, int]) -> str:
+    """The one warning line for what :meth:`Job.deduplicated` dropped ("" when nothing was)."""
+    parts = []
+    if counts.get("held_out_overlap"):
+        parts.append(f"{counts['held_out_overlap']} training queries that are also held-out eval queries")
+    if counts.get("duplicate_queries"):
+        parts.append(f"{counts['duplicate_queries']} repeated training queries")
+    if counts.get("duplicate_eval_queries"):
+        parts.append(f"{counts['duplicate_eval_queries']} repeated eval queries")
+    if not parts:
+        return ""
+    return f"job {job_id!r}: dropped {' and '.join(parts)} (compared up to case and whitespace; the first is kept)"
+
+
 def _read_text(path: str | Path, what: str) -> str:
+    """The whole file as one str, without a leading byte-order mark (which would start the first query or context)."""
     path = Path(path)
     if not path.exists():
         raise FastsoftError(f"{what} file {path} does not exist")
     if path.is_dir():
         raise FastsoftError(f"{what} file {path} is a directory, not a file")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise FastsoftError(f"{what} file {path} is not UTF-8 text (byte {error.start})") from error
+        with path.open("rb") as file:  # utf-8-sig counts bytes after the mark
+            start = error.start + (len(BOM) if file.read(len(BOM)) == BOM else 0)
+        raise FastsoftError(f"{what} file {path} is not UTF-8 text (byte {start})") from error
+
+
+def _lines(text: str) -> list[str]:
+    # Only newlines end a line (read_text made \r\n and \r into \n): splitlines() also splits at U+2028, U+0085 and
+    # form feeds, which may stand inside a JSON string or a query.
+    return text.split("\n")
 
 
 def read_lines(path: str | Path, what: str) -> list[str]:
     """Non-empty lines of a text file (one query per line)."""
-    return [line.strip() for line in _read_text(path, what).splitlines() if line.strip()]
+    return [line.strip() for line in _lines(_read_text(path, what)) if line.strip()]
 
 
 def job_from_files(
@@ -109,18 +190,22 @@ def job_from_files(
     job_id: str | None = None,
 ) -> Job:
     """One job from a context file and optional query files (one query per line)."""
-    text = _read_text(context, "context")
-    if not text.strip():
+    text = _read_text(context, "context").strip()
+    if not text:
         raise FastsoftError(f"context file {context} is empty")
     job = Job(
         id=job_id or Path(context).stem,
-        context=text.strip(),
+        context=text,
         queries=read_lines(queries, "queries") if queries else [],
         answers=read_lines(answers, "answers") if answers else None,
         eval_queries=read_lines(eval_queries, "eval queries") if eval_queries else [],
     )
-    if queries and not job.queries:
-        raise FastsoftError(f"queries file {queries} has no queries")
+    # a file given but empty is a mistake (an empty eval file would quietly hold out training queries instead)
+    for given, values, what in ((queries, job.queries, "queries"), (eval_queries, job.eval_queries, "eval queries")):
+        if given and not values:
+            raise FastsoftError(f"{what} file {given} has no queries; give one query per line")
+    if answers and not job.answers:
+        raise FastsoftError(f"answers file {answers} has no answers; give one answer per line, in the queries' order")
     job.validate()
     return job
 
@@ -128,7 +213,7 @@ def job_from_files(
 def read_jobs(path: str | Path) -> list[Job]:
     """Jobs from JSONL, one ``{"id", "context", "queries"?, "answers"?, "eval_queries"?}`` object a line."""
     jobs, seen = [], {}
-    for number, line in enumerate(_read_text(path, "jobs").splitlines(), start=1):
+    for number, line in enumerate(_lines(_read_text(path, "jobs")), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"

@@ -31,11 +31,17 @@ def save_prompt(
     template: Template,
     extra: dict | None = None,
 ) -> Path:
-    """Write ``prompt [P, H]`` as a PEFT prompt-tuning adapter into ``folder``."""
+    """Write ``prompt [P, H]`` as a PEFT prompt-tuning adapter into ``folder``; a NaN or infinite one is refused before
+    anything is written (it would answer nothing)."""
     folder = Path(folder)
+    weights = {"prompt_embeddings": prompt.detach().float().cpu().contiguous()}
+    if not bool(torch.isfinite(weights["prompt_embeddings"]).all()):
+        raise FastsoftError(
+            f"the soft prompt for {folder} holds NaN or infinite values, so it was not exported; compress the job "
+            "again (a lower --lr may help)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     length, hidden = prompt.shape
-    weights = {"prompt_embeddings": prompt.detach().float().cpu().contiguous()}
     atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
     config = {
         "peft_type": "PROMPT_TUNING",
@@ -71,11 +77,13 @@ def load_prompt(folder: str | Path) -> tuple[torch.Tensor, Template, dict]:
         raise FastsoftError(f"{weights} is truncated or damaged ({error}); export the prompt again") from error
     if prompt is None or prompt.dim() != 2:
         raise FastsoftError(f"{weights} has no [P, H] tensor named prompt_embeddings")
+    if not bool(torch.isfinite(prompt).all()):  # it would generate nothing, silently
+        raise FastsoftError(f"{weights} holds NaN or infinite values, so it answers nothing; compress the job again")
     meta_path = folder / FASTSOFT_META
     if not meta_path.is_file():  # a plain PEFT export: its virtual tokens stand first
         return prompt, None, {}
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         t = meta["template"]
         template = Template(t["head"], t["middle"], t["tail"], meta["placement"], t.get("kind", "chat"))
     except (ValueError, KeyError, TypeError) as error:  # bad JSON (a ValueError), or not the keys fastsoft writes
