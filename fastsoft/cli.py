@@ -1,6 +1,8 @@
 """Command line: ``fastsoft compress`` and ``fastsoft generate``.
 
-A user's mistake ends with one sentence on stderr and exit status 2, never a traceback.
+A user's mistake ends with one sentence on stderr and exit status 2, never a traceback. A run stopped by Ctrl-C or
+SIGTERM checkpoints at its next safe point (:mod:`fastsoft.signals`) and exits with 130 or 143; before the run starts
+(while the model loads) SIGTERM ends the process at once and Ctrl-C exits with 130: nothing is written then.
 """
 
 from __future__ import annotations
@@ -8,14 +10,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from fastsoft.config import CompressConfig, GenerateOptions, ModelOptions, RunOptions, settings_of
 from fastsoft.errors import FastsoftError
-from fastsoft.io.checkpoint import CHECKPOINT
+from fastsoft.signals import Interrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,11 +113,14 @@ def _compress(args) -> int:
                 "--queries, --eval-queries and --answers go with --context; put them inside the --jobs file instead"
             )
         jobs = read_jobs(args.jobs)
-    for job in jobs:
-        if not job.queries and not config.makes_queries(False):
+    for job in jobs:  # the engine drops training queries that are also held out; refuse here what that leaves empty
+        cleaned, counts = job.deduplicated()
+        if not cleaned.queries and not config.makes_queries(False):
+            left = f" left once the {counts['held_out_overlap']} that are also --eval-queries are dropped"
             raise FastsoftError(
-                f"job {job.id!r} has no queries and --synthesize and --topic-queries are 0: give queries (--queries "
-                "FILE, or in the jobs file), or let fastsoft make them (--synthesize N, --topic-queries N)"
+                f"job {job.id!r} has no queries{left if counts['held_out_overlap'] else ''} and --synthesize and "
+                "--topic-queries are 0: give queries (--queries FILE, or in the jobs file), or let fastsoft make them "
+                "(--synthesize N, --topic-queries N)"
             )
     dist = init_from_env()
     clean = False
@@ -193,19 +197,8 @@ def _generate(args) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster preempting the job, Slurm or Kubernetes): handled as Ctrl-C is, with a checkpoint."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    previous = (
-        signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
-    )
     try:
         return _compress(args) if args.command == "compress" else _generate(args)
     except FastsoftError as error:
@@ -217,16 +210,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except KeyboardInterrupt as interrupt:
-        resumable = args.command == "compress" and (Path(args.out) / CHECKPOINT).exists()
-        what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+    except KeyboardInterrupt as interrupt:  # Interrupted: the run stopped at a safe point and checkpointed
+        stopped = isinstance(interrupt, Interrupted)
+        what = "terminated (SIGTERM)" if stopped and interrupt.signum == signal.SIGTERM else "interrupted"
+        resumable = stopped and args.command == "compress" and any(Path(args.out).glob("checkpoint*.safetensors"))
         print(
             f"fastsoft: {what}" + ("; checkpoint saved, continue with --resume" if resumable else ""), file=sys.stderr
         )
-        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        return interrupt.exit_status if stopped else 130
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""Per-job ``report.json`` and a PNG of the loss curve; a short metrics table for the terminal."""
+"""Per-job ``report.json`` and a PNG of the loss curve; a short metrics table for the terminal.
+
+``report.json`` is written last and records the sha256 of every file of the export (``files``), so a later run can
+tell a finished job from one whose export was deleted or changed since (:func:`finished_problem`).
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-from fastsoft.io.atomic import atomic_write, write_json
+from fastsoft.io.atomic import atomic_write, sha256_file, write_json
+
+REPORT = "report.json"
+EXPORT_FILES = ("adapter_model.safetensors", "adapter_config.json", "fastsoft.json", "loss.png")
 
 TABLE_COLUMNS = (
     "kl_soft",
@@ -22,7 +30,9 @@ TABLE_COLUMNS = (
 
 
 def write_report(folder: Path, report: dict) -> None:
-    """The loss PNG, then ``report.json`` atomically: a job whose report exists is finished and exported."""
+    """The loss PNG, then ``report.json`` atomically: a job whose report exists is finished and exported.
+
+    Adds ``report["files"]``: the sha256 of each of :data:`EXPORT_FILES` in ``folder``, as written."""
     folder.mkdir(parents=True, exist_ok=True)
     levels = {
         name: report[key]
@@ -32,7 +42,36 @@ def write_report(folder: Path, report: dict) -> None:
     plot_losses(
         {"training loss": report["losses"]}, folder / "loss.png", title=f"job {report['job_id']}", levels=levels
     )
-    write_json(folder / "report.json", report)
+    report["files"] = {name: sha256_file(folder / name) for name in EXPORT_FILES if (folder / name).is_file()}
+    write_json(folder / REPORT, report)
+
+
+def finished_problem(folder: Path, origin: dict | None = None) -> str | None:
+    """Why ``folder`` does not hold a verified finished job, in a few words; None when it does.
+
+    Verified: ``report.json`` reads, every file it recorded at export is there with the same sha256, and (``origin``
+    given) the report's ``origin`` (the job's digest and the settings it ran with) equals it. A report without
+    recorded files (written before they were recorded) is reported as such.
+    """
+    path = folder / REPORT
+    if not path.is_file():
+        return f"{REPORT} is missing"
+    try:
+        report = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return f"{REPORT} is damaged"
+    files = report.get("files") if isinstance(report, dict) else None
+    if not isinstance(files, dict) or "adapter_model.safetensors" not in files:
+        return f"{REPORT} records no digests of its export (written by an older fastsoft)"
+    for name, digest in files.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if sha256_file(file) != digest:
+            return f"{name} changed since it was exported"
+    if origin is not None and report.get("origin") != origin:
+        return "it was made from another job or other settings"
+    return None
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

@@ -5,29 +5,47 @@ queries (self-study, ``fastsoft/teacher/synthesis.py``), have the teacher stage 
 (``fastsoft/teacher/stage.py``), put each admitted job's initial prompt in its slot, pack the training jobs'
 minibatches into one step (``fastsoft/train/objectives.py`` computes its losses), update only the slots present, and
 finish a job (evaluate, export, report) as soon as it converges or spends its step budget. A failing job is marked
-FAILED with its reason; the others continue. Every ``checkpoint_every`` steps, and on Ctrl-C, the run is checkpointed.
+FAILED with its reason; the others continue. Every ``checkpoint_every`` steps, before any job's export, and on Ctrl-C
+or SIGTERM (at the next safe point, :mod:`fastsoft.signals`), the run is checkpointed.
+
+A job whose folder already holds a verified export of the same job and settings (``report.json``'s digests,
+:func:`fastsoft.io.report.finished_problem`) is kept, not redone, by a rerun as by ``--resume``; one whose export
+went missing or changed is compressed again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from fastsoft import signals
 from fastsoft.config import CompressConfig
-from fastsoft.data.jobs import Job
+from fastsoft.data.jobs import Job, deduplication_note
 from fastsoft.data.templates import make_template
 from fastsoft.distributed import Dist
 from fastsoft.errors import FastsoftError
 from fastsoft.eval.evaluate import evaluate
 from fastsoft.io.atomic import remove_leftovers
-from fastsoft.io.checkpoint import CHECKPOINT, jobs_digest, load_checkpoint, save_checkpoint
+from fastsoft.io.checkpoint import (
+    CHECKPOINT,
+    NON_SEMANTIC,
+    jobs_digest,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from fastsoft.io.lock import FolderLock
 from fastsoft.io.outputs import RunFolder, cache_folder, make_folder
+from fastsoft.io.report import finished_problem
 from fastsoft.teacher import synthesis as selfstudy
 from fastsoft.teacher.cache import TeacherCache
 from fastsoft.teacher.stage import teach_into_cache
@@ -40,7 +58,6 @@ from fastsoft.train.packing import Segment
 from fastsoft.train.progress import RunProgress
 from fastsoft.train.prompt_init import init_prompt
 from fastsoft.train.scheduler import JobRun, Scheduler, State, job_seed
-from fastsoft.train.signals import held_signals
 from fastsoft.train.stopping import plateau_window, plateaued
 
 
@@ -97,6 +114,8 @@ class Engine:
             self.locks.append(FolderLock(cache_root, "teacher cache folder").acquire())
             for folder in (self.out.root, cache_root):  # what writers killed mid-write left behind
                 remove_leftovers(folder)
+            if resume:  # before the cache is opened, which --rebuild-cache may empty for the new model
+                self._check_checkpoint_model()
             self.cache = TeacherCache(cache_root, fingerprint, self.spec.target_type, rebuild=rebuild_cache)
         except BaseException:
             self.close()
@@ -108,6 +127,18 @@ class Engine:
         self.loop_steps = 0  # loop iterations, the checkpoint clock
         self.oom_retries = 0
         self.unprepared: dict[str, FastsoftError] = {}  # jobs whose queries could not be prepared, and why
+
+    def _check_checkpoint_model(self) -> None:
+        """Refuse to resume a checkpoint of another model (its prompts were trained for that model's embeddings)."""
+        path = self.out.root / self.dist.suffix(CHECKPOINT)
+        if not path.is_file():
+            return
+        saved = read_checkpoint(path).get("model")
+        if saved is not None and saved != self.loaded.fingerprint:
+            raise FastsoftError(
+                f"the checkpoint in {self.out.root} was trained on another model (fingerprint {saved[:12]}, this "
+                f"model {self.loaded.fingerprint[:12]}); resume with the same --model, or choose another --out"
+            )
 
     def close(self) -> None:
         """Release the folders' locks (``run`` does when it ends; an engine never run can call it)."""
@@ -122,23 +153,57 @@ class Engine:
         """Whether this rank evaluates and exports finished jobs (in a split run only rank 0 does)."""
         return not (self.dist.split and self.dist.rank != 0)
 
-    def _check_jobs(self, jobs: list[Job]) -> None:
+    def _check_jobs(self, jobs: list[Job]) -> list[Job]:
+        """The jobs checked, each without repeated queries or training queries that are also held out (one line says
+        what was dropped; ``self.dropped`` keeps it for the reports)."""
         duplicates = sorted(i for i, n in Counter(job.id for job in jobs).items() if n > 1)
         if duplicates:
             raise FastsoftError(f"job ids must be unique; repeated: {', '.join(duplicates)}")
+        cleaned, self.dropped = [], {}
         for job in jobs:
             job.validate()
+            job, counts = job.deduplicated()
+            if any(counts.values()):
+                self.dropped[job.id] = counts
+                if self.dist.rank == 0:
+                    RunProgress.note(deduplication_note(job.id, counts))
             if not job.queries and not self.config.makes_queries(False):
-                raise FastsoftError(
-                    f"job {job.id!r} has no queries: give some, or let fastsoft make them (--synthesize N or "
-                    "--topic-queries N, N > 0)"
-                )
+                raise FastsoftError(f"job {job.id!r} has no queries{_left(counts)}: give some, or let fastsoft make "
+                                    "them (--synthesize N or --topic-queries N, N > 0)")  # fmt: skip
             if "supervised" in self.objective and job.answers is None:
                 raise FastsoftError(f"job {job.id!r} has no answers, which the supervised objective needs")
-            if self.out.is_finished(job.id) and not self.overwrite and not self.resume:
-                raise FastsoftError(
-                    f"{self.out.job(job.id)} already holds a finished job {job.id!r}; pass --overwrite or choose another --out"
-                )
+            cleaned.append(job)
+        return cleaned
+
+    def _origin(self, job: Job) -> dict:
+        """What a finished export must have been made from to be kept: the job as given, and the settings that change
+        results (on this model)."""
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in NON_SEMANTIC}
+        text = json.dumps({"settings": settings, "model": self.loaded.fingerprint}, sort_keys=True)
+        return {"job": job.digest(), "settings": hashlib.sha256(text.encode()).hexdigest()[:32]}
+
+    def _finished_on_disk(self, run: JobRun, checkpointed: bool = False) -> bool:
+        """Whether the job's folder holds its verified export (then the run is DONE with that report). A folder with an
+        export made from another job or other settings is refused; one whose export went missing or changed is not
+        finished (a line says so), and the job is compressed again. ``checkpointed``: the checkpoint (same jobs and
+        settings) says it finished, so a report of an older fastsoft, which recorded no digests, is trusted."""
+        folder = self.out.job(run.job.id)
+        if not (folder / "report.json").exists():
+            return False
+        problem = finished_problem(folder, None if checkpointed else self.origins[run.job.id])
+        if problem is not None and checkpointed and "older fastsoft" in problem:
+            problem = None
+        if problem is None:
+            run.report, run.state = self.out.read_report(run.job.id), State.DONE
+            run.step = len(run.report.get("losses", []))
+            return True
+        if not (problem.endswith("missing") or problem.endswith("changed since it was exported")):
+            raise FastsoftError(
+                f"{folder} already holds a finished job {run.job.id!r}, but {problem}; pass --overwrite to replace "
+                "it, or choose another --out"
+            )
+        RunProgress.note(f"job {run.job.id!r}: {problem} in {folder}; compressing it again")
+        return False
 
     def _prepare(self, runs: list[JobRun]) -> dict[str, FastsoftError]:
         """Give each run not yet prepared its final queries: the synthetic ones (written in one continuous batch for
@@ -250,6 +315,11 @@ class Engine:
             self.scheduler.retire(run, State.DONE)
             return
         prompt = self.bank.get(run.slot)
+        if not bool(torch.isfinite(prompt).all()):  # never exported: a NaN prompt answers nothing
+            self._fail(
+                run, FastsoftError(f"the soft prompt of job {run.job.id!r} became NaN or infinite at step {run.step}")
+            )
+            return
         cfg = self.config
         metrics = evaluate(
             self.loaded,
@@ -275,16 +345,22 @@ class Engine:
             "queries": {"train": len(run.job.queries), "eval": len(run.job.eval_queries)},
             **({"synthesis": run.synthesis} if run.synthesis else {}),
             "losses": run.losses,
+            "dropped_queries": self.dropped.get(run.job.id, dict.fromkeys(DROPPED_COUNTS, 0)),
+            "origin": self.origins[run.job.id],
         }
-        self.out.write_done(
-            run.job.id,
-            prompt,
-            run.report,
-            model_path=self.loaded.path,
-            model_fingerprint=self.loaded.fingerprint,
-            template=self.template,
-            extra={"job_id": run.job.id, "config": self.config.to_dict()},
-        )
+        try:
+            self.out.write_done(
+                run.job.id,
+                prompt,
+                run.report,
+                model_path=self.loaded.path,
+                model_fingerprint=self.loaded.fingerprint,
+                template=self.template,
+                extra={"job_id": run.job.id, "config": self.config.to_dict()},
+            )
+        except FastsoftError as error:  # the export refused it (a non-finite prompt): the job failed, nothing exported
+            self._fail(run, error)
+            return
         self.scheduler.retire(run, State.DONE)
 
     def _fail(self, run: JobRun, error: Exception) -> None:
@@ -313,10 +389,9 @@ class Engine:
         """
         cfg, P = self.config, self.config.prompt_length
         training = [r for r in self.scheduler.running if r.state is State.TRAINING]
-        with held_signals():  # a draw advances the job's seeded stream: all of it or none
-            for run in training:
-                if not run.pending:
-                    run.pending = run.next_batch(cfg.batch_queries)
+        for run in training:  # signals only set a flag (fastsoft.signals): a draw and the commit below are never cut
+            if not run.pending:
+                run.pending = run.next_batch(cfg.batch_queries)
         lengths = {r.slot: [s.length(P) for s in self._segments(r, r.pending)] for r in training}
         chosen = self.scheduler.plan({r.slot: r.pending for r in training}, lengths)
         if not chosen:
@@ -357,20 +432,20 @@ class Engine:
             sums = self.dist.all_reduce_(sums.detach())
         losses = (sums.detach() / counts.clamp_min(1)).cpu().tolist()
         elapsed = time.perf_counter() - started
-        with held_signals():  # the commit: a checkpoint sees the step whole or not at all
-            self.bank.step({run.slot: lr_at(run.step, cfg.steps, cfg.lr, cfg.warmup) for run in chosen})
-            self.scheduler.commit(chosen)
-            self.scored_tokens += int(counts.sum())
-            self.train_seconds += elapsed
-            for run, loss in zip(chosen, losses):
-                run.step += 1
-                run.losses.append(loss)
-                run.seconds += elapsed
-                run.pending = None
-                try:
-                    run.stop_reason = self._stop_reason(run) or ""
-                except FastsoftError as error:
-                    run.error = str(error)
+        # the commit: what a checkpoint keeps changes from here on, all of it (no signal interrupts it)
+        self.bank.step({run.slot: lr_at(run.step, cfg.steps, cfg.lr, cfg.warmup) for run in chosen})
+        self.scheduler.commit(chosen)
+        self.scored_tokens += int(counts.sum())
+        self.train_seconds += elapsed
+        for run, loss in zip(chosen, losses):
+            run.step += 1
+            run.losses.append(loss)
+            run.seconds += elapsed
+            run.pending = None
+            try:
+                run.stop_reason = self._stop_reason(run) or ""
+            except FastsoftError as error:
+                run.error = str(error)
         return chosen
 
     def _train_step(self) -> list[JobRun]:
@@ -414,6 +489,7 @@ class Engine:
             self.out.root,
             {
                 "jobs_digest": self.jobs_hash,
+                "model": self.loaded.fingerprint,
                 "config": self.config.to_dict(),
                 "bank": self.bank.state_dict(),
                 # a run admitted but not yet taught (Ctrl-C during self-study or the teacher pass) starts again
@@ -429,15 +505,25 @@ class Engine:
             self.dist.suffix(CHECKPOINT),
         )
 
-    def _restore(self, runs: dict[str, JobRun]) -> None:
-        """Continue a checkpointed run: slots, optimizer state, queues and every job's progress."""
-        state = load_checkpoint(self.out.root, self.jobs_hash, self.config.to_dict(), self.dist.suffix(CHECKPOINT))
+    def _restore(self, runs: dict[str, JobRun]) -> bool:
+        """Continue a checkpointed run: slots, optimizer state, queues and every job's progress. Returns False when
+        there is no checkpoint yet (killed before the first): the run then starts afresh, keeping finished jobs."""
+        name = self.dist.suffix(CHECKPOINT)
+        if not (self.out.root / name).is_file() and not any(self.out.root.glob("checkpoint*.safetensors")):
+            RunProgress.note(f"no checkpoint in {self.out.root} yet: finished jobs are kept, the others start again")
+            return False
+        state = load_checkpoint(self.out.root, self.jobs_hash, self.config.to_dict(), name)
         self.bank.load_state_dict(state["bank"])
         s = self.scheduler
         s.waiting.extend(runs[i] for i in state["waiting"])  # not started: as built from their seeds
         for job_id, saved in state["finished"].items():
-            runs[job_id].load_outcome(saved, lambda job_id=job_id: self.out.read_report(job_id))
-            s.finished.append(runs[job_id])
+            run = runs[job_id]
+            if saved["state"] == State.DONE.value and saved["report"] is None and not self._finished_on_disk(run, True):
+                s.waiting.append(run)  # its export went missing or changed: compressed again (job independence)
+                continue
+            if run.state is not State.DONE:
+                run.load_outcome(saved, lambda job_id=job_id: self.out.read_report(job_id))
+            s.finished.append(run)
         s.token_budget = state["token_budget"]
         self.loop_steps = state["loop_steps"]
         torch.set_rng_state(state["torch_rng"])
@@ -447,7 +533,10 @@ class Engine:
             s.running.append(run)
             if run.error:  # it failed in the step before the checkpoint, which came before its error was written
                 self._fail(run, FastsoftError(run.error))
-            elif self.out.is_finished(job_id):  # finished and exported after the last checkpoint: never redo it
+            elif run.stop_reason and self._finished_on_disk(run, True):  # exported after the checkpoint: never redo it
+                run.state = State.TRAINING  # retire() below moves it from running to finished
+                s.retire(run, State.DONE)
+            elif not run.stop_reason and self.out.is_finished(job_id):  # a checkpoint of a version that exported first
                 run.report = self.out.read_report(job_id)
                 s.retire(run, State.DONE)
         # a rebuilt cache (--rebuild-cache) dropped what failed its checks: teach those jobs again
@@ -464,63 +553,87 @@ class Engine:
             run.teacher = self.cache.get(
                 run.job.id, run.job.digest()
             )  # a damaged shard refuses the resume, naming --rebuild-cache
-            if run.stop_reason:  # it had stopped, and its export or report failed to be written: finish it now
+            if (
+                run.stop_reason
+            ):  # it stopped in the checkpointed step; its export was not (fully) written: finish it now
                 self._finish(run, run.stop_reason)
+        return True
 
     def _write_failed(self, error: OSError) -> str:
         """One sentence for a write that failed mid-run, after trying to save a checkpoint to resume from."""
         where = f" writing {error.filename}" if error.filename else ""
         try:
             self._checkpoint()
-            resume = "a checkpoint was saved: fix it and run again with --resume"
+            advice = "a checkpoint was saved: fix it and run again with --resume"
         except OSError:
-            resume = "run again with --resume once it is fixed (from the last checkpoint)"
-        return f"{error.strerror or error}{where}; {resume}"
+            if (self.out.root / self.dist.suffix(CHECKPOINT)).is_file():
+                advice = "fix it and run again with --resume (from the last checkpoint)"
+            else:
+                advice = "fix it and run the same command again (no checkpoint was written yet; finished jobs are kept)"
+        return f"{error.strerror or error}{where}; {advice}"
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, jobs: list[Job]) -> list[JobRun]:
         """Compress every job; returns the runs (DONE with ``run.report``, or FAILED with ``run.error``).
 
-        Writes a checkpoint every ``checkpoint_every`` steps and on Ctrl-C (then re-raises it). The folders'
-        locks are released when it returns or raises.
+        Writes a checkpoint every ``checkpoint_every`` steps, before a step's finished jobs are exported, and when
+        Ctrl-C or SIGTERM asks the run to stop: the signal only sets a flag (:mod:`fastsoft.signals`), the run stops at
+        its next safe point, checkpoints and raises :class:`fastsoft.signals.Interrupted` (a ``KeyboardInterrupt``).
+        The folders' locks are released when it returns or raises.
         """
         try:
-            return self._run(jobs)
+            with signals.stop_requests(), signals.collective_stops() if self.dist.split else _nothing():
+                return self._run(jobs)
         finally:
             self.close()
 
+    def _stop_point(self) -> None:
+        """Stop here if a signal asked to (every rank of a split run stops at the same step, so they agree first)."""
+        if self.dist.split:
+            asked = torch.tensor([1.0 if signals.requested() else 0.0], device=self.loaded.device)
+            if float(self.dist.all_reduce_(asked)) > 0:
+                raise signals.Interrupted(signals.requested() or signal.SIGTERM)
+        signals.stop_if_requested(local=False)
+
     def _run(self, jobs: list[Job]) -> list[JobRun]:
-        self._check_jobs(jobs)
+        jobs = self._check_jobs(jobs)
         cfg = self.config
         self.jobs_hash = jobs_digest(jobs)
+        self.origins = {job.id: self._origin(job) for job in jobs}
         runs = {job.id: JobRun(job, job_seed(cfg.seed, job.id)) for job in jobs}  # split when prepared (_prepare)
-        if self.resume:
-            self._restore(runs)
-        else:
+        if not (self.resume and self._restore(runs)):
             for run in runs.values():
-                self.scheduler.submit(run)
+                if not self.overwrite and self._finished_on_disk(run):  # a rerun keeps what it verified
+                    self.scheduler.finished.append(run)
+                else:
+                    self.scheduler.submit(run)
         done = sum(cfg.steps if r.state in (State.DONE, State.FAILED) else r.step for r in runs.values())
         progress = RunProgress(len(jobs) * cfg.steps, done, enabled=self.progress)
         try:
             while self.scheduler.busy:
+                self._stop_point()
                 admitted = self.scheduler.admit()
                 if admitted:
                     studying = any(cfg.makes_queries(bool(r.job.queries)) for r in admitted)
                     stages = "self-study and teacher" if studying else "teacher"
                     progress.say(f"{stages}: {', '.join(r.job.id for r in admitted)}")
                     progress.advance(cfg.steps * len(self._admit(admitted)))
-                for run in self._train_step():
-                    progress.advance()
+                stepped = self._train_step()
+                self.loop_steps += 1
+                stopped = [run for run in stepped if run.error or run.stop_reason]
+                # before any export: a run killed while exporting resumes from the very step these jobs stopped at
+                if stopped or self.loop_steps % self.checkpoint_every == 0:
+                    self._checkpoint()
+                progress.advance(len(stepped))
+                for run in stopped:
                     if run.error:
                         self._fail(run, FastsoftError(run.error))
-                    elif run.stop_reason:
+                    else:
                         progress.say(f"eval {run.job.id}")
                         progress.advance(cfg.steps - run.step)
                         self._finish(run, run.stop_reason)
-                self.loop_steps += 1
-                if self.loop_steps % self.checkpoint_every == 0:
-                    self._checkpoint()
+                    signals.stop_if_requested()  # between two exports (a resume finishes the others)
                 progress.after_step(
                     self.scheduler.counts(),
                     self.scored_tokens / max(self.train_seconds, 1e-9),
@@ -536,3 +649,17 @@ class Engine:
             progress.close()
         order = {job.id: i for i, job in enumerate(jobs)}
         return sorted(self.scheduler.finished, key=lambda r: order[r.job.id])
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+DROPPED_COUNTS = ("duplicate_queries", "held_out_overlap", "duplicate_eval_queries")
+
+
+def _left(counts: dict[str, int]) -> str:
+    """Why a job that had queries has none left, for its error ("" when it never had any)."""
+    overlap = counts.get("held_out_overlap", 0)
+    return f" left once the {overlap} that are also eval queries are dropped" if overlap else ""

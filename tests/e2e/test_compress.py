@@ -158,8 +158,28 @@ def test_several_jobs_share_slots_and_a_failing_job_does_not_stop_the_others(tin
     assert (tmp_path / "short" / "error.json").exists()
 
 
-def test_finished_exports_are_not_overwritten(tiny, tiny_job, tmp_path):
-    fastsoft.compress([tiny_job], tiny, tmp_path, **TRAIN)
-    with pytest.raises(fastsoft.FastsoftError, match="--overwrite"):
-        fastsoft.compress([tiny_job], tiny, tmp_path, **TRAIN)
-    fastsoft.compress([tiny_job], tiny, tmp_path, overwrite=True, **TRAIN)
+def test_finished_exports_are_kept_and_never_overwritten_by_another_job(tiny, tiny_job, tmp_path):
+    first = fastsoft.compress([tiny_job], tiny, tmp_path, **TRAIN)[0]
+    written = (tmp_path / tiny_job.id / "adapter_model.safetensors").stat().st_mtime_ns
+    again = fastsoft.compress([tiny_job], tiny, tmp_path, **TRAIN)[0]  # the same job and settings: kept as it is
+    assert again["losses"] == first["losses"]
+    assert (tmp_path / tiny_job.id / "adapter_model.safetensors").stat().st_mtime_ns == written
+    changed = Job(tiny_job.id, tiny_job.context + " It rains.", tiny_job.queries, eval_queries=tiny_job.eval_queries)
+    with pytest.raises(fastsoft.FastsoftError, match="another job or other settings; pass --overwrite"):
+        fastsoft.compress([changed], tiny, tmp_path, **TRAIN)
+    with pytest.raises(fastsoft.FastsoftError, match="another job or other settings; pass --overwrite"):
+        fastsoft.compress([tiny_job], tiny, tmp_path, **{**TRAIN, "lr": TRAIN.get("lr", 0.05) * 2})
+    fastsoft.compress([changed], tiny, tmp_path, overwrite=True, **TRAIN)
+
+
+def test_training_queries_that_are_also_held_out_or_repeated_are_dropped_and_said(tiny, tiny_job, tmp_path, capsys):
+    queries = [*tiny_job.queries, "who is  the MAYOR?", tiny_job.eval_queries[0]]  # a repeat, a held-out query
+    job = Job(tiny_job.id, tiny_job.context, queries, eval_queries=tiny_job.eval_queries)
+    report = fastsoft.compress([job], tiny, tmp_path, **TRAIN)[0]
+    assert report["queries"] == {"train": len(tiny_job.queries), "eval": len(tiny_job.eval_queries)}
+    assert report["dropped_queries"] == {"duplicate_queries": 1, "held_out_overlap": 1, "duplicate_eval_queries": 0}
+    lines = [line for line in capsys.readouterr().err.splitlines() if "dropped" in line]
+    assert len(lines) == 1 and "also held-out eval queries" in lines[0]
+    with pytest.raises(fastsoft.FastsoftError, match="left once the 2 that are also eval queries are dropped"):
+        only_held_out = Job("held", tiny_job.context, tiny_job.eval_queries, eval_queries=tiny_job.eval_queries)
+        fastsoft.compress([only_held_out], tiny, tmp_path / "held", synthesize=0, topic_queries=0, **TRAIN)

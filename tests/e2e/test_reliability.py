@@ -120,7 +120,7 @@ def test_sigkill_several_times_then_resume_matches_an_uninterrupted_run(tiny_mod
     ref, got = prompts(tmp_path / "ref"), prompts(out)
     assert ref.keys() == got.keys() == {"job0", "job1", "job2"}  # no job lost or skipped
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+        assert torch.equal(got[name], ref[name]), name  # to the bit: no step is replayed in another packing
         report = out / name / "report.json"
         assert report.stat().st_mtime_ns == first_reports.get(name, report.stat().st_mtime_ns)  # never redone
         assert (
@@ -215,8 +215,9 @@ def test_resume_refuses_other_jobs_or_settings(tiny, tiny_job, tmp_path):
         fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path, resume=True, **{**FAST, "lr": 0.1})
     with pytest.raises(fastsoft.FastsoftError, match="jobs differ"):
         fastsoft.compress(jobs(tiny_job.context)[:2], tiny, tmp_path, resume=True, **FAST)
-    with pytest.raises(fastsoft.FastsoftError, match="no checkpoint"):
-        fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "fresh", resume=True, **FAST)
+    # no checkpoint yet (killed before the first): --resume starts the run, as a plain rerun would
+    fresh = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "fresh", resume=True, **FAST)
+    assert all("error" not in r for r in fresh)
 
 
 def test_out_of_memory_lowers_the_token_budget_and_keeps_results(tiny, tiny_job, tmp_path, capsys):
