@@ -32,7 +32,7 @@ import fastsoft  # noqa: E402
 from fastsoft.config import CompressConfig  # noqa: E402
 from fastsoft.data.jobs import job_from_files  # noqa: E402
 from fastsoft.eval.evaluate import token_kl  # noqa: E402
-from fastsoft.train.engine import Engine  # noqa: E402
+from fastsoft.pipeline.conductor import Engine  # noqa: E402
 from fastsoft.train.stopping import pass_steps, plateau_window, plateaued  # noqa: E402
 
 CONTEXTS = ("marrowick_island", "quillstore")  # invented prose; a technical text

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastsoft.config import CompressConfig, RunOptions
 from fastsoft.data.jobs import Job
-from fastsoft.train.engine import Engine
+from fastsoft.pipeline.conductor import Engine
 
 
 def compress(
@@ -37,7 +37,7 @@ def compress(
     ``config`` takes the fields of :class:`fastsoft.config.CompressConfig`. ``resume`` continues the run
     checkpointed in ``out`` (written every ``checkpoint_every`` steps and on Ctrl-C). ``dist`` is this
     process's :class:`fastsoft.distributed.Dist` under torchrun (``jobs`` are then this rank's). ``on_step(runs)`` is
-    called at every training step with the jobs it trains (see :class:`fastsoft.train.engine.Engine`). Returns one
+    called at every training step with the jobs it trains (see :class:`fastsoft.pipeline.conductor.Engine`). Returns one
     dict per job: the report of a finished job, or ``{"job_id", "error"}`` for a failed one.
 
     Every setting is checked first, the backend on ``model``'s device included: a bad one (or an unknown key in

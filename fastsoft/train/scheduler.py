@@ -57,6 +57,7 @@ class JobRun:
     eval_source: str = ""  # where the held-out queries come from; "" until the job is prepared (self-study + split)
     synthesis: dict | None = None  # self-study's counts (kept, dropped by reason), when it ran
     stage_seconds: dict = field(default_factory=dict)  # its equal share of the self-study and teacher batches it was in
+    dropped: dict = field(default_factory=dict)  # queries dropped as repeated or held out (from the jobs, every run)
     _order: list[int] = field(default_factory=list)  # the rest of the current epoch's shuffle, drawn from the end
 
     def __post_init__(self):

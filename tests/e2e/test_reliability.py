@@ -17,7 +17,7 @@ from fastsoft.io.checkpoint import read_checkpoint
 from fastsoft.io.export import load_prompt
 from fastsoft.models import load_model
 from fastsoft.teacher.cache import TeacherCache
-from fastsoft.train.engine import Engine
+from fastsoft.pipeline.conductor import Engine
 
 FAST = dict(steps=10, prompt_length=4, max_new_tokens=4, lr=0.05, tol=0.0, batch_queries=3, slots=2, progress=False)
 
@@ -148,7 +148,7 @@ def test_ctrl_c_in_the_evaluation_of_one_of_two_jobs_stopping_together_resumes_i
 ):
     """job0 and job1 spend their budget in the same step; Ctrl-C while job0 is evaluated must not give job1 a step
     more on --resume (its stop was decided with the step, before the checkpoint)."""
-    import fastsoft.train.engine as engine
+    import fastsoft.pipeline.finish as engine
 
     reference = fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path / "ref", **FAST)
     assert [r["steps"] for r in reference[:2]] == [10, 10]  # the premise: both stop at the end of the same step
@@ -236,9 +236,9 @@ def test_nan_in_one_jobs_cache_leaves_the_others_running(tiny, tiny_job, tmp_pat
         tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path, progress=False
     )
     fastsoft.compress(all_jobs[1:2], tiny, tmp_path / "probe", **FAST)
-    shard = TeacherCache(tmp_path / "probe" / "cache", engine.cache.fingerprint, engine.spec.target_type).get("job1")
+    shard = TeacherCache(tmp_path / "probe" / "cache", engine.teach.cache.fingerprint, engine.teach.spec.target_type).get("job1")
     shard.targets.wbar[0, 3] = float("nan")  # the default teacher kind, compact
-    engine.cache.put("job1", shard.context_ids, shard.train, shard.targets, shard.eval, digest=all_jobs[1].digest())
+    engine.teach.cache.put("job1", shard.context_ids, shard.train, shard.targets, shard.eval, digest=all_jobs[1].digest())
     runs = engine.run(all_jobs)
     assert [r.state.value for r in runs] == ["done", "failed", "done"]
     assert "job 'job1'" in runs[1].error and "NaN" in runs[1].error
@@ -329,7 +329,7 @@ def test_nan_in_the_models_student_outputs_fails_that_job_only(tiny, tiny_job, t
         for run in runs:
             if run.job.id == "job1" and run.step >= 2:
                 with torch.no_grad():
-                    engine.bank.prompts[run.slot] = float("inf")
+                    engine.train.bank.prompts[run.slot] = float("inf")
 
     engine = Engine(
         tiny,

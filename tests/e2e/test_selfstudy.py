@@ -77,7 +77,7 @@ def test_a_held_out_query_never_reaches_training(chatty, tmp_path):
 def test_resume_in_the_middle_of_synthesis_ends_as_an_uninterrupted_run(chatty, tmp_path, monkeypatch):
     settings = dict(FAST, slots=1, synthesize=12)
     reference = fastsoft.compress(_contexts(3), chatty, tmp_path / "ref", **settings)
-    stage = importlib.import_module("fastsoft.train.engine").selfstudy
+    stage = importlib.import_module("fastsoft.pipeline.prepare").selfstudy
     real, calls = stage.synthesize, []
 
     def interrupted(*args, **kwargs):
