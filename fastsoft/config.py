@@ -23,20 +23,26 @@ import types
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
+from fastsoft.data.templates import PLACEMENTS, TEMPLATE_KINDS
 from fastsoft.errors import FastsoftError
+from fastsoft.ops.softmax_kl import BACKENDS as _BACKENDS
+from fastsoft.ops.targets import one_of
+from fastsoft.teacher import targets as _targets
+from fastsoft.teacher.targets import DEFAULT_KIND, KINDS, automatic_kind, kinds_filtering, kinds_serving
+from fastsoft.train.objectives import DIVERGENCE_OF, OBJECTIVES, divergence_of, parse_objective  # noqa: F401
+from fastsoft.train.prompt_init import INITS
 
-Teacher = Literal["dense", "topk", "sampled", "hidden", "compact"]
-CacheDtype = Literal["bf16", "fp32"]
-Init = Literal["context", "pooled", "vocab", "text", "random"]
-Placement = Literal["template", "first"]
-TemplateKind = Literal["auto", "chat", "plain"]
-Backend = Literal["auto", "triton", "cpp", "reference"]
+# The vocabularies are the stages' own (the teacher kinds: fastsoft/teacher/targets.py; the objectives:
+# fastsoft/train/objectives.py; the initial prompts: train/prompt_init.py; placements and templates:
+# data/templates.py; the backends: ops/softmax_kl.py); here they become the settings' Literal types.
+Teacher = Literal[tuple(KINDS)]
+CacheDtype = Literal[tuple(_targets.CACHE_DTYPES)]
+Init = Literal[INITS]
+Placement = Literal[PLACEMENTS]
+TemplateKind = Literal[TEMPLATE_KINDS]
+Backend = Literal[("auto", *_BACKENDS)]
 Dtype = Literal["fp32", "bf16", "fp16"]
 
-OBJECTIVES = ("kl", "rkl", "jsd", "answer", "supervised")
-# objectives that compare whole distributions and are not linear in the teacher: they need a dense or hidden cache
-NONLINEAR_OBJECTIVES = ("rkl", "jsd")
-NONLINEAR_TEACHERS = ("dense", "hidden")
 # Synthetic queries a job gets by default, without and with queries of its own (self-study;
 # benchmarks/bench_selfstudy.py measured the choice)
 SYNTHESIZE_DEFAULT = 64
@@ -44,10 +50,9 @@ SYNTHESIZE_DEFAULT_WITH_QUERIES = 0
 # Template questions about the context's names, numbers and identifiers (fastsoft/teacher/topics.py), likewise
 TOPIC_QUERIES_DEFAULT = 64
 TOPIC_QUERIES_DEFAULT_WITH_QUERIES = 0
+
 TEACHERS: tuple[str, ...] = get_args(Teacher)
 CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
-INITS: tuple[str, ...] = get_args(Init)
-PLACEMENTS: tuple[str, ...] = get_args(Placement)
 TEMPLATES: tuple[str, ...] = get_args(TemplateKind)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -109,10 +114,6 @@ def settings_of(cls: type) -> tuple[Setting, ...]:
     return tuple(result)
 
 
-def _one_of(choices) -> str:
-    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
-
-
 def _bounds(s: Setting) -> str:
     if s.at_least is not None and s.below is not None:
         return f"in [{s.at_least}, {s.below})"
@@ -134,7 +135,7 @@ def check_settings(obj) -> None:
             continue
         if s.choices is not None:
             if not isinstance(value, str) or value not in s.choices:
-                raise FastsoftError(f"{s.flag} must be {_one_of(s.choices)}, got {value!r}")
+                raise FastsoftError(f"{s.flag} must be {one_of(s.choices)}, got {value!r}")
             continue
         if s.kind is bool:
             if not isinstance(value, bool):
@@ -159,52 +160,6 @@ def check_settings(obj) -> None:
             raise FastsoftError(f"{s.flag} must be {_bounds(s)}, got {value}")
 
 
-def parse_objective(text: str) -> dict[str, float]:
-    """``"kl"`` -> ``{"kl": 1.0}``; ``"kl:0.7,answer:0.3"`` -> ``{"kl": 0.7, "answer": 0.3}``.
-
-    Names: ``kl`` (forward KL(teacher || student)), ``rkl`` (reverse KL(student || teacher)), ``jsd`` (Jensen-Shannon
-    with the teacher's weight 0.5) or ``jsd@BETA`` (teacher weight ``BETA`` strictly between 0 and 1, e.g.
-    ``jsd@0.3:1.0``), ``answer``, ``supervised``. A JSD's key is ``"jsd"`` at 0.5 and ``"jsd@BETA"`` otherwise.
-    Weights must be finite and at least 0, and not all 0. ``answer`` and ``supervised`` score different token
-    sequences, so they cannot be mixed with each other.
-    """
-    if not isinstance(text, str):
-        raise FastsoftError(f"--objective must be a string like kl or kl:0.7,answer:0.3, got {text!r}")
-    weights = {}
-    for part in text.split(","):
-        name, _, weight = part.strip().partition(":")
-        base, at, beta_text = name.partition("@")
-        if base == "jsd" and at:
-            try:
-                beta = float(beta_text)
-            except ValueError:
-                raise FastsoftError(
-                    f"--objective {name!r}: the JSD's teacher weight {beta_text!r} is not a number"
-                ) from None
-            if not 0 < beta < 1:
-                raise FastsoftError(f"--objective {name!r}: the JSD's teacher weight must be strictly between 0 and 1")
-            name = "jsd" if beta == 0.5 else f"jsd@{beta!r}"
-        elif name not in OBJECTIVES:
-            raise FastsoftError(
-                f"--objective names an unknown objective {name!r}; choose kl, rkl, jsd (jsd@BETA: teacher weight BETA), "
-                "answer or supervised, or a mixture like kl:0.7,answer:0.3"
-            )
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise FastsoftError(f"--objective weight {weight!r} of {name!r} is not a number") from None
-        if not (math.isfinite(value) and value >= 0):
-            raise FastsoftError(f"--objective weight of {name!r} must be a finite number at least 0, got {weight}")
-        if name in weights:
-            raise FastsoftError(f"--objective names {name!r} twice")
-        weights[name] = value
-    if "answer" in weights and "supervised" in weights:
-        raise FastsoftError("--objective cannot mix answer and supervised, which score different answers")
-    if not any(weights.values()):
-        raise FastsoftError(f"--objective weights are all zero in {text!r}")
-    return weights
-
-
 def check_backend(backend: str, device) -> None:
     """Refuse an explicitly named softmax_kl ``backend`` that cannot run on ``device`` (may build the C++ one)."""
     if backend in ("auto", "reference"):
@@ -217,6 +172,35 @@ def check_backend(backend: str, device) -> None:
         resolve_backend(backend, torch.device(device))
     except BackendUnavailable as error:
         raise FastsoftError(f"--backend {backend} cannot run here: {error}") from None
+
+
+def _divergences(objective: dict[str, float]) -> dict[str, str]:
+    """``softmax_kl``'s divergence of each teacher term of a parsed objective, by its name."""
+    return {name: divergence_of(name)[0] for name in objective if divergence_of(name) is not None}
+
+
+def _kinds_help() -> tuple[str, str]:
+    """The help of --teacher and the objective's sentence on teachers, both from the kind table."""
+    order = [DEFAULT_KIND, *(name for name in KINDS if name != DEFAULT_KIND)]
+    kinds = one_of([f"{name} ({KINDS[name].about})" for name in order])
+    groups: dict[tuple[str, str], list[str]] = {}  # (kinds that serve it, automatic kind) -> objectives
+    for name, divergence in DIVERGENCE_OF.items():
+        if not KINDS[DEFAULT_KIND].serves([divergence]):
+            key = (one_of(kinds_serving([divergence])), automatic_kind([divergence]))
+            groups.setdefault(key, []).append(name)
+    teacher = (
+        f"teacher cache kind: {kinds}. Default: {DEFAULT_KIND}, or a kind that serves the objective: "
+        + "; ".join(f"{kind} for {one_of(names)}" for (_, kind), names in groups.items())
+    )
+    needs = "; ".join(
+        f"{one_of(names).replace(' or ', ' and ')} need{'s' if len(names) == 1 else ''} --teacher {serving} "
+        f"({kind} when --teacher is not given)"
+        for (serving, kind), names in groups.items()
+    )
+    return teacher, needs
+
+
+_TEACHER_HELP, _OBJECTIVE_TEACHERS = _kinds_help()
 
 
 @dataclass
@@ -238,13 +222,9 @@ class CompressConfig:
         "kl",
         "kl | rkl | jsd | answer | supervised, or a mixture like kl:0.7,answer:0.3. kl: forward KL(teacher || "
         "student); rkl: reverse KL(student || teacher); jsd: Jensen-Shannon, teacher weight 0.5, or jsd@BETA with "
-        "weight BETA in (0, 1) (e.g. jsd@0.3:1.0). rkl and jsd need --teacher dense or hidden",
+        "weight BETA in (0, 1) (e.g. jsd@0.3:1.0). " + _OBJECTIVE_TEACHERS,
     )
-    teacher: Teacher = setting(
-        "compact",
-        "teacher cache kind: compact (exact forward KL at --temperature in H+1 fp32 numbers a token), dense (exact "
-        "[V] log-probs), topk, sampled or hidden (exact; logits recomputed in the loss)",
-    )
+    teacher: Teacher | None = setting(None, _TEACHER_HELP)
     top_k: int = setting(64, "ids kept by the topk teacher", at_least=1)
     samples: int = setting(64, "draws of the sampled teacher", at_least=1)
     cache_dtype: CacheDtype = setting("fp32", "storage of dense and hidden teacher caches")
@@ -312,7 +292,17 @@ class CompressConfig:
     )
 
     def __post_init__(self):
-        self.validate()
+        automatic = self.teacher is None
+        self.validate()  # resolves an automatic teacher: to_dict() (checkpoints, exports, reports) holds the kind
+        if automatic and self.teacher != DEFAULT_KIND:
+            from fastsoft.train.progress import RunProgress
+
+            divergences = _divergences(parse_objective(self.objective))
+            unserved = [name for name, d in divergences.items() if not KINDS[DEFAULT_KIND].serves([d])]
+            RunProgress.note(
+                f"--objective {unserved[0]} needs a teacher that serves it, and the default {DEFAULT_KIND} does not: "
+                f"using --teacher {self.teacher}"
+            )
 
     @classmethod
     def from_dict(cls, settings: dict) -> CompressConfig:
@@ -329,16 +319,22 @@ class CompressConfig:
         """Check every setting (it is done at construction); with ``device``, also that the backend runs there."""
         check_settings(self)
         objective = parse_objective(self.objective)
-        nonlinear = [name for name in objective if name.partition("@")[0] in NONLINEAR_OBJECTIVES]
-        if self.grad_filter > 0 and (self.teacher != "compact" or "kl" not in objective):
+        divergences = _divergences(objective)
+        if self.teacher is None:  # automatic: the default kind, or one that serves the objective
+            self.teacher = automatic_kind(divergences.values())
+        kind = KINDS[self.teacher]
+        if self.grad_filter > 0 and not kind.target_type.GRAD_FILTER & set(divergences.values()):
+            filtered = {d for k in KINDS.values() for d in k.target_type.GRAD_FILTER}
+            names = one_of([name for name, d in DIVERGENCE_OF.items() if d in filtered])
             raise FastsoftError(
-                "--grad-filter applies to the kl objective with --teacher compact only "
-                f"(got --objective {self.objective} --teacher {self.teacher}); leave it at 0"
+                f"--grad-filter applies to the {names} objective with --teacher {one_of(kinds_filtering(filtered))} "
+                f"only (got --objective {self.objective} --teacher {self.teacher}); leave it at 0"
             )
-        if nonlinear and self.teacher not in NONLINEAR_TEACHERS:
+        unserved = [name for name, divergence in divergences.items() if not kind.serves([divergence])]
+        if unserved:
             raise FastsoftError(
-                f"--objective {nonlinear[0]} needs --teacher dense or hidden (it is not linear in the teacher); "
-                f"got --teacher {self.teacher}"
+                f"--objective {unserved[0]} needs --teacher {one_of(kinds_serving([divergences[unserved[0]]]))} (it is "
+                f"not linear in the teacher); got --teacher {self.teacher}"
             )
         if self.synthesis_top_p > 1:
             raise FastsoftError(f"--synthesis-top-p must be in (0, 1], got {self.synthesis_top_p}")

@@ -29,7 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsoft.ops.targets import CompactTarget, HiddenTarget, SparseTarget, as_target
+from fastsoft.ops.targets import (
+    CompactTarget,
+    HiddenTarget,
+    SparseTarget,
+    as_target,
+    check_divergence,
+    check_grad_filter,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -894,11 +901,7 @@ def softmax_kl_rows(
 
 def _check_grad_filter(grad_filter, teacher, lm_weight: torch.Tensor, divergence: str, need_grad: bool):
     """Validates ``grad_filter = (wnorm, scale)``; returns ``wnorm`` as a contiguous fp32 ``[V]`` and ``scale``."""
-    if not isinstance(teacher, CompactTarget) or divergence != "forward" or not need_grad:
-        raise ValueError(
-            "grad_filter needs a CompactTarget teacher, divergence='forward' and need_grad=True "
-            f"(got {type(teacher).__name__}, divergence={divergence!r}, need_grad={need_grad})"
-        )
+    check_grad_filter(teacher, divergence, need_grad)
     try:
         wnorm, scale = grad_filter
     except (TypeError, ValueError):
@@ -928,8 +931,7 @@ def _divergence_rows(
     tile statistics; ``lse`` and ``lse_t`` are merged from them; ``_divergence_row_kernel`` forms the loss and
     overwrites the student logits with ``dL/dz``; the backward kernel (kind ``DIVERGENCE``: scale 1, no teacher
     term) multiplies by ``W / T``. Dense and hidden teachers only."""
-    if isinstance(teacher, (SparseTarget, CompactTarget)):
-        raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
+    check_divergence(teacher, divergence)
     n, hsize = hidden.shape
     vocab = lm_weight.shape[0]
     device = hidden.device

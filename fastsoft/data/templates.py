@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from fastsoft.config import PLACEMENTS
 from fastsoft.errors import FastsoftError
 
+PLACEMENTS = ("template", "first")  # where σ goes (--placement)
+TEMPLATE_KINDS = ("auto", "chat", "plain")  # which template (--template)
 _CONTEXT, _QUERY = "\x00FASTSOFT_CONTEXT\x00", "\x00FASTSOFT_QUERY\x00"
 
 
@@ -54,7 +55,8 @@ def make_template(tokenizer, placement: str = "template", kind: str = "auto") ->
     elif kind == "plain":
         text = (tokenizer.bos_token or "") + f"{_CONTEXT}\n\nQuestion: {_QUERY}\nAnswer:"
     else:
-        raise FastsoftError(f"unknown template kind {kind!r}; choose auto, chat or plain")
+        choices = ", ".join(TEMPLATE_KINDS[:-1]) + " or " + TEMPLATE_KINDS[-1]
+        raise FastsoftError(f"unknown template kind {kind!r}; choose {choices}")
     head, rest = text.split(_CONTEXT)
     middle, tail = rest.split(_QUERY)
     return Template(head=head, middle=middle, tail=tail, placement=placement, kind=kind)

@@ -8,7 +8,17 @@ from fastsoft.ops.softmax_kl import (
     resolve_backend,
     softmax_kl,
 )
-from fastsoft.ops.targets import CompactTarget, DenseTarget, HiddenTarget, SparseTarget, Target, as_target
+from fastsoft.ops.targets import (
+    TARGET_TYPES,
+    CompactTarget,
+    DenseTarget,
+    HiddenTarget,
+    SparseTarget,
+    Target,
+    as_target,
+    check_divergence,
+    check_grad_filter,
+)
 
 __all__ = [
     "softmax_kl",
@@ -19,6 +29,9 @@ __all__ = [
     "CompactTarget",
     "Target",
     "as_target",
+    "TARGET_TYPES",
+    "check_divergence",
+    "check_grad_filter",
     "BackendUnavailable",
     "resolve_backend",
     "filtered_rows",

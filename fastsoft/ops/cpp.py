@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from fastsoft.ops.targets import CompactTarget, HiddenTarget, SparseTarget, Teacher, as_target
+from fastsoft.ops.targets import (
+    CompactTarget,
+    HiddenTarget,
+    SparseTarget,
+    Teacher,
+    as_target,
+    check_divergence,
+    check_grad_filter,
+)
 
 _SOURCES = ("softmax_kl.cpp", "layers.cpp")  # compiled into one extension, with their header vec_math.h
 _HEADERS = ("vec_math.h",)
@@ -119,8 +127,7 @@ def softmax_kl_rows(
     hidden, lm_weight = hidden.detach().contiguous(), lm_weight.detach().contiguous()
     token_weight = None if token_weight is None else token_weight.detach().contiguous()
     if grad_filter is not None:  # the compact path with the tile filter (see compact_rows in csrc/softmax_kl.cpp)
-        if not (isinstance(teacher, CompactTarget) and divergence == "forward" and need_grad):
-            raise ValueError("grad_filter needs a CompactTarget, the forward divergence and need_grad")
+        check_grad_filter(teacher, divergence, need_grad)
         wnorm, scale = grad_filter
         loss, grad, dropped, skipped = ops.softmax_kl_rows_compact_filtered(
             hidden,
@@ -134,9 +141,8 @@ def softmax_kl_rows(
         )
         share = torch.tensor(skipped / max(1, hidden.shape[0] * lm_weight.shape[0]), dtype=torch.float32)
         return loss, grad, dropped, share
-    if divergence != "forward":  # reverse KL or JSD: dense and hidden teachers (softmax_kl refuses the others)
-        if isinstance(teacher, (SparseTarget, CompactTarget)):
-            raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
+    if divergence != "forward":  # reverse KL or JSD: the target types that serve them (dense and hidden)
+        check_divergence(teacher, divergence)
         is_hidden = isinstance(teacher, HiddenTarget)
         loss, grad = ops.softmax_kl_rows_divergence(
             hidden,

@@ -11,9 +11,16 @@ import math
 
 import torch
 
-from fastsoft.ops.targets import CompactTarget, HiddenTarget, SparseTarget, Teacher, as_target
-
-DIVERGENCES = ("forward", "reverse", "jsd")
+from fastsoft.ops.targets import (
+    DIVERGENCES,  # noqa: F401  (read here by older callers; defined with the target types)
+    CompactTarget,
+    HiddenTarget,
+    SparseTarget,
+    Teacher,
+    as_target,
+    check_divergence,
+    check_grad_filter,
+)
 
 # Bytes of one [C, V] temporary; the chunk loop keeps about five of them alive.
 CHUNK_BYTES = 16 * 2**20
@@ -106,11 +113,12 @@ def softmax_kl_rows(
             teacher row is never trusted (NaN there does not leak).
         need_grad: also return ``d loss_n / d hidden_n``.
         divergence: ``"forward"`` (KL(q || p), every teacher kind), ``"reverse"`` (KL(p || q)) or ``"jsd"``
-            (``JSD_beta(q, p)``); the last two need a dense or hidden teacher (``softmax_kl`` checks).
+            (``JSD_beta(q, p)``); the last two need a target type that serves them (its ``DIVERGENCES``).
         beta: the JSD mixing weight of the teacher, in (0, 1).
-        grad_filter: None, or ``(wnorm [V], scale)`` with ``wnorm[v] = ||lm_weight[v]||`` (compact teacher, forward,
-            ``need_grad`` only): a tile of :data:`FILTER_TILE` vocabulary columns is left out of ``dz @ W`` for a chunk
-            of rows when every row's mass there times the tile's largest ``wnorm`` is at most ``scale * columns``.
+        grad_filter: None, or ``(wnorm [V], scale)`` with ``wnorm[v] = ||lm_weight[v]||`` (a target type and
+            divergence in its ``GRAD_FILTER``: compact, forward; ``need_grad`` only): a tile of :data:`FILTER_TILE`
+            vocabulary columns is left out of ``dz @ W`` for a chunk of rows when every row's mass there times the
+            tile's largest ``wnorm`` is at most ``scale * columns``.
 
     Returns:
         ``loss [N]`` fp32 (fp64 for fp64 inputs; unweighted per-row loss) and ``grad [N, H]`` in ``hidden.dtype`` or None;
@@ -118,10 +126,9 @@ def softmax_kl_rows(
         what was left out of the gradient) and ``skipped``, the share of (row, column) products left out (0-dim).
     """
     teacher = as_target(teacher)
-    if divergence != "forward" and isinstance(teacher, (SparseTarget, CompactTarget)):
-        raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
-    if grad_filter is not None and not (isinstance(teacher, CompactTarget) and divergence == "forward" and need_grad):
-        raise ValueError("grad_filter needs a CompactTarget, the forward divergence and need_grad")
+    check_divergence(teacher, divergence)
+    if grad_filter is not None:
+        check_grad_filter(teacher, divergence, need_grad)
     n, _ = hidden.shape
     cd = _compute_dtype(hidden, lm_weight)
     loss_out = torch.zeros(n, dtype=cd, device=hidden.device)
@@ -210,8 +217,7 @@ def softmax_kl_naive(
     formed in the inputs' dtype and the softmax runs in at least fp32. Memory: several ``[N, V]`` tensors.
     """
     teacher = as_target(teacher)
-    if divergence != "forward" and isinstance(teacher, (SparseTarget, CompactTarget)):
-        raise ValueError(f"divergence {divergence!r} needs a dense or hidden teacher")
+    check_divergence(teacher, divergence)
     z = hidden @ lm_weight.T
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
     logp = torch.log_softmax(z, -1)

@@ -24,8 +24,16 @@ from dataclasses import dataclass
 import torch
 
 from fastsoft.ops import reference
-from fastsoft.ops.reference import DIVERGENCES
-from fastsoft.ops.targets import CompactTarget, DenseTarget, HiddenTarget, SparseTarget, Teacher, as_target
+from fastsoft.ops.targets import (
+    DIVERGENCES,
+    CompactTarget,
+    DenseTarget,
+    HiddenTarget,
+    Teacher,
+    as_target,
+    check_divergence,
+    check_grad_filter,
+)
 
 BACKENDS = ("triton", "cpp", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -230,21 +238,13 @@ def _check(
         )
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
-    if divergence != "forward":
-        if isinstance(teacher, (SparseTarget, CompactTarget)):
-            raise ValueError(
-                f"divergence {divergence!r} needs a DenseTarget or HiddenTarget, got {type(teacher).__name__}: it is not "
-                "linear in the teacher, so it needs the full teacher distribution"
-            )
-        if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0 < beta < 1):
-            raise ValueError(f"beta, the JSD's teacher weight, must be strictly between 0 and 1, got {beta!r}")
+    check_divergence(teacher, divergence)
+    if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0 < beta < 1):
+        raise ValueError(f"beta, the JSD's teacher weight, must be strictly between 0 and 1, got {beta!r}")
     if not (isinstance(grad_filter, (int, float)) and 0 <= grad_filter < 1):
         raise ValueError(f"grad_filter must be a number in [0, 1) (0: exact), got {grad_filter!r}")
-    if grad_filter > 0 and not (isinstance(teacher, CompactTarget) and divergence == "forward"):
-        raise ValueError(
-            f"grad_filter applies to a CompactTarget with the forward divergence, got {type(teacher).__name__} with "
-            f"divergence {divergence!r} (pass grad_filter=0)"
-        )
+    if grad_filter > 0:
+        check_grad_filter(teacher, divergence)
     rows = len(teacher)
     if rows != n:
         raise ValueError(f"teacher has {rows} rows but hidden has {n}")
@@ -295,14 +295,15 @@ def softmax_kl(
         divergence: ``"forward"`` (the default: the loss above, every teacher kind), ``"reverse"``
             (``KL(p || q) = sum_v p_v (log p_v - log q_v)``) or ``"jsd"`` (``beta KL(q || m) + (1 - beta) KL(p || m)``,
             ``m = beta q + (1 - beta) p``), with ``q = softmax(teacher logits / T)``. The last two are not linear in
-            the teacher: they need a :class:`DenseTarget` or :class:`HiddenTarget` (a sparse or compact one raises
-            ``ValueError``). A reverse KL where the student has mass and the teacher none is ``+inf`` (its row's
-            gradient is 0).
+            the teacher: they need a target type whose ``DIVERGENCES`` holds them (:class:`DenseTarget`,
+            :class:`HiddenTarget`; a sparse or compact one raises ``ValueError``). A reverse KL where the student has
+            mass and the teacher none is ``+inf`` (its row's gradient is 0).
         beta: the JSD's teacher weight, strictly between 0 and 1 (0.5: the symmetric JSD); unused otherwise.
-        grad_filter: ``eps`` in ``[0, 1)``; 0 (the default) is exact. With a :class:`CompactTarget`, the backward skips
-            vocabulary tiles whose contribution to the gradient is provably small and recomputes any row that lost
-            more than ``eps`` of its norm: every row's gradient ``g_n`` satisfies ``||g_n - exact_n|| <= eps ||exact_n||``
-            (:func:`filtered_rows`); the loss is exact. Other teachers raise ``ValueError``.
+        grad_filter: ``eps`` in ``[0, 1)``; 0 (the default) is exact. With a target type whose ``GRAD_FILTER`` holds
+            the divergence (:class:`CompactTarget`, forward), the backward skips vocabulary tiles whose contribution to
+            the gradient is provably small and recomputes any row that lost more than ``eps`` of its norm: every row's
+            gradient ``g_n`` satisfies ``||g_n - exact_n|| <= eps ||exact_n||`` (:func:`filtered_rows`); the loss is
+            exact. Other teachers raise ``ValueError``.
 
     Returns:
         A scalar fp32 loss (fp64 for fp64 inputs), or ``[N]`` per-row losses for ``reduction="none"``.

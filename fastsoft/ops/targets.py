@@ -13,20 +13,39 @@ tail), :class:`HiddenTarget` (teacher hidden states ``[N, H]``) and :class:`Comp
 ``sum q log q [N]``: a dense or hidden teacher, exact for the forward KL at the temperature it was built at).
 
 A bare ``[N, V]`` tensor passed to ``softmax_kl`` is read as a :class:`DenseTarget` (:func:`as_target`).
+
+What a target type can do is said once, in class attributes that the settings check, ``softmax_kl``, every backend
+and the objectives read (never an ``isinstance`` test of their own):
+
+- ``DIVERGENCES``: the ``softmax_kl`` divergences it serves. A target that keeps only a linear functional of the
+  teacher distribution (sparse, compact) serves ``forward`` alone: the reverse KL and the JSD are not linear in the
+  teacher and need the whole distribution (dense, hidden);
+- ``GRAD_FILTER``: the divergences whose backward the gradient filter (``softmax_kl(grad_filter=...)``) is written for;
+- ``VOCAB_ROWS``: it stores a ``[V]`` row a token (the largest cache; an automatic choice takes it last).
+
+:func:`check_divergence` and :func:`check_grad_filter` are the refusals built from them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
 
 import torch
+
+DIVERGENCES = ("forward", "reverse", "jsd")  # softmax_kl's divergences
+_EVERY = frozenset(DIVERGENCES)
+_LINEAR = frozenset({"forward"})  # what a target linear in the teacher distribution serves
 
 
 @dataclass(frozen=True)
 class DenseTarget:
     """Teacher log-probs ``[N, V]`` (or logits: they are renormalised at the loss temperature)."""
+
+    DIVERGENCES: ClassVar[frozenset[str]] = _EVERY  # the whole teacher distribution
+    GRAD_FILTER: ClassVar[frozenset[str]] = frozenset()
+    VOCAB_ROWS: ClassVar[bool] = True
 
     logprobs: torch.Tensor
 
@@ -66,6 +85,10 @@ class SparseTarget:
         tail: ``[N]`` or None. The teacher mass outside the ids (``1 - sum(top-k)``); when given,
             the loss is the exact KL between the ``K + 1`` buckets (top-k ids + everything else).
     """
+
+    DIVERGENCES: ClassVar[frozenset[str]] = _LINEAR  # a linear functional of the teacher
+    GRAD_FILTER: ClassVar[frozenset[str]] = frozenset()
+    VOCAB_ROWS: ClassVar[bool] = False
 
     ids: torch.Tensor
     probs: torch.Tensor
@@ -122,6 +145,10 @@ class SparseTarget:
 class HiddenTarget:
     """Teacher final hidden states ``[N, H]``; teacher logits are recomputed with the same ``lm_weight``."""
 
+    DIVERGENCES: ClassVar[frozenset[str]] = _EVERY  # the whole teacher distribution, recomputed
+    GRAD_FILTER: ClassVar[frozenset[str]] = frozenset()
+    VOCAB_ROWS: ClassVar[bool] = False
+
     hidden: torch.Tensor
 
     def __post_init__(self):
@@ -170,6 +197,10 @@ class CompactTarget:
     Build it with :meth:`from_logprobs` (dense teacher log-probs or logits) or :meth:`from_hidden`
     (teacher final hidden states); both stream the vocabulary in row chunks (one ``[C, V]`` block alive).
     """
+
+    DIVERGENCES: ClassVar[frozenset[str]] = _LINEAR  # a linear functional of the teacher
+    GRAD_FILTER: ClassVar[frozenset[str]] = frozenset({"forward"})
+    VOCAB_ROWS: ClassVar[bool] = False
 
     wbar: torch.Tensor
     neg_entropy: torch.Tensor
@@ -268,13 +299,43 @@ Target = Union[DenseTarget, SparseTarget, HiddenTarget, CompactTarget]
 Teacher = Union[torch.Tensor, Target]  # what softmax_kl accepts: a bare tensor is dense
 
 
+TARGET_TYPES: tuple[type, ...] = (DenseTarget, SparseTarget, HiddenTarget, CompactTarget)
+
+
 def as_target(teacher: Teacher) -> Target:
     """The target object for what a caller passed: a bare ``[N, V]`` tensor becomes a :class:`DenseTarget`."""
     if isinstance(teacher, torch.Tensor):
         return DenseTarget(teacher)
-    if isinstance(teacher, (DenseTarget, SparseTarget, HiddenTarget, CompactTarget)):
+    if isinstance(teacher, TARGET_TYPES):
         return teacher
     raise TypeError(
-        "teacher must be a [N, V] tensor, DenseTarget, SparseTarget, HiddenTarget or CompactTarget, "
-        f"got {type(teacher).__name__}"
+        f"teacher must be a [N, V] tensor, {one_of(t.__name__ for t in TARGET_TYPES)}, got {type(teacher).__name__}"
     )
+
+
+def one_of(names) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    names = list(names)
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
+def check_divergence(teacher: Target, divergence: str) -> None:
+    """Refuse a target whose type does not serve ``divergence`` (its ``DIVERGENCES``), naming the types that do."""
+    if divergence not in type(teacher).DIVERGENCES:
+        serving = one_of(t.__name__ for t in TARGET_TYPES if divergence in t.DIVERGENCES)
+        raise ValueError(
+            f"divergence {divergence!r} needs a {serving}, got {type(teacher).__name__}: it is not linear in the "
+            "teacher, so it needs the full teacher distribution"
+        )
+
+
+def check_grad_filter(teacher: Target, divergence: str, need_grad: bool = True) -> None:
+    """Refuse the gradient filter where it is not written: a target type and divergence outside its ``GRAD_FILTER``,
+    or no gradient wanted."""
+    if not (divergence in type(teacher).GRAD_FILTER and need_grad):
+        serving = one_of(t.__name__ for t in TARGET_TYPES if t.GRAD_FILTER)
+        divergences = one_of(sorted({d for t in TARGET_TYPES for d in t.GRAD_FILTER}))
+        raise ValueError(
+            f"grad_filter needs a {serving} teacher, the {divergences} divergence and a gradient "
+            f"(got {type(teacher).__name__}, divergence {divergence!r}, need_grad={need_grad}; pass grad_filter=0)"
+        )

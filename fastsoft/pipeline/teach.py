@@ -30,7 +30,7 @@ class TeachStage:
     def __init__(self, ctx: RunContext, cache_root: Path, rebuild: bool = False):
         self.ctx = ctx
         config = ctx.config
-        self.spec = CacheSpec(config.teacher, config.top_k, config.samples, config.temperature, config.cache_dtype)
+        self.spec = CacheSpec.of(config)
         self.use_answers = "answer" not in ctx.objective
         answers = "given-else-greedy" if self.use_answers else "greedy"
         params = {**self.spec.params(), "answers": answers, "max_new_tokens": config.max_new_tokens}

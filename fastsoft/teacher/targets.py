@@ -1,8 +1,10 @@
 """Teacher kinds: what the cache keeps per scored position, built from the teacher's final hidden states.
 
-One table, :data:`KINDS`, says for each kind which target type (``fastsoft/ops/targets.py``) it yields,
-which parameters change its contents, and how to build it; the cache and the packed step only use the
-targets' shared protocol (slice, move, concatenate, serialise).
+One table, :data:`KINDS`, is the one place a kind is defined: its name, which target type (``fastsoft/ops/targets.py``)
+it yields, which parameters change its contents, how to build it, and its line in ``--teacher``'s help. What a kind
+can do (the divergences it serves, the gradient filter) is its target type's (``DIVERGENCES``, ``GRAD_FILTER``); the
+settings (``fastsoft/config.py``) take the names, the help and the automatic choice (:func:`automatic_kind`) from here.
+The cache and the packed step only use the targets' shared protocol (slice, move, concatenate, serialise).
 
 - ``dense``: log-probs ``[V]`` a token (exact);
 - ``topk``: the top-k ids and probabilities plus the tail mass (the exact ``K + 1``-bucket KL);
@@ -14,8 +16,8 @@ targets' shared protocol (slice, move, concatenate, serialise).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -42,6 +44,14 @@ class CacheSpec:
             raise FastsoftError(f"unknown cache dtype {self.dtype!r}; choose bf16 or fp32")
         if self.top_k < 1 or self.samples < 1:
             raise FastsoftError("top-k and the number of samples must be at least 1")
+
+    @classmethod
+    def of(cls, settings) -> CacheSpec:
+        """The spec of a run's settings (:class:`fastsoft.config.CompressConfig`): ``kind`` is ``--teacher``,
+        ``dtype`` ``--cache-dtype``, every other field the setting of its own name (a new kind's parameter needs
+        only its field here and its setting)."""
+        renamed = {"kind": "teacher", "dtype": "cache_dtype"}
+        return cls(**{f.name: getattr(settings, renamed.get(f.name, f.name)) for f in fields(cls)})
 
     @property
     def target_type(self) -> type:
@@ -92,15 +102,49 @@ def _compact(spec: CacheSpec, lm_weight, hidden, generator) -> CompactTarget:
 
 @dataclass(frozen=True)
 class Kind:
+    """One teacher kind: its target type (whose attributes say what it serves), the parameters that change its
+    contents, its builder, and what ``--teacher``'s help says of it."""
+
     target_type: type
     params: tuple[str, ...]
     build: Callable[[CacheSpec, torch.Tensor, torch.Tensor, torch.Generator | None], Target]
+    about: str
+
+    def serves(self, divergences: Iterable[str]) -> bool:
+        """Whether the loss can use this kind for every one of ``divergences`` (``softmax_kl``'s names)."""
+        return set(divergences) <= self.target_type.DIVERGENCES
 
 
 KINDS: dict[str, Kind] = {
-    "dense": Kind(DenseTarget, ("dtype",), _dense),
-    "topk": Kind(SparseTarget, ("top_k", "temperature"), _topk),
-    "sampled": Kind(SparseTarget, ("samples", "temperature"), _sampled),
-    "hidden": Kind(HiddenTarget, ("dtype",), _hidden),
-    "compact": Kind(CompactTarget, ("temperature",), _compact),
+    "dense": Kind(DenseTarget, ("dtype",), _dense, "exact [V] log-probs"),
+    "topk": Kind(SparseTarget, ("top_k", "temperature"), _topk, "the --top-k likeliest ids and the tail mass"),
+    "sampled": Kind(SparseTarget, ("samples", "temperature"), _sampled, "--samples draws, unbiased"),
+    "hidden": Kind(HiddenTarget, ("dtype",), _hidden, "exact; [H] hidden states, logits recomputed in the loss"),
+    "compact": Kind(
+        CompactTarget, ("temperature",), _compact, "exact forward KL at --temperature in H+1 fp32 numbers a token"
+    ),
 }
+DEFAULT_KIND = "compact"
+
+
+def kinds_serving(divergences: Iterable[str]) -> list[str]:
+    """The kinds that serve every one of ``divergences``, in the table's order."""
+    divergences = set(divergences)
+    return [name for name, kind in KINDS.items() if kind.serves(divergences)]
+
+
+def kinds_filtering(divergences: Iterable[str]) -> list[str]:
+    """The kinds whose gradient filter applies to one of ``divergences``, in the table's order."""
+    divergences = set(divergences)
+    return [name for name, kind in KINDS.items() if kind.target_type.GRAD_FILTER & divergences]
+
+
+def automatic_kind(divergences: Iterable[str]) -> str:
+    """The kind a run that names none uses for an objective of ``divergences``: :data:`DEFAULT_KIND` when it serves
+    them; else the first kind that does in the table's order, those that store a ``[V]`` row a token (their
+    ``VOCAB_ROWS``) last: rkl and jsd get ``hidden``, as exact as ``dense`` in an ``H``-number row instead of ``V``;
+    :data:`DEFAULT_KIND` again when none does (the settings check then refuses the objective)."""
+    serving = kinds_serving(divergences)
+    if DEFAULT_KIND in serving or not serving:
+        return DEFAULT_KIND
+    return min(serving, key=lambda name: KINDS[name].target_type.VOCAB_ROWS)

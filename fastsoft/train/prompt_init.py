@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from fastsoft.config import INITS
 from fastsoft.data.templates import encode
 from fastsoft.errors import FastsoftError
+
+INITS = ("context", "pooled", "vocab", "text", "random")  # the initial prompts (--init)
 
 
 def init_prompt(

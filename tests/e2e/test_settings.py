@@ -273,7 +273,7 @@ def test_every_float_setting_refuses_inf_and_nan(name, value):
         (dict(steps="3"), "--steps must be a whole number, got '3'"),
         (dict(steps=True), "--steps must be a whole number, got True"),
         (dict(lr="0.1"), "--lr must be a number, got '0.1'"),
-        (dict(teacher=None), "--teacher must be dense, topk, sampled, hidden or compact, got None"),
+        (dict(teacher=3), "--teacher must be dense, topk, sampled, hidden or compact, got 3"),
         (dict(objective=0.5), "--objective must be a string"),
         (dict(init_text=3), "--init-text must be a string, got 3"),
     ],
@@ -385,16 +385,106 @@ def test_every_flag_has_its_fields_help(capsys, monkeypatch):
             assert s.help and s.flag in text and " ".join(s.help.split()) in text
 
 
-def test_choices_agree_with_what_implements_them():
+def test_the_settings_take_their_choices_from_the_stages():
+    """The vocabularies are the stages' own, defined once; config only collects them (and checks the settings)."""
+    from fastsoft.data import templates
     from fastsoft.teacher import targets
+    from fastsoft.train import objectives, prompt_init
 
     softmax_kl = importlib.import_module("fastsoft.ops.softmax_kl")  # fastsoft.ops.softmax_kl is also the function
-
-    assert TEACHERS == tuple(targets.KINDS)
-    assert set(CACHE_DTYPES) == set(targets.CACHE_DTYPES)
-    assert BACKENDS == ("auto", *softmax_kl.BACKENDS)
+    choices = {s.name: s.choices for s in settings_of(CompressConfig)}
+    assert choices["teacher"] == TEACHERS == tuple(targets.KINDS)
+    assert choices["cache_dtype"] == CACHE_DTYPES == tuple(targets.CACHE_DTYPES)
+    assert choices["backend"] == BACKENDS == ("auto", *softmax_kl.BACKENDS)
+    assert choices["init"] == INITS and INITS is prompt_init.INITS
+    assert choices["placement"] == PLACEMENTS and PLACEMENTS is templates.PLACEMENTS
+    assert choices["template"] == templates.TEMPLATE_KINDS
+    assert fastsoft.config.parse_objective is objectives.parse_objective
     assert set(DTYPES) <= set(fastsoft.models.DTYPES)
-    from fastsoft.data.templates import PLACEMENTS as placements
-    from fastsoft.train.prompt_init import INITS as inits
 
-    assert inits is INITS and placements is PLACEMENTS
+
+# -- the teacher kind follows the objective when it is not set ---------------------------------------------------
+
+SERVED = {"kl": "forward", "rkl": "reverse", "jsd": "jsd", "jsd@0.3": "jsd"}
+
+
+@pytest.mark.parametrize("objective", list(SERVED))
+@pytest.mark.parametrize("kind", list(fastsoft.config.KINDS))
+def test_an_explicit_kind_is_refused_exactly_where_its_target_type_does_not_serve(objective, kind):
+    from fastsoft.teacher.targets import KINDS, kinds_serving
+
+    divergence = SERVED[objective]
+    if divergence in KINDS[kind].target_type.DIVERGENCES:
+        assert CompressConfig(objective=objective, teacher=kind).teacher == kind
+        return
+    serving = kinds_serving([divergence])
+    assert serving and kind not in serving
+    with pytest.raises(FastsoftError) as refused:
+        CompressConfig(objective=objective, teacher=kind)
+    names = ", ".join(serving[:-1]) + " or " + serving[-1]
+    assert str(refused.value) == (
+        f"--objective {objective} needs --teacher {names} (it is not linear in the teacher); got --teacher {kind}"
+    )
+
+
+@pytest.mark.parametrize("kind", list(fastsoft.config.KINDS))
+def test_grad_filter_is_refused_exactly_where_its_target_type_has_none(kind):
+    from fastsoft.teacher.targets import KINDS
+
+    if "forward" in KINDS[kind].target_type.GRAD_FILTER:
+        CompressConfig(teacher=kind, grad_filter=1e-3)
+    else:
+        with pytest.raises(FastsoftError, match="^--grad-filter applies to the kl objective with --teacher compact"):
+            CompressConfig(teacher=kind, grad_filter=1e-3)
+
+
+@pytest.mark.parametrize(
+    "objective,kind",
+    [("kl", "compact"), ("answer", "compact"), ("supervised", "compact"), ("kl:0.7,answer:0.3", "compact")]
+    + [("rkl", "hidden"), ("jsd", "hidden"), ("kl:0.5,jsd@0.3:0.5", "hidden"), ("kl:0,rkl:1", "hidden")],
+)
+def test_the_automatic_kind_serves_the_objective_and_says_so_once(objective, kind, capsys):
+    config = CompressConfig(objective=objective)
+    assert config.teacher == kind and config.to_dict()["teacher"] == kind  # stored resolved: checkpoints, exports
+    assert config == CompressConfig(objective=objective, teacher=kind) == CompressConfig.from_dict(config.to_dict())
+    err = capsys.readouterr().err
+    if kind == "compact":
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and err.startswith("fastsoft: --objective ")
+        assert f"needs a teacher that serves it, and the default compact does not: using --teacher {kind}" in err
+    CompressConfig(objective=objective, teacher=kind)
+    assert capsys.readouterr().err == ""  # a kind the user set is not announced
+
+
+def test_the_default_run_is_unchanged():
+    from fastsoft.teacher.targets import CacheSpec
+
+    config = CompressConfig()
+    assert config.teacher == "compact" and config.to_dict() == DEFAULTS
+    for c in (config, CompressConfig(teacher="topk", top_k=8, temperature=2.0, cache_dtype="bf16")):
+        assert CacheSpec.of(c) == CacheSpec(c.teacher, c.top_k, c.samples, c.temperature, c.cache_dtype)
+    assert CacheSpec.of(config).params() == {"temperature": 1.0}  # the cache fingerprint's part, as before
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--objective", "rkl", "--teacher", "compact"], "--objective rkl needs --teacher dense or hidden"),
+        (["--objective", "jsd", "--teacher", "topk"], "--objective jsd needs --teacher dense or hidden"),
+        (["--objective", "rkl", "--grad-filter", "0.001"], "--grad-filter applies to the kl objective"),
+    ],
+)
+def test_an_unserved_request_is_one_sentence(files, tiny_model_dir, capsys, no_load, flags, message):
+    assert run(_compress_argv(files, tiny_model_dir, flags)) == 2
+    assert message in _one_error_line(capsys)  # the automatic kind's note is not printed for a refused request
+
+
+def test_rkl_with_the_default_teacher_trains(files, tiny_model_dir, capsys):
+    flags = ["--objective", "rkl", "--prompt-length", "4", "--max-new-tokens", "4", "--device", "cpu"]
+    assert run(_compress_argv(files, tiny_model_dir, flags)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "needs a teacher that serves it" in line]
+    assert notes == ["fastsoft: --objective rkl needs a teacher that serves it, and the default compact does not: "
+                     "using --teacher hidden"]  # fmt: skip
+    (report,) = [json.loads(p.read_text()) for p in (files / "out").glob("*/report.json")]
+    assert report["teacher"] == "hidden" and len(report["losses"]) == 2
