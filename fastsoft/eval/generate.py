@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 
 from fastsoft.data.templates import Template, end_token_ids, tokenize_query
-from fastsoft.layers import fused_layers
-from fastsoft.prefix import shared_prefix
+from fastsoft.frozen.layers import fused_layers
+from fastsoft.frozen.prefix import shared_prefix
+
+# Rows decoded together at most: the KV cache and the per-step logits grow with the rows of a batch, so many rows go
+# through in consecutive batches of this many (a greedy row's ids do not depend on the rows beside it).
+BATCH_ROWS = 32
 
 
 def _row_embeds(loaded, prompt: torch.Tensor | None, before: list[int], after: list[int]) -> torch.Tensor:
@@ -26,19 +30,29 @@ def generate_batch_ids(
     rows: list[tuple[list[int], list[int]]],
     max_new_tokens: int = 64,
     share_prefix: bool = True,
+    batch_rows: int = BATCH_ROWS,
 ) -> list[list[int]]:
     """Greedy answer ids of every ``(before, after)`` row, for ``before + prompt + after`` (``prompt [P, H]`` or
-    None for no context), all rows decoded together: the ids :func:`generate_ids` gives row by row (up to rounding:
-    other batch shapes). Each row stops at an end token; finished rows leave the batch.
+    None for no context), decoded ``batch_rows`` rows together, batch after batch in order: the ids
+    :func:`generate_ids` gives row by row (up to rounding: other batch shapes). Each row stops at an end token;
+    finished rows leave the batch.
 
-    The B rows are left-padded to the longest, ``L``, under a 2-D attention mask, with each row's own positions.
-    ``share_prefix``: when every row has the same non-empty ``before``, rows start from one copy each of its cached
-    keys and values (:mod:`fastsoft.prefix`) and only ``prompt + after`` runs (the padding then sits between the
-    prefix and the row, masked out). The model runs with its fused layer ops (:func:`fastsoft.layers.fused_layers`).
-    Memory: the KV cache of ``B × (Lp + L + max_new_tokens)`` positions and ``[B, V]`` fp32 logits per step; on CPU
-    the first call packs the frozen weights once (their size again: :func:`fastsoft.ops.layers.frozen_linear`)."""
+    A batch's B rows are left-padded to its longest, ``L``, under a 2-D attention mask, with each row's own positions.
+    ``share_prefix``: when every row of a batch has the same non-empty ``before``, its rows start from one copy each of
+    the cached keys and values (:mod:`fastsoft.frozen.prefix`) and only ``prompt + after`` runs (the padding then sits
+    between the prefix and the row, masked out). The model runs with its fused layer ops
+    (:func:`fastsoft.frozen.layers.fused_layers`).
+    Memory: the KV cache of ``B × (Lp + L + max_new_tokens)`` positions, ``B <= batch_rows``, and ``[B, V]`` fp32
+    logits per step, whatever the number of rows; on CPU the first call packs the frozen weights once (their size
+    again: :func:`fastsoft.ops.layers.frozen_linear`)."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, not {batch_rows}")
     with fused_layers(loaded):
-        return _greedy(loaded, prompt, rows, max_new_tokens, share_prefix)
+        return [
+            ids
+            for start in range(0, len(rows), batch_rows)
+            for ids in _greedy(loaded, prompt, rows[start : start + batch_rows], max_new_tokens, share_prefix)
+        ]
 
 
 def _greedy(loaded, prompt, rows, max_new_tokens: int, share_prefix: bool) -> list[list[int]]:
@@ -98,7 +112,7 @@ def generate_ids(
 ) -> list[int]:
     """Greedy answer ids for ``before + prompt + after`` (``prompt [P, H]`` or None for no context): a one-row
     :func:`generate_batch_ids`. ``share_prefix``: start from the cached keys and values of ``before``
-    (:mod:`fastsoft.prefix`) instead of running it again."""
+    (:mod:`fastsoft.frozen.prefix`) instead of running it again."""
     return generate_batch_ids(loaded, prompt, [(before, after)], max_new_tokens, share_prefix)[0]
 
 

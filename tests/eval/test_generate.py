@@ -10,10 +10,10 @@ import torch
 import fastsoft
 from fastsoft.data.templates import make_template, tokenize_query
 from fastsoft.eval.evaluate import token_kl
-from fastsoft.eval.generate import generate, generate_batch_ids, generate_ids
+from fastsoft.eval.generate import BATCH_ROWS, generate, generate_batch_ids, generate_ids
 from fastsoft.eval.metrics import rouge_l
+from fastsoft.frozen.loading import load_model
 from fastsoft.io.export import load_prompt
-from fastsoft.models import load_model
 from fastsoft.teacher.batching import Taught
 
 TRAIN = dict(steps=12, prompt_length=4, max_new_tokens=5, lr=0.05, tol=0.0, batch_queries=5, progress=False)
@@ -113,6 +113,40 @@ def test_batched_rows_stop_at_their_own_end_tokens(lively, monkeypatch, share_pr
     assert len(set(lengths)) >= 3 and 10 in lengths  # rows stop at different steps, some only at the limit
     assert generate_batch_ids(lively, prompt, rows, 10, share_prefix) == alone
     assert generate_batch_ids(lively, prompt, rows, 0, share_prefix) == [[]] * len(rows)
+
+
+def decoded_batches(loaded):
+    """Records the rows of every decoder call (the first step of a batch and each step after it)."""
+    rows = []
+    hook = lambda module, args, kwargs: rows.append(
+        (kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[0]
+    )
+    return rows, loaded.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_greedy_decodes_in_bounded_batches_with_the_same_answers(lively, share_prefix):
+    """Many rows go through in batches of at most ``batch_rows`` (the KV cache is bounded whatever the number of
+    rows), with each row's answer as alone: a batch of rows with one head and one of mixed heads alike."""
+    torch.manual_seed(0)
+    prompt = 0.1 * torch.randn(4, lively.hidden_size)
+    rows = [tokenize_query(lively.tokenizer, make_template(lively.tokenizer), q) for q in QUERIES]
+    rows += [(before[i:], after) for i, (before, after) in enumerate(rows[1:], 1)]  # 7 rows, 4 heads
+    alone = [generate_ids(lively, prompt, before, after, 8, share_prefix) for before, after in rows]
+    assert len({tuple(a) for a in alone}) >= 4
+    for batch_rows in (1, 3, len(rows)):
+        sizes, handle = decoded_batches(lively)
+        try:
+            assert generate_batch_ids(lively, prompt, rows, 8, share_prefix, batch_rows=batch_rows) == alone
+        finally:
+            handle.remove()
+        assert max(sizes) == batch_rows
+    sizes, handle = decoded_batches(lively)
+    try:  # the default bound: 40 rows are two batches
+        assert generate_batch_ids(lively, prompt, rows[:4] * 10, 2, share_prefix) == [a[:2] for a in alone[:4]] * 10
+    finally:
+        handle.remove()
+    assert max(sizes) == BATCH_ROWS < 40
 
 
 def test_no_deprecation_warning_from_our_own_calls(tiny, tiny_job, tmp_path):
