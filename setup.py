@@ -39,7 +39,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "fastsoft",
-        *(f"fastsoft.{stage}" for stage in ("data", "teacher", "train", "eval", "io", "ops")),
+        *(f"fastsoft.{part}" for part in ("frozen", "data", "teacher", "train", "eval", "pipeline", "io", "ops")),
         "fastsoft.kernels",
         "fastsoft.csrc",
     ],

@@ -7,8 +7,8 @@ from fastsoft.config import CompressConfig
 from fastsoft.data.jobs import Job, read_jobs
 from fastsoft.errors import FastsoftError
 from fastsoft.eval.generate import generate
+from fastsoft.frozen.loading import load_model
 from fastsoft.io.export import load_prompt, save_prompt
-from fastsoft.models import load_model
 from fastsoft.ops import HiddenTarget, SparseTarget, softmax_kl
 
 __all__ = [

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(options: ModelOptions, local_rank: int = 0):
-    from fastsoft.models import load_model
+    from fastsoft.frozen.loading import load_model
 
     device, dtype = options.resolve(local_rank)
     print(

@@ -97,7 +97,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
-    from fastsoft.models import load_model
+    from fastsoft.frozen.loading import load_model
 
     return load_model(tiny_model_dir)
 
@@ -137,7 +137,7 @@ def chatty_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chatty(chatty_model_dir):
-    from fastsoft.models import load_model
+    from fastsoft.frozen.loading import load_model
 
     return load_model(chatty_model_dir)
 

@@ -18,7 +18,7 @@ class RunContext:
     """The run's shared objects. A stage reads them and changes a job's queue only through :meth:`fail` (or the
     scheduler's ``retire``); its own state it keeps itself (``state_dict`` / ``load_state_dict``)."""
 
-    loaded: object  # fastsoft.models.LoadedModel
+    loaded: object  # fastsoft.frozen.loading.LoadedModel
     config: CompressConfig
     out: RunFolder
     dist: Dist

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import torch
 
 from fastsoft.errors import FastsoftError
+from fastsoft.frozen.packing import Segment
 from fastsoft.pipeline.context import RunContext
 from fastsoft.train.bank import PromptBank
 from fastsoft.train.lr_schedule import lr_at
 from fastsoft.train.objectives import divergence_of, job_loss_sums, tokens_per_job
-from fastsoft.train.packing import Segment
 from fastsoft.train.progress import RunProgress
 from fastsoft.train.prompt_init import init_prompt
 from fastsoft.train.scheduler import JobRun, State

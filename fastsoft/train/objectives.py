@@ -19,12 +19,12 @@ import math
 
 import torch
 
-from fastsoft.attention import packed_attention
 from fastsoft.errors import FastsoftError
+from fastsoft.frozen.attention import packed_attention
+from fastsoft.frozen.packing import Segment, pack_shared, scored_hidden
 from fastsoft.ops import SparseTarget, Target, softmax_kl
 from fastsoft.ops.targets import as_target, one_of
 from fastsoft.teacher.targets import kinds_serving
-from fastsoft.train.packing import Segment, pack_shared, scored_hidden
 
 OBJECTIVES = ("kl", "rkl", "jsd", "answer", "supervised")
 # the objectives against the teacher's distribution, and softmax_kl's divergence of each (the others are one-hot)
@@ -104,7 +104,7 @@ def job_loss_sums(
     """One packed student step's summed token losses per job, for any objective mixture.
 
     Args:
-        loaded: the frozen model (:class:`fastsoft.models.LoadedModel`).
+        loaded: the frozen model (:class:`fastsoft.frozen.loading.LoadedModel`).
         prompts: ``[S, P, H]`` fp32 soft-prompt slots (normally requiring grad); segment ``i`` uses slot ``segments[i].slot``.
         segments: the step's sequences, packed into one padding-free row.
         job_of_segment: for each segment, its job's index in ``0 .. jobs - 1``.
@@ -114,11 +114,11 @@ def job_loss_sums(
             ``answer`` and ``supervised`` terms score each segment's own answer tokens (the teacher's greedy answer,
             or the given one).
         objective: weights by name, as :func:`parse_objective` returns them.
-        attention: overrides the packed attention implementation (``fastsoft.attention.packed_attention``'s choice).
+        attention: overrides the packed attention implementation (``fastsoft.frozen.attention.packed_attention``'s choice).
         grad_filter: ``softmax_kl``'s gradient filter, for the terms whose target type and divergence it applies to
             (its ``GRAD_FILTER``: a compact teacher's KL; 0: exact).
         share_prefix: compute the segments' common template head once per model and each job's σ once per step
-            instead of in every segment (:mod:`fastsoft.prefix`, :func:`fastsoft.train.packing.pack`; exact up to
+            instead of in every segment (:mod:`fastsoft.frozen.prefix`, :func:`fastsoft.frozen.packing.pack`; exact up to
             rounding); False runs every segment whole.
 
     Returns:

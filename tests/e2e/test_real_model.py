@@ -9,7 +9,7 @@ import torch
 
 import fastsoft
 from fastsoft.data.templates import make_template
-from fastsoft.models import default_model_path, load_model
+from fastsoft.frozen.loading import default_model_path, load_model
 from fastsoft.teacher.batching import teach
 
 pytestmark = pytest.mark.real_model
@@ -31,7 +31,7 @@ def test_gguf_is_converted_once_and_loads_the_same_model(smollm, tmp_path, monke
     minute) and give the same model: fingerprint and logits. A damaged copy is dropped and the GGUF file read."""
     import time
 
-    from fastsoft.models import CONVERTED
+    from fastsoft.frozen.loading import CONVERTED
 
     monkeypatch.setenv("FASTSOFT_MODEL_CACHE", str(tmp_path))
     first = load_model()  # converts

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import fastsoft
+from fastsoft.frozen.loading import load_model
 from fastsoft.io.checkpoint import read_checkpoint
 from fastsoft.io.export import load_prompt
-from fastsoft.models import load_model
-from fastsoft.teacher.cache import TeacherCache
 from fastsoft.pipeline.conductor import Engine
+from fastsoft.teacher.cache import TeacherCache
 
 FAST = dict(steps=10, prompt_length=4, max_new_tokens=4, lr=0.05, tol=0.0, batch_queries=3, slots=2, progress=False)
 
@@ -236,9 +236,13 @@ def test_nan_in_one_jobs_cache_leaves_the_others_running(tiny, tiny_job, tmp_pat
         tiny, fastsoft.CompressConfig(**{k: v for k, v in FAST.items() if k != "progress"}), tmp_path, progress=False
     )
     fastsoft.compress(all_jobs[1:2], tiny, tmp_path / "probe", **FAST)
-    shard = TeacherCache(tmp_path / "probe" / "cache", engine.teach.cache.fingerprint, engine.teach.spec.target_type).get("job1")
+    shard = TeacherCache(
+        tmp_path / "probe" / "cache", engine.teach.cache.fingerprint, engine.teach.spec.target_type
+    ).get("job1")
     shard.targets.wbar[0, 3] = float("nan")  # the default teacher kind, compact
-    engine.teach.cache.put("job1", shard.context_ids, shard.train, shard.targets, shard.eval, digest=all_jobs[1].digest())
+    engine.teach.cache.put(
+        "job1", shard.context_ids, shard.train, shard.targets, shard.eval, digest=all_jobs[1].digest()
+    )
     runs = engine.run(all_jobs)
     assert [r.state.value for r in runs] == ["done", "failed", "done"]
     assert "job 'job1'" in runs[1].error and "NaN" in runs[1].error

@@ -112,7 +112,7 @@ def test_killed_before_any_checkpoint_or_a_report_deleted_a_rerun_continues(tiny
 def test_resume_on_another_model_is_refused_before_the_cache_is_touched(tiny, tiny_job, tmp_path):
     from conftest import build_model, build_tokenizer
 
-    from fastsoft.models import load_model
+    from fastsoft.frozen.loading import load_model
 
     with pytest.raises(KeyboardInterrupt):
         fastsoft.compress(jobs(tiny_job.context), tiny, tmp_path, on_step=_interrupt_at(4), **FAST)

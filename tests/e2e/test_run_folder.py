@@ -396,7 +396,7 @@ def test_a_changed_job_under_the_same_id_is_taught_again(tiny, tiny_job, tmp_pat
 
 def test_a_truncated_gguf_is_named_truncated(tmp_path):
     pytest.importorskip("gguf")
-    from fastsoft.models import default_model_path, load_model
+    from fastsoft.frozen.loading import default_model_path, load_model
 
     try:
         source = default_model_path()

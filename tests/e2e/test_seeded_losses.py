@@ -3,7 +3,7 @@
 The reference was produced by the code before the pipeline was regrouped into stages; any change to the
 maths, the packing, the sampling streams or the schedule shows up here as a changed bit. The reference pins the
 transformers formulas of the model's layers (``FASTSOFT_FUSED_LAYERS=0``); with the fused layer ops (the default,
-:mod:`fastsoft.layers`) the same run differs from it by rounding only.
+:mod:`fastsoft.frozen.layers`) the same run differs from it by rounding only.
 """
 
 import json

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastsoft
-import fastsoft.models
+import fastsoft.frozen.loading
 from fastsoft.cli import main
 from fastsoft.config import (
     BACKENDS,
@@ -42,7 +42,7 @@ def no_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise ModelLoaded("the model was loaded before the settings were checked")
 
-    monkeypatch.setattr(fastsoft.models, "load_model", refuse)
+    monkeypatch.setattr(fastsoft.frozen.loading, "load_model", refuse)
 
 
 @pytest.fixture
@@ -400,7 +400,7 @@ def test_the_settings_take_their_choices_from_the_stages():
     assert choices["placement"] == PLACEMENTS and PLACEMENTS is templates.PLACEMENTS
     assert choices["template"] == templates.TEMPLATE_KINDS
     assert fastsoft.config.parse_objective is objectives.parse_objective
-    assert set(DTYPES) <= set(fastsoft.models.DTYPES)
+    assert set(DTYPES) <= set(fastsoft.frozen.loading.DTYPES)
 
 
 # -- the teacher kind follows the objective when it is not set ---------------------------------------------------

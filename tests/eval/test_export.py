@@ -12,8 +12,8 @@ import fastsoft
 from fastsoft.cli import main
 from fastsoft.data.templates import Template
 from fastsoft.errors import FastsoftError
+from fastsoft.frozen.packing import Segment, pack, scored_hidden
 from fastsoft.io.export import ADAPTER_WEIGHTS, load_prompt, save_prompt
-from fastsoft.train.packing import Segment, pack, scored_hidden
 
 TRAIN = dict(steps=12, prompt_length=4, max_new_tokens=5, lr=0.05, tol=0.0, batch_queries=5, progress=False)
 
@@ -21,7 +21,7 @@ TRAIN = dict(steps=12, prompt_length=4, max_new_tokens=5, lr=0.05, tol=0.0, batc
 def test_peft_loads_a_first_placement_export_with_identical_logits(tiny, tiny_model_dir, tiny_job, tmp_path):
     from peft import PeftModel
 
-    from fastsoft.models import load_model
+    from fastsoft.frozen.loading import load_model
 
     fastsoft.compress([tiny_job], tiny, tmp_path, placement="first", **TRAIN)
     prompt, template, meta = load_prompt(tmp_path / tiny_job.id)

@@ -1,5 +1,5 @@
 """The decoder layer's fused ops (csrc/layers.cpp, fastsoft/ops/layers.py) against the transformers formulas, and
-``fastsoft.layers.fused_layers`` on a model: the same hidden states and σ gradients, the model restored after."""
+``fastsoft.frozen.layers.fused_layers`` on a model: the same hidden states and σ gradients, the model restored after."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from transformers.models.llama import modeling_llama
 
 import fastsoft.ops.layers as layer_ops
-from fastsoft.layers import fused_layers
+from fastsoft.frozen.layers import fused_layers
+from fastsoft.frozen.packing import Segment, pack_shared, scored_hidden
 from fastsoft.ops import cpp
 from fastsoft.ops.layers import (
     frozen_linear,
@@ -26,7 +27,6 @@ from fastsoft.ops.layers import (
     swiglu,
     swiglu_reference,
 )
-from fastsoft.train.packing import Segment, pack_shared, scored_hidden
 
 
 @pytest.fixture(autouse=True)
@@ -270,8 +270,8 @@ def test_fused_layers_give_the_same_hidden_states_and_gradients_and_restore_the_
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the fused ops' calls through fastsoft.layers (what the swapped forwards call)."""
-    import fastsoft.layers as layers
+    """Counts the fused ops' calls through fastsoft.frozen.layers (what the swapped forwards call)."""
+    import fastsoft.frozen.layers as layers
 
     counts = {}
     for name in ("rms_norm", "swiglu", "rope", "frozen_linear"):

@@ -7,13 +7,13 @@ packed-sequence mask from them (with its default cache, sdpa/eager/flex silently
 to each other). Only the final hidden states at scored positions leave this module: the loss needs
 nothing else, and logits are never formed here.
 
-Attention, chosen per call by :func:`fastsoft.attention.packed_attention`: flash-attn varlen when the model
+Attention, chosen per call by :func:`fastsoft.frozen.attention.packed_attention`: flash-attn varlen when the model
 was loaded with ``attn_implementation="flash_attention_2"`` (``cu_seq_lens_*`` passed, no mask built); on CUDA
 otherwise torch's own varlen flash kernel for fp16/bf16; else, for an sdpa model (CPU, fp32 on GPU), one causal
 sdpa call per length bucket. Eager/flex models keep their own implementation and the mask transformers
 derives from the restarting ``position_ids``.
 
-Shared frozen prefix (:mod:`fastsoft.prefix`): when every segment's ``before`` is the same template head and the
+Shared frozen prefix (:mod:`fastsoft.frozen.prefix`): when every segment's ``before`` is the same template head and the
 attention is one of fastsoft's packed layouts, the head is left out of the row; its keys and values are computed once
 per model and every segment attends to them first (positions continue after it). :func:`sharable_prefix` decides.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastsoft.attention import (
+from fastsoft.frozen.attention import (
     BUCKETS_ATTENTION,
     PREFIX_ATTENTIONS,
     VARLEN_ATTENTIONS,
@@ -39,8 +39,8 @@ from fastsoft.attention import (
     packed_attention,
     varlen_keys,
 )
-from fastsoft.layers import fused_layers
-from fastsoft.prefix import shared_prefix
+from fastsoft.frozen.layers import fused_layers
+from fastsoft.frozen.prefix import shared_prefix
 
 
 @dataclass

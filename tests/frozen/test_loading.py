@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastsoft.errors import FastsoftError
-from fastsoft.models import load_model
+from fastsoft.frozen.loading import load_model
 
 
 def test_model_is_frozen_and_fingerprinted(tiny, tiny_model_dir):

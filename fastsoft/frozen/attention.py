@@ -12,9 +12,9 @@ Three packed layouts, all exact (no segment ever sees another's tokens):
   with :func:`attention_lse` (fused kernels that return the log-sum-exp) and the same length buckets.
 
 The two packed student layouts also take shared prefixes: the frozen template head (``fastsoft_prefix=``,
-:mod:`fastsoft.prefix`), whose cached keys and values every run attends to first, and a *lead* run per job (its soft
+:mod:`fastsoft.frozen.prefix`), whose cached keys and values every run attends to first, and a *lead* run per job (its soft
 prompt σ, computed once per step with its gradient) that each of the job's segments attends to next, before its own
-tokens (``Packed.leads``, :mod:`fastsoft.train.packing`).
+tokens (``Packed.leads``, :mod:`fastsoft.frozen.packing`).
 
 Nothing is registered with transformers at import: :func:`attention_implementation` registers the
 implementation it switches to, the first time it is asked for.
@@ -208,7 +208,7 @@ def _bucket_attention(
 ):
     """Packed causal attention as one masked sdpa call per :class:`Bucket` of ``fastsoft_buckets``
     (:func:`length_buckets`: all runs in one call, or one per length bucket). ``query [1, H, L, D]``,
-    ``key/value [1, KV, L, D]``; returns ``[1, L, H, D]``. ``fastsoft_prefix`` (a :class:`fastsoft.prefix.SharedPrefix`):
+    ``key/value [1, KV, L, D]``; returns ``[1, L, H, D]``. ``fastsoft_prefix`` (a :class:`fastsoft.frozen.prefix.SharedPrefix`):
     every run first sees all its ``Lp`` cached positions; then its lead, then its own tokens causally.
 
     Every gather reads whole ``[H, D]`` rows of the ``[L, H, D]`` layout the projections wrote (no transposed copies),

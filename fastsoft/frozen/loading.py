@@ -67,7 +67,7 @@ class LoadedModel:
     tokenizer: object
     path: str
     fingerprint: str
-    prefixes: dict = field(default_factory=dict, repr=False)  # token ids -> SharedPrefix (fastsoft/prefix.py)
+    prefixes: dict = field(default_factory=dict, repr=False)  # token ids -> SharedPrefix (fastsoft/frozen/prefix.py)
 
     @property
     def decoder(self) -> torch.nn.Module:

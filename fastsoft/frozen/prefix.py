@@ -10,7 +10,7 @@ Exact: a head token attends only to earlier head tokens, so its keys and values 
 segment, and the segment's own positions simply continue after the head (rotary embeddings see the positions they
 saw before). Only rounding differs (other batch shapes).
 
-The attention side is :mod:`fastsoft.attention` (``fastsoft_prefix=`` of its packed implementations); placement
+The attention side is :mod:`fastsoft.frozen.attention` (``fastsoft_prefix=`` of its packed implementations); placement
 ``first`` (σ at position 0) has no head before σ, and eager/flex or flash-attn models keep their own attention, so
 those run without it.
 """

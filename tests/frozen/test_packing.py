@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastsoft.attention as attention_mod
+import fastsoft.frozen.attention as attention_mod
+from fastsoft.frozen.packing import Segment, pack, pack_shared, scored_hidden, sharable_prefix, sigma_leads
 from fastsoft.ops import SparseTarget, softmax_kl
 from fastsoft.train.objectives import job_loss_sums
-from fastsoft.train.packing import Segment, pack, pack_shared, scored_hidden, sharable_prefix, sigma_leads
 
 ATTENTIONS = ["sdpa", "fastsoft_buckets", "fastsoft_varlen:new", "fastsoft_varlen:old"]
 
@@ -60,9 +60,9 @@ def _fake_varlen(new_api: bool):
 
 _GRADIENT_BYTES = """
 import hashlib, sys, torch
-from fastsoft.models import load_model
+from fastsoft.frozen.loading import load_model
 from fastsoft.train.objectives import job_loss_sums
-from fastsoft.train.packing import Segment, pack, pack_shared, scored_hidden, sharable_prefix, sigma_leads
+from fastsoft.frozen.packing import Segment, pack, pack_shared, scored_hidden, sharable_prefix, sigma_leads
 tiny = load_model(sys.argv[1])
 torch.manual_seed(0)
 prompts = torch.randn(2, 16, 64, requires_grad=True)  # 64 segments share slot 0: σ's rows gathered 64 times each
@@ -262,7 +262,7 @@ def test_packed_attention_choice(tiny):
 @pytest.mark.gpu
 def test_gpu_packed_attention_matches_sdpa(tiny_model_dir):
     """The varlen backend chosen on CUDA gives sdpa's hidden states and prompt gradients (bf16)."""
-    from fastsoft.models import load_model
+    from fastsoft.frozen.loading import load_model
 
     loaded = load_model(tiny_model_dir, dtype="bf16", device="cuda")
     choice = attention_mod.packed_attention(loaded)
@@ -288,7 +288,7 @@ def test_gpu_packed_attention_matches_sdpa(tiny_model_dir):
 def test_gpu_shared_prefix_matches_the_whole_segments(tiny_model_dir):
     """On CUDA (bf16, torch's varlen kernel) the shared prefix gives the hidden states and gradients of whole segments:
     this is the check that the kernel's causal mask is aligned to the bottom right when keys outnumber queries."""
-    from fastsoft.models import load_model
+    from fastsoft.frozen.loading import load_model
 
     loaded = load_model(tiny_model_dir, dtype="bf16", device="cuda")
     choice = attention_mod.packed_attention(loaded)
