@@ -102,8 +102,9 @@ def _compress(args) -> int:
     from fastsoft.data.jobs import job_from_files, read_jobs
     from fastsoft.distributed import Dist, init_from_env, shutdown
     from fastsoft.io.atomic import write_json
-    from fastsoft.io.outputs import cache_folder, check_run_folders
+    from fastsoft.io.outputs import check_run_folders
     from fastsoft.io.report import format_table
+    from fastsoft.teacher.cache import cache_folder
 
     if args.context:
         jobs = [job_from_files(args.context, args.queries, args.eval_queries, args.answers, args.job_id)]

@@ -1,7 +1,7 @@
 """The output folder of a run: ``OUT/<job id>/`` holds a finished job's PEFT export, ``fastsoft.json``,
 ``report.json`` and ``loss.png``, or a failed job's ``error.json`` — never both. ``report.json`` is written
 last: a job whose report exists is finished and exported. ``OUT/.fastsoft-run`` marks the folder as a run's output,
-so that no other run puts its teacher cache inside it."""
+so that no other run puts its teacher cache inside it (``fastsoft.teacher.cache.cache_folder``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from fastsoft.io.atomic import write_json
 from fastsoft.io.export import save_prompt
 from fastsoft.io.lock import LOCK, FolderLock
 from fastsoft.io.report import write_report
-from fastsoft.teacher.cache import check_cache_folder
 
 REPORT, ERROR = "report.json", "error.json"
 RUN_MARKER = ".fastsoft-run"  # job ids never start with ".", so no job folder can take this name
@@ -59,48 +58,6 @@ def is_run_folder(folder: Path) -> bool:
         )
     except OSError:  # a folder we may not look into is no run's that we could share
         return False
-
-
-def _resolved(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):  # a symbolic link loop: compare the paths as written
-        return Path(os.path.abspath(path))
-
-
-def check_cache_placement(out: Path, cache: Path) -> None:
-    """Refuse (``FastsoftError``) a ``--cache`` that is ``--out`` itself, holds ``--out``, or is or lies inside another
-    run's ``--out``; a folder inside the run's own ``--out`` (as the default ``OUT/cache``) is fine."""
-    out_at, cache_at = _resolved(Path(out)), _resolved(Path(cache))
-    if cache_at == out_at:
-        raise FastsoftError(
-            f"--cache {cache} is the --out folder itself, and the teacher cache needs a folder of its own; "
-            f"leave --cache out (it defaults to {Path(out) / 'cache'}) or choose another --cache folder"
-        )
-    if cache_at in out_at.parents:
-        raise FastsoftError(f"--out {out} lies inside --cache {cache}; choose a --cache folder outside the run's --out")
-    for folder in (cache_at, *cache_at.parents):
-        if folder == out_at:
-            return
-        if is_run_folder(folder):
-            where = "is" if folder == cache_at else f"lies inside {folder},"
-            raise FastsoftError(
-                f"--cache {cache}: the teacher cache folder {where} the output folder of another fastsoft run; "
-                "choose a --cache folder outside every run's --out"
-            )
-
-
-def cache_folder(out: Path, cache: str | Path | None, rank: int | None) -> Path:
-    """The teacher cache folder of a run: ``--cache`` or ``OUT/cache``, one sub-folder a rank under torchrun
-    (``rank`` None: a single process) so that no two writers share a file. Refuses, before anything is written, a
-    misplaced ``--cache`` (:func:`check_cache_placement`) and a folder that is not a teacher cache
-    (:func:`fastsoft.teacher.cache.check_cache_folder`); the CLI's early check and the engine both come through here."""
-    root = Path(cache) if cache is not None else Path(out) / "cache"
-    if cache is not None:
-        check_cache_placement(Path(out), root)
-    folder = root if rank is None else root / f"rank{rank}"
-    check_cache_folder(folder)
-    return folder
 
 
 def check_run_folders(out: Path, cache: Path, rank: int) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fastsoft.errors import BackendUnavailable
 from fastsoft.ops.targets import (
     CompactTarget,
     HiddenTarget,
@@ -120,8 +121,6 @@ def softmax_kl_rows(
     teacher = as_target(teacher)
     ok, why = is_available()
     if not ok:
-        from fastsoft.ops.softmax_kl import BackendUnavailable
-
         raise BackendUnavailable(why)
     ops = torch.ops.fastsoft
     hidden, lm_weight = hidden.detach().contiguous(), lm_weight.detach().contiguous()

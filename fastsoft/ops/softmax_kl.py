@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastsoft.errors import BackendUnavailable
 from fastsoft.ops import reference
 from fastsoft.ops.targets import (
     DIVERGENCES,
@@ -109,10 +110,6 @@ def filtered_rows(
     left = torch.where(dropped > 0, dropped / (norm - dropped).clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     report = FilterReport(float(skipped), len(rows), float(left.max()) if len(left) else 0.0)
     return loss, grad, report
-
-
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
 
 
 def _triton_status(device: torch.device) -> tuple[RowsFn | None, str]:

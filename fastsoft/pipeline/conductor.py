@@ -36,12 +36,13 @@ from fastsoft.errors import FastsoftError
 from fastsoft.io.atomic import remove_leftovers
 from fastsoft.io.checkpoint import CHECKPOINT, jobs_digest, load_checkpoint, read_checkpoint, save_checkpoint
 from fastsoft.io.lock import FolderLock
-from fastsoft.io.outputs import RunFolder, cache_folder, make_folder
+from fastsoft.io.outputs import RunFolder, make_folder
 from fastsoft.pipeline.context import RunContext
 from fastsoft.pipeline.finish import FinishStage
 from fastsoft.pipeline.prepare import PrepareStage
 from fastsoft.pipeline.teach import TeachStage
 from fastsoft.pipeline.train import TrainStage
+from fastsoft.teacher.cache import cache_folder
 from fastsoft.train.progress import RunProgress
 from fastsoft.train.scheduler import JobRun, Scheduler, State, job_seed
 

@@ -9,7 +9,8 @@ import pytest
 
 from fastsoft.errors import FastsoftError
 from fastsoft.io.lock import FolderLock
-from fastsoft.io.outputs import RUN_MARKER, cache_folder, check_run_folders, make_folder
+from fastsoft.io.outputs import RUN_MARKER, check_run_folders, make_folder
+from fastsoft.teacher.cache import cache_folder
 
 
 def test_a_cache_that_is_the_out_folder_is_refused_naming_that(tmp_path):
