@@ -116,7 +116,7 @@ def make_model(spec: dict, device: torch.device):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from fastsoft.models import LoadedModel
+    from fastsoft.frozen.loading import LoadedModel
 
     shape = spec["model"]
     vocab = {"<unk>": 0, "<eos>": EOS, "<pad>": PAD, **{f"t{i}": i for i in range(3, shape["vocab_size"])}}
@@ -333,10 +333,10 @@ def initial_prompt(loaded, length: int, seed: int) -> torch.Tensor:
 
 def train_fastsoft(loaded, spec, data, jobs: int, attention: str | None):
     """``jobs`` prompts trained at once (one slot each), every step packing each job's minibatch of 8."""
+    from fastsoft.frozen.packing import Segment
     from fastsoft.ops import DenseTarget
     from fastsoft.train.bank import PromptBank
     from fastsoft.train.objectives import job_loss_sums, tokens_per_job
-    from fastsoft.train.packing import Segment
 
     cfg, device = spec["training"], loaded.device
     queries, answers, logprobs, offsets = data
@@ -442,7 +442,7 @@ def train_peft(loaded, spec, data, peft):
 
 def bench_training(loaded, spec: dict, skipped: list) -> dict:
     """Training throughput of fastsoft (1 job, then all jobs at once) and of PEFT; a PEFT that does not run goes to ``skipped``."""
-    from fastsoft.attention import BUCKETS_ATTENTION, packed_attention
+    from fastsoft.frozen.attention import BUCKETS_ATTENTION, packed_attention
 
     cfg, device = spec["training"], loaded.device
     data = training_data(loaded, spec)
@@ -550,53 +550,47 @@ def print_table(result: dict) -> None:
     print(f"\nteacher speed-up {speed}; training speed-up vs PEFT {train}")
 
 
-def plot(result: dict, plt, path: Path) -> None:
-    t, tr = result["teacher"], result.get("training")
-    fig, axes = plt.subplots(1, 3 if tr else 1, figsize=(16, 4.5) if tr else (6, 4.5), squeeze=False)
-    axes = axes[0]
-    labels = [f"{r['method']}\n({r['mode']})" for r in t["rows"]]
-    speedups = [r["speedup_vs_naive"] for r in t["rows"]]
-    bars = axes[0].barh(labels, speedups, color=["C1" if "fastsoft" in r["method"] else "C0" for r in t["rows"]])
-    axes[0].bar_label(
-        bars, [f"{x:.1f}x ({r['seconds'] * 1e3:.0f} ms)" for x, r in zip(speedups, t["rows"])], fontsize=8, padding=2
-    )
-    axes[0].axvline(t["token_ratio_bound"], color="grey", ls=":", lw=1)
-    axes[0].set_xlim(0, max(max(speedups), t["token_ratio_bound"]) * 1.45)
-    axes[0].set_xlabel("speed-up over the naive per-query forward (dotted: token-ratio bound)")
-    axes[0].set_title(f"teacher: |c|={t['context_tokens']}, {t['queries']} queries")
-    axes[0].invert_yaxis()
+def rows_of(result: dict) -> list[dict]:
+    """The teacher's seconds and speed-ups a method and mode, the training's scored tokens a second, speed-ups over
+    PEFT and peak extra memory a method."""
+    rows, t, tr = [], result.get("teacher"), result.get("training")
+    if t:
+        shape = (
+            f"|c| {t['context_tokens']}, {t['queries']} queries of {t['query_tokens']} + {t['answer_tokens']} tokens"
+        )
+        for r in t["rows"]:
+            case = f"teacher, {r['mode']}: {shape}"
+            rows.append(common.row(case, r["method"], "time", r["seconds"], "s"))
+            rows.append(common.row(case, r["method"], "speed-up over naive per query", r["speedup_vs_naive"], "x"))
     if tr:
-        for method, curve in tr["curves"].items():
-            axes[1].plot(range(1, len(curve) + 1), curve, label=method, lw=1.5, ls="--" if "peft" in method else "-")
-            row = next(r for r in tr["rows"] if r["method"] == method)
-            seconds = row["seconds"] / max(1, row["steps"] - 1)
-            axes[2].plot(
-                [seconds * (i + 1) for i in range(len(curve))],
-                curve,
-                label=method,
-                lw=1.5,
-                ls="--" if "peft" in method else "-",
-            )
-        axes[1].set_xlabel("optimizer step")
-        axes[1].set_ylabel("KL (mean over answer tokens)")
-        axes[1].set_title("loss per step (same batches, same init)")
-        axes[2].set_xlabel("seconds")
-        axes[2].set_title("loss against time")
-        for ax in axes[1:]:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"fastsoft end to end — {result['device']} ({result['variant']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        case = f"training: {tr['sequences']} sequences a job, P {tr['prompt_length']}, batches of {tr['batch']}"
+        for r in tr["rows"]:
+            rows.append(common.row(case, r["method"], "scored tokens a second", r["scored_tokens_per_s"], "tokens/s"))
+            rows.append(common.row(case, r["method"], "speed-up over PEFT", r["speedup_vs_peft"], "x"))
+            rows.append(common.row(case, r["method"], "peak extra memory", r["peak_extra_gib"], "GiB"))
+    return rows
+
+
+def run(quick: bool = False, device: str = "cpu", results: Path | None = None) -> common.Outcome:
+    """The entry point's call (``benchmarks/run.py``): the GPU run, or on CPU its only variant, the smoke-size
+    ``--cpu-small`` (with or without ``quick``)."""
+    if device == "cuda" and quick:
+        raise ValueError("e2e has no quick GPU variant (its smoke run is --device cpu)")
+    return bench([*(["--cpu-small"] if device == "cpu" else []), *(["--results", str(results)] if results else [])])
 
 
 def main(argv=None) -> int:
+    return bench(argv).status
+
+
+def bench(argv=None) -> common.Outcome:
     parser = common.parser(__doc__)
     parser.add_argument("--cpu-small", action="store_true", help="tiny random model on CPU (seconds)")
     args = parser.parse_args(argv)
     variant = "cpu-small" if args.cpu_small else "gpu"
     if variant == "gpu" and not torch.cuda.is_available():
         print("no CUDA device: run with --cpu-small, or on a GPU machine", file=sys.stderr)
-        return 2
+        return common.Outcome(2, [])
     spec = VARIANTS[variant]
     device = torch.device("cuda" if variant == "gpu" else "cpu")
     name = common.device_name(device.type)
@@ -615,19 +609,18 @@ def main(argv=None) -> int:
         "skipped": skipped,
     }
     stem = f"e2e-{common.file_tag(name, 'cpu-small' if args.cpu_small else '')}"
-    dirs = common.out_dirs(args.out, only_out=args.cpu_small)
+    dirs = common.out_dirs(args.out, only_out=args.cpu_small, results=args.results)
 
-    def run():
+    def body():
         loaded = make_model(spec, device)
         result["teacher"] = bench_teacher(loaded, spec)
         common.save(result, stem, dirs)  # the teacher's numbers are kept whatever happens to the training part
         result["training"] = bench_training(loaded, spec, skipped)
 
-    status = common.run_keeping_partial(result, run)
+    status = common.run_keeping_partial(result, body)
     print_table(result)
     print()
-    print(common.save(result, stem, dirs, plot if "teacher" in result else None))
-    return status
+    return common.finish("e2e", result, stem, dirs, rows_of, args.cpu_small, status)
 
 
 if __name__ == "__main__":

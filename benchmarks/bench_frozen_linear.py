@@ -10,13 +10,14 @@ is reported apart.
 
     python benchmarks/bench_frozen_linear.py            # ~1 minute on the 2-core CI machine
     python benchmarks/bench_frozen_linear.py --rows 344 --reps 30
+    python benchmarks/bench_frozen_linear.py --quick    # seconds: 8 rows, the lm_head at 8 rows, 3 calls a side
 
-Writes ``benchmarks/results/frozen_linear-<device>.{json,png}``.
+Writes ``benchmarks/results/frozen_linear-<device>[-quick].json``, its rows into ``all.csv`` and the figure
+``frozen_linear-<device>[-quick].png`` (``plot.py``).
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,11 +73,9 @@ def compare(name: str, out_in: tuple[int, int], rows: int, backward: bool, reps:
     entry = layer_ops._PACKS.table.get(id(weight))
     if entry is None or (backward and entry[3] is None):
         raise RuntimeError(f"{name}: frozen_linear did not pack its weight (over the memory budget?): nothing measured")
-    torch_times, ours_times = [], []
-    for _ in range(reps):
-        torch_times += common.repeat(theirs, "cpu", 1)[0]
-        ours_times += common.repeat(ours, "cpu", 1)[0]
-    torch_s, ours_s = statistics.median(torch_times), statistics.median(ours_times)
+    times = common.interleaved({"torch": theirs, "frozen_linear": ours}, "cpu", reps)
+    torch_q, ours_q = common.quantiles_ms(times["torch"]), common.quantiles_ms(times["frozen_linear"])
+    torch_s, ours_s = torch_q["median_ms"] / 1e3, ours_q["median_ms"] / 1e3
     flops = 2 * rows * in_features * out_features * (2 if backward else 1)
     return {
         "name": name,
@@ -86,6 +85,8 @@ def compare(name: str, out_in: tuple[int, int], rows: int, backward: bool, reps:
         "first_call_with_packing_ms": pack_s * 1e3,
         "torch_ms": torch_s * 1e3,
         "frozen_linear_ms": ours_s * 1e3,
+        "torch_q20_q80_ms": [torch_q["q20_ms"], torch_q["q80_ms"]],
+        "frozen_linear_q20_q80_ms": [ours_q["q20_ms"], ours_q["q80_ms"]],
         "speedup": torch_s / ours_s,
         "torch_gflops": flops / torch_s / 1e9,
         "frozen_linear_gflops": flops / ours_s / 1e9,
@@ -108,50 +109,77 @@ def print_table(result: dict) -> None:
         )
 
 
-def plot(result: dict, plt, path: Path) -> None:
-    shapes = result["shapes"]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    labels = [f"{r['name']}\n{r['rows']} rows" for r in shapes]
-    ax.bar(range(len(shapes)), [r["speedup"] for r in shapes], color="tab:blue")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks(range(len(shapes)), labels, fontsize=8)
-    ax.set_ylabel("torch's time / frozen_linear's")
-    ax.set_title(f"frozen_linear vs torch's linear, fp32, {result['threads']} threads\n{result['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+TORCH, OURS = "torch linear (MKL)", "frozen_linear (oneDNN, packed)"
+
+
+def rows_of(result: dict) -> list[dict]:
+    """A case a shape: both sides' time (median, 20 / 80 % quantiles), the speed-up, and the first call's time."""
+    rows = []
+    for r in result["shapes"]:
+        metric = "fwd+bwd time" if r["backward"] else "fwd time"
+        case = f"{r['name']} {r['out_in'][0]}x{r['out_in'][1]}, {r['rows']} rows"
+        for provider, ms, q in (
+            (TORCH, "torch_ms", "torch_q20_q80_ms"),
+            (OURS, "frozen_linear_ms", "frozen_linear_q20_q80_ms"),
+        ):
+            rows.append(common.row(case, provider, metric, r[ms], "ms", *(r.get(q) or (None, None))))
+        rows.append(common.row(case, "frozen_linear over torch", "speed-up", r["speedup"], "x"))
+        rows.append(common.row(case, OURS, "first call, packing the weight", r["first_call_with_packing_ms"], "ms"))
+    if "layer" in result:
+        case = f"one decoder layer's 7 projections, {result['rows']} rows"
+        rows.append(common.row(case, TORCH, "fwd+bwd time", result["layer"]["torch_ms"], "ms"))
+        rows.append(common.row(case, OURS, "fwd+bwd time", result["layer"]["frozen_linear_ms"], "ms"))
+        rows.append(common.row(case, "frozen_linear over torch", "speed-up", result["layer"]["speedup"], "x"))
+    return rows
+
+
+def run(quick: bool = False, device: str = "cpu", results: Path | None = None) -> common.Outcome:
+    """The entry point's call (``benchmarks/run.py``): CPU only (oneDNN's CPU GEMM)."""
+    if device != "cpu":
+        raise ValueError("frozen_linear is a CPU op")
+    return bench([*(["--quick"] if quick else []), *(["--results", str(results)] if results else [])])
 
 
 def main(argv=None) -> int:
+    return bench(argv).status
+
+
+def bench(argv=None) -> common.Outcome:
     parser = common.parser(__doc__)
-    parser.add_argument("--rows", type=int, default=172, help="the projections' rows (a student step's packed row)")
-    parser.add_argument("--reps", type=int, default=40, help="timed calls a shape and side (median)")
+    parser.add_argument("--rows", type=int, default=None, help="the projections' rows (172: a student step's row)")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls a shape and side (median; 40)")
+    parser.add_argument("--quick", action="store_true", help="seconds: 8 rows, the lm_head at 8 rows, 3 calls")
     parser.add_argument("--label", default="", help="appended to the results' file name")
     args = parser.parse_args(argv)
+    args.rows = args.rows or (8 if args.quick else 172)
+    args.reps = args.reps or (3 if args.quick else 40)
     if args.rows < 1 or args.reps < 1:
         parser.error("--rows and --reps must be positive")
     if not packed_linears_available():
         print("oneDNN's packed linear is not available here (or FASTSOFT_PACKED_LINEARS=0): nothing to compare")
-        return 1
+        return common.Outcome(1, [])
     name = common.device_name("cpu")
     result = {**common.run_info(name, "bench_frozen_linear.py", argv), "threads": torch.get_num_threads()}
-    result.update(rows=args.rows, reps=args.reps, shapes=[])
+    result.update(rows=args.rows, reps=args.reps, quick=args.quick, shapes=[])
     print(f"frozen_linear against torch's linear on {name}, {result['threads']} threads", flush=True)
 
-    def run():
+    def body():
         gen = torch.Generator().manual_seed(0)
         frozen_linear(torch.zeros(1, 8, requires_grad=True), torch.zeros(8, 8)).sum().backward()  # loads the extension
         for proj, out_in in PROJECTIONS.items():
             result["shapes"].append(compare(proj, out_in, args.rows, True, args.reps, gen))
-        for rows in HEAD_ROWS:
-            result["shapes"].append(compare("lm_head", (VOCAB, HIDDEN), rows, False, max(5, args.reps // 4), gen))
+        for rows in HEAD_ROWS[:1] if args.quick else HEAD_ROWS:
+            reps = args.reps if args.quick else max(5, args.reps // 4)
+            result["shapes"].append(compare("lm_head", (VOCAB, HIDDEN), rows, False, reps, gen))
         layer = [r for r in result["shapes"] if r["backward"]]
         torch_ms, ours_ms = sum(r["torch_ms"] for r in layer), sum(r["frozen_linear_ms"] for r in layer)
         result["layer"] = {"torch_ms": torch_ms, "frozen_linear_ms": ours_ms, "speedup": torch_ms / ours_ms}
 
-    status = common.run_keeping_partial(result, run)
+    status = common.run_keeping_partial(result, body)
     print_table(result)
-    print(common.save(result, f"frozen_linear-{common.file_tag(name, args.label)}", common.out_dirs(args.out), plot))
-    return status
+    stem = f"frozen_linear-{common.file_tag(name, args.label, 'quick' if args.quick else '')}"
+    dirs = common.out_dirs(args.out, only_out=args.quick, results=args.results)
+    return common.finish("frozen_linear", result, stem, dirs, rows_of, args.quick, status)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,11 @@ the rows are cached in ``~/.cache/fastsoft/bench/`` for the workers and later ru
 Every provider that does not run is listed with its reason (not installed, not supported on this
 device, not applicable to the teacher, errored with its message) under the table and in the JSON's
 ``skipped``. Writes ``benchmarks/results/softmax_kl-<device>[-small|-large][-<teachers>][-real].json`` after every
-shape and teacher (a run stopped part-way keeps what it measured) and the ``.png`` at the end (without matplotlib:
-skipped, one line says so), with copies under ``--out``, and prints a table. ``--quick``: a seconds-long
-CPU smoke run (one tiny shape, two repetitions; with ``--distributions real`` N = 64 at the model's shape);
-with ``--out`` it writes only there.
+shape and teacher (a run stopped part-way keeps what it measured), at the end its rows into ``all.csv`` and the
+figure ``softmax_kl-<device>.png`` (``plot.py``), with copies under ``--out``, and prints a table. ``--quick``: a
+seconds-long CPU smoke run (one tiny shape, two repetitions; with ``--distributions real`` N = 64 at the model's
+shape; with ``--device cuda``: N = 1024 at SmolLM2's (576, 49152), dense and compact teachers, the floor, torch
+eager and fastsoft's backends, nothing compiled ahead), written as ``...-quick``; with ``--out`` and no ``--results`` it writes only there.
 
     python benchmarks/bench_softmax_kl.py --shapes small  # GPU, H 576 and 896 (gpu_run.sh bench-small)
     python benchmarks/bench_softmax_kl.py                 # GPU, all four shapes
@@ -63,7 +64,6 @@ GPU time, estimated for an H100 / H200 (no GPU run yet; benchmarks/gpu_run.sh ha
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import gc
 import json
@@ -455,33 +455,6 @@ def run_gpu(args, rows: list, skipped: list, checkpoint) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _mmap_threshold(nbytes: int) -> None:
-    """glibc M_MMAP_THRESHOLD: blocks above it come from (and go back to) the OS, so RSS shows them."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, nbytes)
-        libc.malloc_trim(0)  # hand back what the heap still holds from earlier steps
-    except (OSError, AttributeError):
-        pass
-
-
 def cpu_worker(provider: str, shapes, teachers, reps: int, distributions="random", filter_eps=FILTER_EPS) -> list[dict]:
     rows = []
     for n, hd, v in shapes:
@@ -493,16 +466,16 @@ def cpu_worker(provider: str, shapes, teachers, reps: int, distributions="random
             row = {"n": n, "h": hd, "v": v, "teacher": teacher, "provider": provider, "dtype": "float32"}
             try:
                 step, x = make_step(provider, fns[provider], h, W, t)
-                _mmap_threshold(64 * 1024)  # memory: no freed buffer may hide in the heap for the next step
+                common.mmap_threshold(64 * 1024)  # memory: no freed buffer may hide in the heap for the next step
                 step()  # warm-up (JIT build, thread pools)
                 x.grad = None
                 gc.collect()
-                _mmap_threshold(64 * 1024)
-                exact = _reset_peak_rss()
-                base = _rss_kib("VmRSS:")
+                common.mmap_threshold(64 * 1024)
+                exact = common.reset_peak_rss()
+                base = common.rss_kib("VmRSS:")
                 step()
-                peak = _rss_kib("VmHWM:")
-                _mmap_threshold(32 * 2**20)  # timing steps: glibc's usual large-block behaviour
+                peak = common.rss_kib("VmHWM:")
+                common.mmap_threshold(32 * 2**20)  # timing steps: glibc's usual large-block behaviour
                 times, _ = common.repeat(step, "cpu", reps)
                 row.update(common.quantiles_ms(times), peak_extra_mib=max(0, peak - base) / 1024, peak_exact=exact)
                 if provider.endswith(FILTER):  # after the timing and the memory measurement
@@ -642,47 +615,27 @@ def print_table(rows, skipped, device_name):
     common.print_skipped(skipped)
 
 
-def plot(result, plt, path: Path):
-    rows = result["rows"]
-    teachers = list(dict.fromkeys(r["teacher"] for r in rows if "median_ms" in r))
-    if not teachers:
-        print("no measured rows: nothing to plot")
-        return
-    ncols = min(3, len(teachers))
-    nrows = math.ceil(len(teachers) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.5 * nrows), squeeze=False)
-    for ax in axes.flat[len(teachers) :]:
-        ax.set_visible(False)
-    for ax, teacher in zip(axes.flat, teachers):
-        sub = [r for r in rows if r.get("teacher") == teacher and "median_ms" in r]
-        shapes = list(dict.fromkeys((r["n"], r["h"], r["v"]) for r in sub))
-        providers = list(dict.fromkeys(r["provider"] for r in sub))
-        width = 0.8 / max(1, len(providers))
-        for i, p in enumerate(providers):
-            ys = [
-                next(
-                    (r["median_ms"] for r in sub if r["provider"] == p and (r["n"], r["h"], r["v"]) == s), float("nan")
-                )
-                for s in shapes
-            ]
-            ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=p)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-        ax.set_xticklabels([f"N{n}\nH{h} V{v}" for n, h, v in shapes], fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("fwd+bwd median ms (log)")
-        divergence = DIVERGENCE_OF.get(teacher)
-        ax.set_title(f"{base_teacher(teacher)} teacher" + (f", {divergence} divergence" if divergence else ""))
-        ax.legend(fontsize=7)
-    real = ", SmolLM2-135M's own hidden states" if result.get("distributions") == "real" else ""
-    fig.suptitle(f"softmax_kl on {result['device']} (floor = 2 GEMMs){real}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def rows_of(result: dict) -> list[dict]:
+    """The table's rows: each measured provider's fwd+bwd time (median, 20 / 80 % quantiles) and peak extra memory,
+    a case a teacher and shape (``: SmolLM2's rows`` with ``--distributions real``)."""
+    real = ", SmolLM2's rows" if result.get("distributions") == "real" else ""
+    rows = []
+    for r in result["rows"]:
+        if "median_ms" not in r:
+            continue
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"])
+        case = f"{r['teacher']}: N {r['n']}, H {r['h']}, V {r['v']}, {dtype}{real}"
+        rows.append(common.row(case, r["provider"], "fwd+bwd time", r["median_ms"], "ms", r["q20_ms"], r["q80_ms"]))
+        rows.append(common.row(case, r["provider"], "peak extra memory", r["peak_extra_mib"], "MiB"))
+    return rows
 
 
 def parse_args(argv):
     parser = common.parser(__doc__)
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="seconds-long CPU smoke run")
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default=None, help="default: cuda when there is one (--quick: cpu)"
+    )
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (CPU unless --device cuda)")
     parser.add_argument("--tokens", type=int, default=GPU_TOKENS, help="N on the GPU")
     parser.add_argument(
         "--teachers",
@@ -715,8 +668,14 @@ def parse_args(argv):
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.device = "cpu"
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    if args.quick and args.device == "cuda":  # a GPU smoke run: one shape, fewer rows, nothing compiled ahead
+        args.shapes = args.shapes or [f"{REAL_H}x{REAL_V}"]
+        args.tokens = min(args.tokens, 1024)
+        args.teachers = args.teachers or ["dense", "compact"]
+        args.providers = args.providers or ["floor", "eager", "fastsoft"]  # nothing that compiles for minutes
+        args.prewarm = False
     if not 0 < args.filter_eps < 1:
         parser.error(f"--filter-eps must be strictly between 0 and 1, got {args.filter_eps}")
     real = args.distributions == "real"
@@ -744,26 +703,36 @@ def parse_args(argv):
     default_teachers = ["dense", "sparse"] if args.device == "cpu" else list(TEACHERS)
     if args.teachers is None:
         args.teachers = default_teachers
-    elif args.teachers != default_teachers and not (args.worker or args.warm):
+    elif args.teachers != default_teachers and not (args.worker or args.warm or args.quick):
         args.label = "-".join([args.label or "", *args.teachers]).strip("-")  # never overwrites the full table
     if real and not (args.worker or args.warm):
         args.label = "-".join([args.label or "", "real"]).strip("-")
     if args.reps is None:
-        args.reps = 2 if args.quick else (5 if args.device == "cpu" else 20)
+        args.reps = (2 if args.device == "cpu" else 5) if args.quick else (5 if args.device == "cpu" else 20)
     args.wanted = wanted_by(args.providers)
     return args
 
 
-def main(argv=None):
+def run(quick: bool = False, device: str = "cpu", results: Path | None = None) -> common.Outcome:
+    """The entry point's call (``benchmarks/run.py``): the default measurement of ``device``, or its quick one."""
+    argv = ["--device", device, *(["--quick"] if quick else []), *(["--results", str(results)] if results else [])]
+    return bench(argv)
+
+
+def main(argv=None) -> int:
+    return bench(argv).status
+
+
+def bench(argv=None) -> common.Outcome:
     args = parse_args(argv)
     if args.worker:
         rows = cpu_worker(args.worker, args.shapes, args.teachers, args.reps, args.distributions, args.filter_eps)
         print(json.dumps(rows))
-        return 0
+        return common.Outcome(0, [])
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # here and in the --warm subprocesses (one compile-cache key)
     if args.warm:
-        return warm(args)
+        return common.Outcome(warm(args), [])
 
     name = common.device_name(args.device)
     gemm = "cuBLAS" if args.device == "cuda" else "torch CPU matmul"
@@ -785,7 +754,7 @@ def main(argv=None):
         "skipped": skipped,
     }
     stem = f"softmax_kl-{common.file_tag(name, args.label, 'quick' if args.quick else '')}"
-    dirs = common.out_dirs(args.out, only_out=args.quick)
+    dirs = common.out_dirs(args.out, only_out=args.quick, results=args.results)
 
     def checkpoint():
         add_ratios(rows)
@@ -801,8 +770,7 @@ def main(argv=None):
     checkpoint()
     print_table(rows, skipped, name)
     print()
-    print(common.save(result, stem, dirs, plot))
-    return status
+    return common.finish("softmax_kl", result, stem, dirs, rows_of, args.quick, status)
 
 
 if __name__ == "__main__":

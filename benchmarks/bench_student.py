@@ -18,9 +18,8 @@ cache kind of ``CompressConfig()``, the compact target); both students learn aga
   ``torch.optim.Adam`` with the bank's betas and eps, its learning rate set from the same schedule every step.
   PEFT can only put σ first, before the chat template's head; it cannot put it where the context was. The two
   students therefore do not follow the same loss curve (``bench_e2e.py`` compares them with σ at the same place).
-- fastsoft, no shared prefix: only when ``job_loss_sums`` takes ``share_prefix`` (the template head's keys and
-  values computed once per model, and, since σ sharing, the job's σ once per step for its 4 segments): fastsoft
-  with it off, every segment run whole.
+- fastsoft, no shared prefix: ``job_loss_sums(..., share_prefix=False)`` (by default the template head's keys and
+  values are computed once per model, and the job's σ once per step for its 4 segments): every segment run whole.
 
 The same seeded sequence of minibatches of 4 query indices (epochs of a permutation of the 32) feeds every
 student; init: ``init_prompt`` (the default: evenly spaced context tokens), copied into each; lr: ``lr_at(step,
@@ -42,19 +41,20 @@ the process's resident memory sampled every 2 ms in a thread during one step min
 
     OMP_NUM_THREADS=2 python benchmarks/bench_student.py               # 200 steps on the 2-core machine: ~20 min
     python benchmarks/bench_student.py --steps 20                     # a short look (~3 min)
-    python benchmarks/bench_student.py --smoke --model DIR --out DIR  # a tiny model, seconds (tests/e2e/test_benchmarks.py)
+    python benchmarks/bench_student.py --smoke --out DIR              # the tests' tiny model (or --model DIR), seconds
 
-Writes ``benchmarks/results/student-<device>[-<label>].json`` and ``.png`` (left: held-out gap_closed against
-training seconds; right: seconds per step), and prints a table; ``--smoke`` writes only into ``--out``.
+Writes ``benchmarks/results/student-<device>[-smoke][-<label>].json``, at the end its rows into ``all.csv`` and the
+figure ``student-<device>[-quick].png`` (``plot.py``: seconds a step, memory, held-out gap_closed, and the held-out
+gap against training seconds), and prints a table; ``--smoke`` (the quick run) writes only into ``--out`` when
+given without ``--results``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import inspect
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -137,20 +137,13 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in load] if load else None
 
 
-def takes_share_prefix() -> bool:
-    from fastsoft.train.objectives import job_loss_sums
-
-    return "share_prefix" in inspect.signature(job_loss_sums).parameters
-
-
 class FastsoftStudent:
     """One job in slot 0 of a ``PromptBank``, trained as the engine's ``_step`` trains it."""
 
-    def __init__(self, loaded, data, config, share_prefix: bool | None = None):
+    def __init__(self, loaded, data, config, share_prefix: bool = True):
         from fastsoft.train.bank import PromptBank
 
-        self.loaded, self.data, self.config = loaded, data, config
-        self.extra = {} if share_prefix is None else {"share_prefix": share_prefix}
+        self.loaded, self.data, self.config, self.share_prefix = loaded, data, config, share_prefix
         self.bank = PromptBank(1, config.prompt_length, loaded.hidden_size, device=loaded.device)
         self.reset()
 
@@ -159,8 +152,8 @@ class FastsoftStudent:
 
     def step(self, batch: list[int], lr: float) -> tuple[float, int]:
         """One optimizer step on the minibatch; ``(mean token loss, scored tokens)``."""
+        from fastsoft.frozen.packing import Segment
         from fastsoft.train.objectives import job_loss_sums, tokens_per_job
-        from fastsoft.train.packing import Segment
 
         cfg, train, offsets, targets = self.config, self.data["train"], self.data["offsets"], self.data["targets"]
         segments = [Segment(0, train[q].before, train[q].after, train[q].answer) for q in batch]
@@ -179,7 +172,7 @@ class FastsoftStudent:
             temperature=cfg.temperature,
             backend=cfg.backend,
             grad_filter=cfg.grad_filter,
-            **self.extra,
+            share_prefix=self.share_prefix,
         )
         (sums / counts.clamp_min(1)).sum().backward()
         self.bank.step({0: lr})
@@ -272,13 +265,6 @@ def heldout_kl(loaded, prompt, queries, temperature: float) -> float:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_tensor_mib(fn) -> float | None:
     """Peak of torch's allocated tensors during ``fn()`` minus those alive when it starts (the profiler's timeline)."""
     from torch.profiler import ProfilerActivity, profile
@@ -302,7 +288,7 @@ def peak_rss_mib(fn) -> float | None:
     if psutil is None:
         return None
     process, done, peak = psutil.Process(), threading.Event(), [0]
-    _trim()
+    common.malloc_trim()
     base = process.memory_info().rss
 
     def sample():
@@ -335,7 +321,7 @@ def measure_memory(student, batch: list[int], lr: float) -> dict:
 
 
 def run_students(loaded, data, config, args, result: dict) -> None:
-    from fastsoft.attention import packed_attention
+    from fastsoft.frozen.attention import packed_attention
     from fastsoft.ops.softmax_kl import resolve_backend
     from fastsoft.train.lr_schedule import lr_at
 
@@ -344,11 +330,8 @@ def run_students(loaded, data, config, args, result: dict) -> None:
         raise RuntimeError(f"PEFT is the baseline of this benchmark and it is {why}")
     steps, every, T = args.steps, args.eval_every, config.temperature
     schedule = batches(len(data["train"]), config.batch_queries, steps, seed=config.seed + 3)
-    shared = takes_share_prefix()
-    if args.no_share_prefix and not shared:
-        raise RuntimeError("--no-share-prefix: this checkout's job_loss_sums has no share_prefix keyword")
-    students = {FASTSOFT: FastsoftStudent(loaded, data, config, False if args.no_share_prefix else None)}
-    if shared and not args.no_share_prefix:
+    students = {FASTSOFT: FastsoftStudent(loaded, data, config, share_prefix=not args.no_share_prefix)}
+    if not args.no_share_prefix:
         students[UNSHARED] = FastsoftStudent(loaded, data, config, share_prefix=False)
     # fastsoft's first loss before and after PEFT wraps the model: the wrapper must leave fastsoft's forward alone
     probe = FastsoftStudent(loaded, data, config)
@@ -457,8 +440,7 @@ def run_students(loaded, data, config, args, result: dict) -> None:
             "times": times,
             "batches": schedule,
             "sanity_sigma_first": check,
-            "share_prefix_keyword": shared,
-            "fastsoft_share_prefix": "library default" if not args.no_share_prefix else False,
+            "fastsoft_share_prefix": not args.no_share_prefix,
             "attention": packed_attention(loaded),
             "backend": resolve_backend(config.backend, loaded.device)[0],
             "peft": peft.__version__,
@@ -495,55 +477,42 @@ def print_table(result: dict) -> None:
     )
 
 
-def plot(result: dict, plt, path: Path) -> None:
+def rows_of(result: dict) -> list[dict]:
+    """A row a method and number: seconds a step (median, 20 / 80 % quantiles), scored tokens a second, the speed-up
+    over PEFT (median and paired), peak memory and the held-out gap closed at the end; one case a run's setting."""
     if "rows" not in result:
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    for i, (name, curve) in enumerate(result["curves"].items()):
-        left.plot(
-            [p["seconds"] for p in curve],
-            [p["gap_closed"] for p in curve],
-            marker="o",
-            ms=3,
-            lw=1.5,
-            color=f"C{i}",
-            ls="--" if name == PEFT else "-",
-            label=f"{name} (σ {'first' if name == PEFT else 'in the user turn'})",
-        )
-    left.axhline(0, color="grey", lw=0.8)
-    left.set_xlabel("training seconds (evaluation excluded)")
-    left.set_ylabel("held-out gap_closed (1 - KL_σ / KL_none)")
-    left.set_title(f"held-out gap closed against time ({len(result['curves'][PEFT]) - 1} evaluations after step 0)")
-    left.legend(fontsize=8)
-    rows = result["rows"]
-    colors = [f"C{list(result['curves']).index(r['method'])}" for r in rows]
-    median = [r["seconds_per_step"] for r in rows]
-    errors = [
-        [m - r["seconds_per_step_q20"] for m, r in zip(median, rows)],
-        [r["seconds_per_step_q80"] - m for m, r in zip(median, rows)],
-    ]
-    bars = right.barh([r["method"] for r in rows], median, xerr=errors, color=colors, capsize=3)
-    labels = []
-    for r in rows:
-        memory = f", {r['peak_tensor_mib']:.0f} MiB" if r["peak_tensor_mib"] is not None else ""
-        labels.append(f"{r['seconds_per_step']:.2f} s ({r['speedup_vs_peft']:.2f}x{memory})")
-    right_end = max(r["seconds_per_step_q80"] for r in rows)
-    for bar, r, label in zip(bars, rows, labels):  # past the 80 % whisker, where neither hides the other
-        y = bar.get_y() + bar.get_height() / 2
-        right.text(r["seconds_per_step_q80"] + 0.02 * right_end, y, label, va="center", fontsize=8)
-    right.set_xlim(0, right_end * 1.7)
-    right.invert_yaxis()
-    right.set_xlabel("seconds per step (median, bars 20-80 %)")
-    right.set_title("student step, same 4-query minibatches")
-    fig.suptitle(
-        f"fastsoft vs PEFT prompt tuning, {result['model_name']} on {result['device']}, P = "
-        f"{result['settings']['prompt_length']}, {result['steps']} steps"
+        return []
+    job, settings = result["job"], result["settings"]
+    case = (
+        f"{result['model_name']}, P {settings['prompt_length']}, {result['steps']} steps, {job['train_queries']} queries"
+        f" in batches of {settings['batch_queries']}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    rows = []
+    for r in result["rows"]:
+        m = r["method"]
+        q = (r["seconds_per_step_q20"], r["seconds_per_step_q80"])
+        rows.append(common.row(case, m, "seconds a step", r["seconds_per_step"], "s", *q))
+        rows.append(common.row(case, m, "scored tokens a second", r["scored_tokens_per_s"], "tokens/s"))
+        rows.append(common.row(case, m, "speed-up over PEFT", r["speedup_vs_peft"], "x"))
+        rows.append(common.row(case, m, "speed-up over PEFT, paired by round", r["paired_speedup_vs_peft"], "x"))
+        rows.append(common.row(case, m, "peak tensors in a step", r["peak_tensor_mib"], "MiB"))
+        rows.append(common.row(case, m, "peak RSS in a step", r["peak_rss_mib"], "MiB"))
+        rows.append(common.row(case, m, "held-out gap_closed at the end", r["final_gap_closed"], ""))
+    return rows
+
+
+def run(quick: bool = False, device: str = "cpu", results: Path | None = None) -> common.Outcome:
+    """The entry point's call (``benchmarks/run.py``): CPU only; ``quick`` is ``--smoke``."""
+    if device != "cpu":
+        raise ValueError("the student benchmark runs on CPU (the GPU's is bench_e2e's training part)")
+    return bench([*(["--smoke"] if quick else []), *(["--results", str(results)] if results else [])])
 
 
 def main(argv=None) -> int:
+    return bench(argv).status
+
+
+def bench(argv=None) -> common.Outcome:
     parser = common.parser(__doc__)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200; --smoke: 6)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (10)")
@@ -552,11 +521,13 @@ def main(argv=None) -> int:
         "--prompt-length", type=int, default=None, help="P (16, the issue's; the CLI's default is 32; --smoke: 4)"
     )
     parser.add_argument("--label", default="", help="appended to the results' file name")
-    parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps, 8 training queries, only into --out")
     parser.add_argument(
-        "--no-share-prefix", action="store_true", help="fastsoft with share_prefix=False (when job_loss_sums has it)"
+        "--model",
+        default=None,
+        help="model path (default: the embedded SmolLM2-135M-Instruct; --smoke: the tests' tiny one)",
     )
+    parser.add_argument("--smoke", action="store_true", help="the quick run: a tiny model, 6 steps, 8 training queries")
+    parser.add_argument("--no-share-prefix", action="store_true", help="fastsoft with share_prefix=False only")
     args = parser.parse_args(argv)
     args.steps = args.steps or (6 if args.smoke else 200)
     args.eval_every = args.eval_every or (2 if args.smoke else 10)
@@ -568,7 +539,7 @@ def main(argv=None) -> int:
     import transformers
 
     from fastsoft.config import CompressConfig
-    from fastsoft.models import load_model
+    from fastsoft.frozen.loading import load_model
 
     config = CompressConfig(
         prompt_length=prompt_length,
@@ -592,11 +563,15 @@ def main(argv=None) -> int:
         "load_average_before": load_average(),
     }
     stem = "-".join(["student", common.file_tag(name, "smoke" if args.smoke else "", args.label)])
-    dirs = common.out_dirs(args.out, only_out=args.smoke)
+    dirs = common.out_dirs(args.out, only_out=args.smoke, results=args.results)
 
-    def run():
+    def body():
         started = time.perf_counter()
-        loaded = load_model(args.model)
+        if args.smoke and args.model is None:
+            with tempfile.TemporaryDirectory() as tiny:
+                loaded = load_model(common.tiny_model(Path(tiny) / "tiny-llama"))
+        else:
+            loaded = load_model(args.model)
         result["model_name"] = Path(loaded.path).name
         result["model"] = {"path": loaded.path, "hidden": loaded.hidden_size, "vocab": loaded.vocab_size}
         result["load_seconds"] = time.perf_counter() - started
@@ -620,12 +595,11 @@ def main(argv=None) -> int:
         )
         run_students(loaded, data, config, args, result)
 
-    status = common.run_keeping_partial(result, run)
+    status = common.run_keeping_partial(result, body)
     result["load_average_after"] = load_average()
     print_table(result)
     print()
-    print(common.save(result, stem, dirs, plot))
-    return status
+    return common.finish("student", result, stem, dirs, rows_of, args.smoke, status)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,35 @@
-"""What the benchmarks share: the checkout on ``sys.path``, the device's name, where results go and how
-they are written (JSON first, then a PNG when matplotlib is there), timing, the versions every result
-names, and how a provider that did not run says why.
+"""What the benchmarks share: the checkout on ``sys.path``, the device's name, the versions and the checkout every
+result names, timing (medians and quantiles, calls interleaved), peak memory, how a provider that did not run says
+why, and where results go: each run's raw JSON, its rows in the one results table (``all.csv``) and the table's
+figure (``plot.py``).
 
 A benchmark script finds this module beside itself and imports it first::
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import common  # noqa: E402  (puts the checkout on sys.path: fastsoft from the tree)
+
+and ends with ``common.finish(...)``, which writes its JSON, merges its rows into the table and draws the figure.
+Every maintained benchmark is a module with ``run(quick, device, results) -> Outcome`` (``benchmarks/run.py`` lists
+them) beside its own ``main(argv)``.
+
+The table, ``<results>/all.csv``: one row per measured number, the columns ``FIELDS``; a row is known by ``KEY``, and
+a benchmark's rows replace the rows of the same key, leaving every other row (other devices, cases, benchmarks).
+``value`` is the median where ``q20`` / ``q80`` (the 20 / 80 % quantiles) are given; ``commit`` is the checkout's
+HEAD (empty outside git) and ``uncommitted`` the number of library files changed since it; ``date`` is when the run
+began; ``source`` names the raw JSON beside the table that holds everything else the run measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import ctypes
+import dataclasses
 import importlib
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:  # fastsoft from the checkout, never an installed copy
     sys.path.insert(0, str(ROOT))
+
+TABLE = "all.csv"
+FIELDS = (
+    "benchmark", "case", "provider", "metric", "value", "unit", "q20", "q80",
+    "device", "quick", "commit", "uncommitted", "date", "source",
+)  # fmt: skip
+KEY = ("benchmark", "device", "quick", "case", "provider", "metric")
 
 # Why a provider did not run: one of these, then ": <detail>" (see ``skip``).
 NOT_INSTALLED = "not installed"
@@ -165,14 +186,98 @@ def timed(fn: Callable, device, reps: int, warmup: Callable | None = None) -> tu
     return statistics.median(times), result
 
 
+def interleaved(fns: dict[str, Callable], device, reps: int, inner: int = 1) -> dict[str, list[float]]:
+    """Seconds a call of each of ``fns``, ``reps`` samples each: a sample is ``inner`` calls in a row, and the
+    providers take turns sample by sample (the order reversed every round), so drift in the machine's speed falls on
+    all of them alike. Warm up first (one call each)."""
+    names, times = list(fns), {name: [] for name in fns}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            fn = fns[name]
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / inner)
+    return times
+
+
 def quantiles_ms(seconds: list[float]) -> dict:
-    """Median and the 20 / 80 % quantiles in ms (the fields ``triton.testing.do_bench`` gives on a GPU)."""
+    """Median and the 20 / 80 % quantiles in ms, linearly interpolated between samples (as ``torch.quantile`` and so
+    ``triton.testing.do_bench``, which gives these fields on a GPU, compute them)."""
     ms = sorted(s * 1e3 for s in seconds)
-    return {
-        "median_ms": statistics.median(ms),
-        "q20_ms": ms[int(0.2 * (len(ms) - 1))],
-        "q80_ms": ms[int(0.8 * (len(ms) - 1))],
-    }
+
+    def at(p: float) -> float:
+        pos = p * (len(ms) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ms) - 1)
+        return ms[lo] + (ms[hi] - ms[lo]) * (pos - lo)
+
+    return {"median_ms": statistics.median(ms), "q20_ms": at(0.2), "q80_ms": at(0.8)}
+
+
+# ------------------------------------------------------------------------------------------------------
+# peak memory (CPU: the process's resident set; glibc told to hand large blocks back, so RSS shows them)
+# ------------------------------------------------------------------------------------------------------
+
+
+def rss_kib(field: str = "VmRSS:") -> int:
+    """A ``/proc/self/status`` field in KiB: ``VmRSS:`` (resident now) or ``VmHWM:`` (its peak); 0 where unknown."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def malloc_trim() -> None:
+    """Hand back to the system what glibc's heap still holds from earlier work."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def mmap_threshold(nbytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD: blocks above it come from (and go back to) the system, so RSS shows them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)
+    malloc_trim()
+
+
+# ------------------------------------------------------------------------------------------------------
+# small models for the quick runs (the tests' tiny Llama, built here without pytest)
+# ------------------------------------------------------------------------------------------------------
+
+
+def tiny_model(folder: Path, chatty: bool = False) -> Path:
+    """The tests' tiny Llama (H = 64, 2 layers, ~400-token vocabulary, ``tests/conftest.py``) saved into ``folder``;
+    ``chatty``: with five end tokens, so self-study keeps some of what it writes (the tests' ``chatty_model_dir``)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from conftest import build_model, build_tokenizer
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    if chatty:
+        ends = [tokenizer.convert_tokens_to_ids(t) for t in ["?", ".", "Ġthe", "s"]]
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *ends]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -200,15 +305,23 @@ def run_keeping_partial(result: dict, body: Callable[[], None]) -> int:
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """An argument parser described by the script's first docstring paragraph, with the shared ``--out``."""
+    """An argument parser described by the script's first docstring paragraph, with the shared ``--results`` and
+    ``--out``."""
     parser = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON and PNG here")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="the results folder (JSON, all.csv, figures; default benchmarks/results/)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON, the table and the figure here")
     return parser
 
 
-def out_dirs(out: Path | None, only_out: bool = False) -> list[Path]:
-    """``benchmarks/results/`` and ``--out`` (only ``--out`` for smoke runs that pass it)."""
-    dirs = ([] if only_out and out else [RESULTS]) + ([out] if out else [])
+def out_dirs(out: Path | None, only_out: bool = False, results: Path | None = None) -> list[Path]:
+    """The results folder (``results``, else ``benchmarks/results/``) and ``--out``; only ``--out`` for smoke runs
+    that pass it without ``results``."""
+    dirs = ([] if only_out and out and not results else [results or RESULTS]) + ([out] if out else [])
     return list({d.resolve(): d for d in dirs}.values())
 
 
@@ -224,34 +337,129 @@ def pyplot():
     return plt
 
 
-def save(result: dict, stem: str, dirs: list[Path], plot: Callable | None = None) -> str:
-    """Write ``<stem>.json`` into every folder; with ``plot(result, plt, path)``, then ``<stem>.png`` too.
-
-    The JSON is written first, so a missing matplotlib or a failing plot costs only the PNG (one line says
-    so). Call it without ``plot`` to save partial results as they come. Returns what it wrote in the first
-    folder, as one line for the log.
-    """
+def save(result: dict, stem: str, dirs: list[Path]) -> str:
+    """Write ``<stem>.json`` into every folder (call it as results come, so a stopped run keeps them); one line for
+    the log."""
     for folder in dirs:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    first = dirs[0] / f"{stem}.json"
-    wrote = f"wrote {first}" + (f" (and in {', '.join(map(str, dirs[1:]))})" if dirs[1:] else "")
-    if plot is None:
-        return wrote
-    plt = pyplot()
-    if plt is None:
-        print(f"matplotlib is not installed: {stem}.png skipped (table and JSON written)")
-        return wrote
-    png = first.with_suffix(".png")
+        atomic_text(folder / f"{stem}.json", json.dumps(result, indent=1))
+    wrote = f"wrote {dirs[0] / f'{stem}.json'}"
+    return wrote + (f" (and in {', '.join(map(str, dirs[1:]))})" if dirs[1:] else "")
+
+
+def atomic_text(path: Path, text: str) -> None:
+    """``path`` replaced whole or not at all (a temporary file beside it, then a rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the results table
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a benchmark's ``run`` returns: its exit status and the rows it put in the table."""
+
+    status: int
+    rows: list[dict]
+
+
+def row(case: str, provider: str, metric: str, value, unit: str, q20=None, q80=None) -> dict:
+    """One measured number; ``finish`` adds the benchmark, device, commit, date and source."""
+    return {"case": case, "provider": provider, "metric": metric, "value": value, "unit": unit, "q20": q20, "q80": q80}
+
+
+def timing_row(case: str, provider: str, metric: str, seconds: list[float]) -> dict:
+    """A row of ms: the median of ``seconds`` with its 20 / 80 % quantiles."""
+    q = quantiles_ms(seconds)
+    return row(case, provider, metric, q["median_ms"], "ms", q["q20_ms"], q["q80_ms"])
+
+
+def key(r: dict) -> tuple:
+    return tuple(str(r.get(k, "")) for k in KEY)
+
+
+def read_table(path: Path) -> list[dict]:
+    """The table's rows (numbers as floats, ``quick`` as a bool); [] when there is no table."""
     try:
-        plot(result, plt, png)
-    except Exception as error:  # noqa: BLE001 - a plot must never cost the measured numbers
-        print(f"plot failed, {stem}.png skipped: {error_text(error)}")
-        return wrote
-    finally:
-        plt.close("all")
-    if not png.exists():  # the plot found nothing to draw (and said so)
-        return wrote
-    for folder in dirs[1:]:
-        shutil.copyfile(png, folder / png.name)
-    return wrote.replace(".json", ".json and .png", 1)
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        return []
+    for r in rows:
+        for k in ("value", "q20", "q80"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+        r["quick"] = r.get("quick") == "true"
+        r["uncommitted"] = int(r["uncommitted"]) if r.get("uncommitted") not in (None, "") else None
+    return rows
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each row of ``new``'s keys replaced in place, then ``new``'s other rows in their order."""
+    fresh = {key(r): r for r in new}
+    merged = [fresh.pop(key(r), r) for r in old]
+    return merged + list(fresh.values())
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    def cell(value):
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return "" if value is None else value
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, FIELDS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: cell(r.get(k)) for k in FIELDS} for r in rows)
+    os.replace(tmp, path)
+
+
+def table_rows(benchmark: str, rows: list[dict], result: dict, quick: bool, source: str) -> list[dict]:
+    """``rows`` completed with what every row names: the benchmark, the device, quick or not, the checkout, the date
+    and the raw JSON's file name; rows without a finite value are left out."""
+    checkout = result.get("checkout") or {}
+    common = {
+        "benchmark": benchmark,
+        "device": result.get("device", ""),
+        "quick": bool(quick),
+        "commit": checkout.get("commit") or "",
+        "uncommitted": len(checkout.get("uncommitted_library_files") or []),
+        "date": result.get("time", time.strftime("%Y-%m-%d %H:%M:%S")),
+        "source": source,
+    }
+    done = []
+    for r in rows:
+        value = r.get("value")
+        if isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
+            done.append({**r, **common, "value": float(value)})
+    return done
+
+
+def finish(
+    benchmark: str, result: dict, stem: str, dirs: list[Path], rows_of: Callable, quick: bool, status: int = 0
+) -> Outcome:
+    """The end of a run: ``<stem>.json`` into every folder, then ``rows_of(result)`` merged into each folder's
+    ``all.csv`` and the benchmark's figure drawn from it (``plot.py``; without matplotlib: skipped, one line says
+    so). The JSON is written first, so a failing row or figure never costs the measured numbers. ``status``: the
+    run's exit status, passed through."""
+    print(save(result, stem, dirs))
+    try:
+        rows = table_rows(benchmark, rows_of(result), result, quick, f"{stem}.json")
+    except Exception as error:  # noqa: BLE001 - the JSON is written; say why the table is not
+        print(f"no table rows: {error_text(error)}")
+        return Outcome(status, [])
+    import plot  # beside this module
+
+    for folder in dirs:
+        table = folder / TABLE
+        write_table(table, merge_rows(read_table(table), rows))
+        figure = plot.draw(table, benchmark, result.get("device", ""), quick)
+        print(f"{len(rows)} rows into {table}" + (f", figure {figure}" if figure else ""))
+    return Outcome(status, rows)

@@ -3,8 +3,13 @@
 # Python 3.12, torch 2.11, triton 3.6, transformers 5.17, no flash-attn), run from the tree: PYTHONPATH=.,
 # nothing installed but the wheels carried in .whl/.
 #
-#     bash benchmarks/gpu_run.sh PART...   tests | bench-small | bench-large | e2e   (bench = bench-small bench-large;
-#                                          no PART or `all` = tests bench-small e2e bench-large)
+#     bash benchmarks/gpu_run.sh PART...   tests | quick | bench-small | bench-large | e2e   (bench = bench-small
+#                                          bench-large; no PART or `all` = tests bench-small e2e bench-large)
+#
+# The benchmarks are the maintained ones of benchmarks/run.py (the one entry point: `python benchmarks/run.py --list`);
+# the bench parts call their scripts for the options the entry point does not take (--shapes, BENCH_ARGS). `quick`
+# (not in `all`) is the entry point's GPU smoke run, `benchmarks/run.py softmax_kl --quick --device cuda`: one shape,
+# N = 1024, no compile-heavy provider; a first look at a machine in about 1.5 minutes.
 #
 # A session with a lent GPU (15 min of device time in all, 10 min a call, 1-2 min to start a machine):
 #   here, once:  bash benchmarks/fetch_gpu_wheels.sh        # liger-kernel + cut-cross-entropy into .whl/ (~0.9 MiB)
@@ -66,7 +71,8 @@
 # BENCH_ARGS add arguments to pytest and to bench_softmax_kl.py (e.g. BENCH_ARGS="--teachers dense").
 #
 # Results: benchmarks/results/ and $OUT (the device tool's folder that comes back: at most 8 files, so one
-# log for the whole call, gpu_run.log, plus each benchmark's JSON and PNG). Elapsed seconds per part are
+# log for the whole call, gpu_run.log, plus each run's JSON, the results table all.csv and each benchmark's figure
+# <benchmark>-<device>.png drawn from it: 7 files for `all`). Elapsed seconds per part are
 # printed after each part and in a summary. Exit status: 0 when every part asked for passed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -80,8 +86,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export FASTSOFT_SKIP_EXT=1  # no C++ CPU backend build: not what this machine is for
 export PIP_ROOT_USER_ACTION=ignore  # the device machine runs commands as root
 
-declare -A ESTIMATE_S=([tests]=120 [bench-small]=240 [bench-large]=210 [e2e]=150)
-declare -A LIMIT_S=([tests]=300 [bench-small]=360 [bench-large]=330 [e2e]=270)
+declare -A ESTIMATE_S=([tests]=120 [quick]=90 [bench-small]=240 [bench-large]=210 [e2e]=150)
+declare -A LIMIT_S=([tests]=300 [quick]=180 [bench-small]=360 [bench-large]=330 [e2e]=270)
 OUT_ARGS=()
 [[ -n $OUT ]] && OUT_ARGS=(--out "$OUT")
 
@@ -90,8 +96,8 @@ for arg in "${@:-all}"; do
     case $arg in
         all) parts+=(tests bench-small e2e bench-large) ;;
         bench) parts+=(bench-small bench-large) ;;
-        tests | bench-small | bench-large | e2e) parts+=("$arg") ;;
-        *) echo "unknown part '$arg': choose from tests, bench-small, bench-large, e2e, bench, all"; exit 2 ;;
+        tests | quick | bench-small | bench-large | e2e) parts+=("$arg") ;;
+        *) echo "unknown part '$arg': choose from tests, quick, bench-small, bench-large, e2e, bench, all"; exit 2 ;;
     esac
 done
 
@@ -202,6 +208,11 @@ part_e2e() {  # $1: time limit
     timeout -s INT -k 20 "$1" "$PYTHON" benchmarks/bench_e2e.py "${OUT_ARGS[@]}"
 }
 
+part_quick() {  # $1: time limit; the entry point's GPU smoke run, its results (JSON, all.csv, figure) into $OUT
+    timeout -s INT -k 20 "$1" "$PYTHON" benchmarks/run.py softmax_kl --quick --device cuda \
+        --results "${OUT:-$ROOT/benchmarks/results}"
+}
+
 # -- run ---------------------------------------------------------------------------------------------------------
 
 main() {
@@ -227,6 +238,7 @@ main() {
         start=$SECONDS
         case $part in
             tests) part_tests "$limit" ;;
+            quick) part_quick "$limit" ;;
             bench-small) part_bench "$limit" small ;;
             bench-large) part_bench "$limit" large ;;
             e2e) part_e2e "$limit" ;;

@@ -1,6 +1,6 @@
 """Real-model rows for ``bench_softmax_kl.py --distributions real``: SmolLM2-135M-Instruct's own hidden states.
 
-The embedded default model (``fastsoft.models.load_model()``: the local GGUF, nothing downloaded), fp32, on the
+The embedded default model (``fastsoft.frozen.loading.load_model()``: the local GGUF, nothing downloaded), fp32, on the
 CPU, reads ``examples/marrowick_island.txt`` and the ``context`` of every job in ``examples/jobs.jsonl``, each
 text tokenised on its own (no special tokens). For every token with at least ``w`` tokens before it in its text:
 
@@ -50,7 +50,7 @@ def texts() -> list[str]:
 
 def _model_key() -> tuple[str, str]:
     """The default model file's name and a short key of (name, size, construction version)."""
-    from fastsoft.models import default_model_path
+    from fastsoft.frozen.loading import default_model_path
 
     path = default_model_path()
     key = hashlib.sha256(f"{path.name}|{path.stat().st_size}|v{VERSION}".encode()).hexdigest()[:12]
@@ -138,7 +138,7 @@ class _Lazy:
 
     def get(self):
         if self.lm is None:
-            from fastsoft.models import load_model
+            from fastsoft.frozen.loading import load_model
 
             self.log(f"real distributions: loading {MODEL} on the CPU to build {self.n} rows (cached in {CACHE_DIR})")
             self.lm = load_model(device="cpu", dtype="fp32")
