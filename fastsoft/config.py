@@ -44,7 +44,7 @@ Backend = Literal[("auto", *_BACKENDS)]
 Dtype = Literal["fp32", "bf16", "fp16"]
 
 # Synthetic queries a job gets by default, without and with queries of its own (self-study;
-# benchmarks/bench_selfstudy.py measured the choice)
+# bench_selfstudy.py, a retired study in benchmarks/RESULTS.md, measured the choice)
 SYNTHESIZE_DEFAULT = 64
 SYNTHESIZE_DEFAULT_WITH_QUERIES = 0
 # Template questions about the context's names, numbers and identifiers (fastsoft/teacher/topics.py), likewise
@@ -207,8 +207,9 @@ _TEACHER_HELP, _OBJECTIVE_TEACHERS = _kinds_help()
 class CompressConfig:
     """The settings of a compression run; :meth:`to_dict` is what exports and checkpoints store (plain JSON)."""
 
-    # 32 over 16: +0.09 held-out gap closed on both bench_curves contexts for 7-8 % more training time (σ runs once a
-    # step); 64 adds 0.04-0.05 more for 13-17 % more but compresses a few hundred tokens only 6x (RESULTS.md "Prompt length")
+    # 32 over 16: +0.09 held-out gap closed on both contexts of the retired bench_curves study for 7-8 % more training
+    # time (σ runs once a step); 64 adds 0.04-0.05 more for 13-17 % more but compresses a few hundred tokens only 6x
+    # (benchmarks/RESULTS.md, "Prompt length")
     prompt_length: int = setting(32, "soft prompt length P (virtual tokens)", at_least=1)
     steps: int = setting(200, "step budget per job", at_least=1)
     lr: float = setting(0.1, "Adam learning rate", above=0)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from fastsoft.eval.generate import BATCH_ROWS, answer_text, generate_batch_ids
-from fastsoft.eval.metrics import rouge_l
 from fastsoft.frozen.packing import Segment, pack_shared, scored_hidden
 from fastsoft.teacher.batching import Taught
+from fastsoft.text import rouge_l
 
 # Packed tokens a chunk of queries may take through the student (training's default --token-budget): the forward's
 # activations scale with it, not with the number of queries.

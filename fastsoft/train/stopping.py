@@ -3,8 +3,8 @@
 None of these looks at held-out queries. The plateau rule compares windows of whole passes over the job's training
 queries (``ceil(queries / batch)`` steps a pass, as many passes as make :data:`MIN_WINDOW_STEPS`): per-step losses are
 means over different minibatches and too noisy to compare one by one, while two windows score the same queries.
-``benchmarks/bench_curves.py`` measured the window and thresholds on two contexts; the rule is off by default because it
-stopped self-study jobs too early (benchmarks/RESULTS.md, "Learning rate, step budget and the plateau rule").
+The retired ``bench_curves`` study measured the window and thresholds on two contexts; the rule is off by default
+because it stopped self-study jobs too early (benchmarks/RESULTS.md, "Learning rate, step budget and the plateau rule").
 """
 
 from __future__ import annotations

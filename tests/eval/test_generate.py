@@ -11,10 +11,10 @@ import fastsoft
 from fastsoft.data.templates import make_template, tokenize_query
 from fastsoft.eval.evaluate import token_kl
 from fastsoft.eval.generate import BATCH_ROWS, generate, generate_batch_ids, generate_ids
-from fastsoft.eval.metrics import rouge_l
 from fastsoft.frozen.loading import load_model
 from fastsoft.io.export import load_prompt
 from fastsoft.teacher.batching import Taught
+from fastsoft.text import rouge_l
 
 TRAIN = dict(steps=12, prompt_length=4, max_new_tokens=5, lr=0.05, tol=0.0, batch_queries=5, progress=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import fastsoft
 from fastsoft.errors import FastsoftError
 from fastsoft.frozen.loading import load_model
 
@@ -27,3 +28,18 @@ def test_model_path_errors(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(FastsoftError, match="neither"):
         load_model(tmp_path)
+
+
+def test_a_truncated_gguf_is_named_truncated(tmp_path):
+    pytest.importorskip("gguf")
+    from fastsoft.frozen.loading import default_model_path, load_model
+
+    try:
+        source = default_model_path()
+    except fastsoft.FastsoftError as error:
+        pytest.fail(f"the default model is part of the test install: {error}")
+    cut = tmp_path / "half.gguf"
+    with open(source, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(source.stat().st_size // 2))
+    with pytest.raises(fastsoft.FastsoftError, match="is truncated or damaged"):
+        load_model(cut)

@@ -1,4 +1,5 @@
-"""Text metrics of free answers against the teacher's."""
+"""Text utilities every stage may use: ROUGE-L of free answers (evaluation scores answers with it, self-study drops
+near-duplicate requests with it)."""
 
 from __future__ import annotations
 
