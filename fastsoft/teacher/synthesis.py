@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 from fastsoft.data.jobs import Job
 from fastsoft.data.templates import Template, encode, end_token_ids, make_template
 from fastsoft.errors import FastsoftError
-from fastsoft.eval.metrics import rouge_l
 from fastsoft.teacher.batching import Sampling, teach_jobs
 from fastsoft.teacher.topics import phrase_of, topic_queries
+from fastsoft.text import rouge_l
 
 # The seed instructions: the request must make sense without the excerpt (the student sees only σ and the request).
 SEED_KINDS = {
