@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fastsoft.attention import attention_implementation, attention_lse, bucket_index, group_by_length
 from fastsoft.data.jobs import Job
 from fastsoft.data.templates import Template, encode, end_token_ids, tokenize_query
 from fastsoft.errors import FastsoftError
-from fastsoft.layers import fused_layers
+from fastsoft.frozen.attention import attention_implementation, attention_lse, bucket_index, group_by_length
+from fastsoft.frozen.layers import fused_layers
 
 TEACHER_ATTENTION = "fastsoft_teacher"
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import fastsoft
-import fastsoft.attention as attention_mod
+import fastsoft.frozen.attention as attention_mod
 from fastsoft.data.jobs import Job
 from fastsoft.data.templates import encode, end_token_ids, make_template, tokenize_query
-from fastsoft.models import load_model
+from fastsoft.frozen.loading import load_model
 from fastsoft.teacher.batching import teach, teach_jobs
 
 

@@ -79,7 +79,7 @@ def test_same_seed_same_queries_in_another_process(chatty, chatty_model_dir):
 import sys, json
 sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[1])!r})
 from teacher.test_synthesis import _queries, _job
-from fastsoft.models import load_model
+from fastsoft.frozen.loading import load_model
 print(json.dumps(_queries(load_model({str(chatty_model_dir)!r}), [(_job(0), 11, 12)])))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
